@@ -1,0 +1,43 @@
+# fsar: make install, make test, make extract DATASET=..., make demo, make bench
+PY ?= .venv/bin/python
+VENV_BIN := .venv/bin
+DATASET ?= hmdb51
+DATA_ROOT ?= data/$(DATASET)
+STORE ?= stores/$(DATASET)
+ARGS ?=
+
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install test lint format extract demo bench bench-quick clean
+
+install:
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[dev]"
+
+test:
+	$(VENV_BIN)/pytest -q -x --durations=15
+
+lint:
+	$(VENV_BIN)/ruff check .
+	$(VENV_BIN)/ruff format --check .
+
+format:
+	$(VENV_BIN)/ruff format .
+	$(VENV_BIN)/ruff check --fix .
+
+extract:
+	$(VENV_BIN)/fsar-extract --dataset $(DATASET) --data-root $(DATA_ROOT) --store $(STORE) $(ARGS)
+
+demo:
+	$(PY) -m bench.demo $(ARGS)
+
+bench:
+	$(PY) -m bench.run_all $(ARGS)
+
+bench-quick:
+	$(PY) -m bench.run_all --quick $(ARGS)
+
+clean:
+	rm -rf demo bench/results .pytest_cache
