@@ -1,0 +1,27 @@
+"""Errors a user can act on. Each message is one line; the CLI prints it and exits 2."""
+
+from __future__ import annotations
+
+
+class StoreError(Exception):
+    """Base class: something about a store the user can fix."""
+
+
+class NotAStoreError(StoreError):
+    """The path exists (or not) but holds no fsar store."""
+
+
+class SchemaVersionError(StoreError):
+    """The store was written by a newer fsar."""
+
+
+class StoreLockedError(StoreError):
+    """Another writer holds the store's lock."""
+
+
+class SpecMismatchError(StoreError):
+    """Two specs (store vs run, store vs store, store vs checkpoint) differ in identity fields."""
+
+
+class CorruptStoreError(StoreError):
+    """A chunk, manifest or attribute does not match what the store says it holds."""

@@ -1,0 +1,681 @@
+"""`FeatureStore`: create, open, write, read, select, verify and describe a store.
+
+The driver creates the store (all rows `pending`, arrays pre-sized, chunk = one video) and is the only
+writer of the manifest and root attributes. Workers write their own rows' chunks through `ChunkWriter`.
+A row becomes `ok` only when the driver commits it after its chunks are written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import zarr
+import zarr.codecs
+import zarr.storage
+
+from .errors import CorruptStoreError, NotAStoreError, SchemaVersionError, StoreError
+from .layout import (
+    ALLOWED_DTYPES,
+    CHECKSUM_ALGORITHM,
+    LASTBLOCK_FILE,
+    LOCK_FILE,
+    MANIFEST_FILE,
+    SCHEMA_VERSION,
+    SPEC_IDENTITY_FIELDS,
+    checksum_column,
+    manifest_columns,
+    row_tensors,
+    spec_field,
+)
+from .location import HINT, Location, resolve
+from .lock import StoreLock
+from .manifest import new_manifest, read_manifest, write_manifest_atomic
+
+DEFAULT_CODEC: dict[str, Any] = {"name": "zstd", "level": 3}
+MAX_ROWS = 50_000_000  # refuse absurd shapes in metadata before allocating anything
+
+
+def checksum(array: np.ndarray) -> str:
+    """Checksum of an array's uncompressed bytes (C order)."""
+    data = np.ascontiguousarray(array)
+    return hashlib.blake2b(memoryview(data).cast("B"), digest_size=16).hexdigest()
+
+
+def make_compressors(codec: Mapping[str, Any]) -> Any:
+    name = codec.get("name", "zstd")
+    if name == "none":
+        return None
+    if name == "zstd":
+        return zarr.codecs.ZstdCodec(level=int(codec.get("level", 3)))
+    if name == "blosc-zstd":
+        return zarr.codecs.BloscCodec(
+            cname="zstd",
+            clevel=int(codec.get("level", 5)),
+            shuffle=codec.get("shuffle", "shuffle"),
+            typesize=2,
+        )
+    raise StoreError(f"unknown codec {name!r}: use zstd, blosc-zstd or none")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One verification failure."""
+
+    row: int | None
+    video_id: str | None
+    tensor: str
+    reason: str
+
+    def __str__(self) -> str:
+        where = f"row {self.row} ({self.video_id})" if self.row is not None else "store"
+        return f"{where} {self.tensor}: {self.reason}"
+
+
+def _now() -> pd.Timestamp:
+    return pd.Timestamp(datetime.now(timezone.utc))
+
+
+def _open_group(location: Location, mode: Literal["r", "r+"]) -> zarr.Group:
+    try:
+        return zarr.open_group(location.zarr_store, mode=mode, zarr_format=3)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError, KeyError) as exc:
+        raise NotAStoreError(f"not a store: {location.describe()} {HINT}") from exc
+
+
+def _validate_attrs(attrs: Mapping[str, Any], where: str) -> None:
+    version = attrs.get("schema_version")
+    if not isinstance(version, int) or "spec" not in attrs:
+        raise NotAStoreError(f"not a store: {where} {HINT}")
+    if version > SCHEMA_VERSION:
+        raise SchemaVersionError(
+            f"{where} has store schema {version}, this fsar reads up to {SCHEMA_VERSION}: upgrade fsar"
+        )
+    spec = attrs["spec"]
+    if not isinstance(spec, Mapping) or not isinstance(attrs.get("classes"), list):
+        raise CorruptStoreError(f"{where}: root attributes spec/classes are malformed")
+    if not isinstance(attrs.get("tensors"), list) or not all(
+        isinstance(t, str) for t in attrs["tensors"]
+    ):
+        raise CorruptStoreError(f"{where}: root attribute tensors is malformed")
+    for name in attrs["tensors"]:
+        if name.startswith("/") or ".." in name.split("/"):
+            raise CorruptStoreError(f"{where}: tensor name {name!r} leaves the store")
+
+
+class FeatureStore:
+    """An open store. Use `create_store` / `open_store` rather than the constructor."""
+
+    def __init__(
+        self, location: Location, group: zarr.Group, mode: str, lock: StoreLock | None
+    ) -> None:
+        self.location = location
+        self.mode = mode
+        self._group = group
+        self._lock = lock
+        self._arrays: dict[str, zarr.Array] = {}
+        attrs = dict(group.attrs)
+        _validate_attrs(attrs, location.describe())
+        self.attrs: dict[str, Any] = attrs
+        self.spec: dict[str, Any] = attrs["spec"]
+        self.classes: list[str] = list(attrs["classes"])
+        self.row_tensors: list[str] = [t["name"] for t in self.spec["tensors"]]
+        self.manifest: pd.DataFrame = self._load_manifest()
+        self._check_arrays()
+
+    # ------------------------------------------------------------------ basics
+    @property
+    def tensors(self) -> list[str]:
+        """Every array path in the store (per-row arrays, then text arrays)."""
+        return list(self.attrs["tensors"])
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.manifest)
+
+    @property
+    def dataset(self) -> str:
+        return str(self.attrs.get("dataset", ""))
+
+    @property
+    def text_names(self) -> list[str]:
+        return list(self.attrs.get("text", {}))
+
+    def __repr__(self) -> str:
+        return f"FeatureStore({self.location.describe()!r}, rows={self.n_rows}, mode={self.mode!r})"
+
+    def __enter__(self) -> FeatureStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def _load_manifest(self) -> pd.DataFrame:
+        try:
+            data = self.location.read_file(MANIFEST_FILE)
+        except FileNotFoundError:
+            raise CorruptStoreError(
+                f"{self.location.describe()} has no {MANIFEST_FILE}; the store is incomplete"
+            ) from None
+        return read_manifest(data, self.location.describe(), self.row_tensors)
+
+    def reload(self) -> None:
+        """Re-read the manifest (another process may have committed)."""
+        self.manifest = self._load_manifest()
+
+    def array(self, name: str) -> zarr.Array:
+        if name not in self.attrs["tensors"]:
+            raise StoreError(
+                f"{self.location.describe()} has no tensor {name!r} (it has: {', '.join(self.tensors)})"
+            )
+        if name not in self._arrays:
+            try:
+                self._arrays[name] = zarr.open_array(
+                    self.location.zarr_store, path=name, mode="r" if self.mode == "r" else "r+"
+                )
+            except (FileNotFoundError, KeyError, ValueError) as exc:
+                raise CorruptStoreError(
+                    f"{self.location.describe()}: array {name} is missing ({exc})"
+                ) from exc
+        return self._arrays[name]
+
+    def _check_arrays(self) -> None:
+        """Shapes and dtypes must match the spec: refuse absurd or executable metadata early."""
+        n = len(self.manifest)
+        if n > MAX_ROWS:
+            raise CorruptStoreError(f"{self.location.describe()}: {n} rows is beyond any dataset")
+        for entry in self.spec["tensors"]:
+            arr = self.array(entry["name"])
+            want = (n, *entry["shape_per_row"])
+            dtype = str(arr.dtype)
+            if dtype not in ALLOWED_DTYPES:
+                raise CorruptStoreError(
+                    f"{self.location.describe()}: {entry['name']} has dtype {dtype}, expected float16/float32"
+                )
+            if tuple(arr.shape) != want or tuple(arr.chunks) != (1, *entry["shape_per_row"]):
+                raise CorruptStoreError(
+                    f"{self.location.describe()}: {entry['name']} has shape {arr.shape} chunks "
+                    f"{arr.chunks}, the spec says {want} with one row per chunk"
+                )
+
+    # ------------------------------------------------------------------ selection
+    def select(
+        self,
+        split: str | Sequence[str] | None = None,
+        status: str | None = "ok",
+        classes: Iterable[str] | None = None,
+    ) -> np.ndarray:
+        """Row indices (ascending) matching the split(s), status and class names."""
+        m = self.manifest
+        keep = np.ones(len(m), dtype=bool)
+        if split is not None:
+            splits = [split] if isinstance(split, str) else list(split)
+            keep &= m["split"].isin(splits).to_numpy()
+        if status is not None:
+            keep &= (m["status"] == status).to_numpy()
+        if classes is not None:
+            keep &= m["class_name"].isin(list(classes)).to_numpy()
+        return np.flatnonzero(keep)
+
+    # ------------------------------------------------------------------ reading
+    def read(
+        self,
+        rows: Sequence[int] | np.ndarray,
+        names: Sequence[str],
+        *,
+        view: int | None = None,
+        as_torch: bool = False,
+        verify: bool = False,
+    ) -> dict[str, Any]:
+        """Read rows (any order, repeats allowed) of the named tensors; touches only their chunks.
+
+        `view` picks one view (the view axis is dropped). `verify` checks each row against its manifest
+        checksum (only possible for whole rows, so not with `view`).
+        """
+        idx = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.n_rows):
+            raise IndexError(f"rows out of range 0..{self.n_rows - 1}")
+        uniq, inverse = np.unique(idx, return_inverse=True)
+        out: dict[str, Any] = {}
+        for name in names:
+            arr = self.array(name)
+            data = self._read_unique(arr, name, uniq, view)
+            if verify and name in self.row_tensors:
+                if view is not None:
+                    raise ValueError("verify=True needs whole rows: leave view=None")
+                self._verify_rows(name, uniq, data)
+            data = data[inverse] if not (len(uniq) == len(idx) and (uniq == idx).all()) else data
+            if as_torch:
+                import torch
+
+                data = torch.from_numpy(np.ascontiguousarray(data))
+            out[name] = data
+        return out
+
+    def _read_unique(
+        self, arr: zarr.Array, name: str, uniq: np.ndarray, view: int | None
+    ) -> np.ndarray:
+        try:
+            if len(uniq) and uniq[-1] - uniq[0] + 1 == len(uniq):  # contiguous: plain slice
+                sel = slice(int(uniq[0]), int(uniq[-1]) + 1)
+                return arr[sel] if view is None else arr[sel, view]
+            return arr.oindex[uniq] if view is None else arr.oindex[uniq, view]
+        except Exception as exc:  # a damaged chunk: find and name it
+            for r in uniq:
+                try:
+                    arr[int(r)]
+                except Exception:
+                    vid = self.manifest["video_id"].iat[int(r)]
+                    raise CorruptStoreError(
+                        f"{self.location.describe()}: row {int(r)} ({vid}) {name} is unreadable "
+                        f"({type(exc).__name__}); run fsar-store verify"
+                    ) from exc
+            raise
+
+    def _verify_rows(self, name: str, uniq: np.ndarray, data: np.ndarray) -> None:
+        col = self.manifest[checksum_column(name)]
+        for pos, r in enumerate(uniq):
+            want = col.iat[int(r)]
+            if want is None or pd.isna(want):
+                continue  # not extracted yet: nothing to compare with
+            if checksum(data[pos]) != want:
+                vid = self.manifest["video_id"].iat[int(r)]
+                raise CorruptStoreError(
+                    f"{self.location.describe()}: row {int(r)} ({vid}) {name} fails its checksum; "
+                    "run fsar-store verify"
+                )
+
+    def text(self, name: str = "emp16") -> tuple[np.ndarray, list[str]]:
+        """Class text embeddings (C, M, D) float32 and their templates."""
+        meta = self.attrs.get("text", {})
+        if name not in meta:
+            have = ", ".join(meta) or "none"
+            raise StoreError(f"{self.location.describe()} has no text/{name} (it has: {have})")
+        return np.asarray(self.array(f"text/{name}")[...]), list(meta[name]["templates"])
+
+    def read_lastblock(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Weights and config of the last ViT block (recipe `emp+last`), parsed without pickle."""
+        try:
+            data = self.location.read_file(LASTBLOCK_FILE)
+        except FileNotFoundError:
+            raise StoreError(
+                f"{self.location.describe()} has no {LASTBLOCK_FILE}: extract with --recipe emp+last"
+            ) from None
+        want = self.attrs.get("weights", {}).get("lastblock.safetensors")
+        if want is not None and hashlib.sha256(data).hexdigest() != want:
+            raise CorruptStoreError(
+                f"{self.location.describe()}: {LASTBLOCK_FILE} fails its checksum"
+            )
+        return parse_safetensors(data, self.location.describe())
+
+    # ------------------------------------------------------------------ writing (driver)
+    def _require_writer(self) -> None:
+        if self.mode != "a":
+            raise StoreError(f"{self.location.describe()} is open read-only")
+
+    def commit(self, updates: Sequence[Mapping[str, Any]]) -> None:
+        """Apply manifest updates (each names its `row`) and rewrite the manifest atomically."""
+        self._require_writer()
+        allowed = set(manifest_columns(self.row_tensors)) - {"video_id", "row"}
+        m = self.manifest
+        for upd in updates:
+            r = int(upd["row"])
+            if upd.get("status") == "ok":
+                missing = [t for t in self.row_tensors if not upd.get(checksum_column(t))]
+                if missing:
+                    raise ValueError(f"row {r} committed ok without checksums for {missing}")
+            for key, value in upd.items():
+                if key == "row":
+                    continue
+                if key not in allowed:
+                    raise ValueError(f"unknown manifest column {key!r}")
+                if key == "frame_indices" and value is not None:
+                    value = [list(map(int, v)) for v in value]
+                if key == "extracted_at" and value is not None:
+                    value = pd.Timestamp(value)
+                m.at[r, key] = value
+        write_manifest_atomic(self._local_dir() / MANIFEST_FILE, m, self.row_tensors)
+
+    def _local_dir(self) -> Path:
+        if self.location.local is None:
+            raise StoreError(
+                f"{self.location.describe()} is not a local directory: it cannot be written"
+            )
+        return self.location.local
+
+    def _set_attrs(self, **updates: Any) -> None:
+        self._group.attrs.update(updates)
+        self.attrs.update(updates)
+
+    def write_text(self, name: str, embeddings: np.ndarray, templates: Sequence[str]) -> None:
+        """Add or replace `text/<name>`: (C, M, D) embeddings of every class under M templates."""
+        self._require_writer()
+        emb = np.asarray(embeddings, dtype=np.float32)
+        if emb.ndim != 3 or emb.shape[0] != len(self.classes) or emb.shape[1] != len(templates):
+            raise ValueError(
+                f"text/{name} must be (classes={len(self.classes)}, templates={len(templates)}, D), "
+                f"got {emb.shape}"
+            )
+        path = f"text/{name}"
+        arr = self._group.create_array(
+            path,
+            shape=emb.shape,
+            chunks=emb.shape,
+            dtype="float32",
+            overwrite=True,
+            compressors=None,
+        )
+        arr[...] = emb
+        self._arrays.pop(path, None)
+        text = dict(self.attrs.get("text", {}))
+        text[name] = {"templates": list(templates), "checksum": checksum(emb)}
+        tensors = self.tensors if path in self.tensors else [*self.tensors, path]
+        self._set_attrs(text=text, tensors=tensors)
+
+    def write_lastblock(self, tensors: Mapping[str, Any], config: Mapping[str, Any]) -> None:
+        """Save the last block's weights + config as `weights/lastblock.safetensors`."""
+        self._require_writer()
+        data = dump_safetensors(tensors, config)
+        path = self._local_dir() / LASTBLOCK_FILE
+        path.parent.mkdir(exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        weights = dict(self.attrs.get("weights", {}))
+        weights["lastblock.safetensors"] = hashlib.sha256(data).hexdigest()
+        self._set_attrs(weights=weights)
+
+    # ------------------------------------------------------------------ integrity
+    def verify(self, rows: Sequence[int] | None = None, progress: bool = False) -> list[Problem]:
+        """Re-hash every `ok` row of every per-row tensor, the text arrays and the weights file."""
+        problems: list[Problem] = []
+        m = self.manifest
+        todo = self.select(status="ok") if rows is None else np.asarray(rows, dtype=np.int64)
+        iterator: Iterable[int] = todo
+        if progress:
+            from tqdm import tqdm
+
+            iterator = tqdm(todo, desc="verify", unit="video")
+        for r in iterator:
+            r = int(r)
+            vid = str(m["video_id"].iat[r])
+            for name in self.row_tensors:
+                want = m[checksum_column(name)].iat[r]
+                try:
+                    got = checksum(self.array(name)[r])
+                except CorruptStoreError:
+                    raise
+                except Exception as exc:
+                    problems.append(
+                        Problem(r, vid, name, f"unreadable chunk ({type(exc).__name__})")
+                    )
+                    continue
+                if want is None or pd.isna(want):
+                    problems.append(Problem(r, vid, name, "no checksum recorded"))
+                elif got != want:
+                    problems.append(Problem(r, vid, name, "checksum mismatch"))
+        for name, meta in self.attrs.get("text", {}).items():
+            try:
+                ok = checksum(np.asarray(self.array(f"text/{name}")[...])) == meta["checksum"]
+            except Exception:
+                ok = False
+            if not ok:
+                problems.append(Problem(None, None, f"text/{name}", "checksum mismatch"))
+        if "lastblock.safetensors" in self.attrs.get("weights", {}):
+            try:
+                self.read_lastblock()
+            except StoreError as exc:
+                problems.append(Problem(None, None, LASTBLOCK_FILE, str(exc)))
+        return problems
+
+    def fingerprint(self) -> str:
+        """Hash of the identity spec, classes and every ok row's checksums (order and codec free)."""
+        m = self.manifest
+        ok = m[m["status"] == "ok"].sort_values("video_id")
+        cols = [checksum_column(t) for t in self.row_tensors]
+        h = hashlib.sha256()
+        ident = {f: spec_field(self.spec, f) for f in SPEC_IDENTITY_FIELDS}
+        h.update(json.dumps(ident, sort_keys=True).encode())
+        h.update(json.dumps(self.classes).encode())
+        for vid, *sums in ok[["video_id", *cols]].itertuples(index=False):
+            h.update(f"{vid}\t{chr(9).join(map(str, sums))}\n".encode())
+        for name in sorted(self.attrs.get("text", {})):
+            h.update(f"text/{name}:{self.attrs['text'][name]['checksum']}\n".encode())
+        for name, digest in sorted(self.attrs.get("weights", {}).items()):
+            h.update(f"weights/{name}:{digest}\n".encode())
+        return h.hexdigest()[:16]
+
+    def info(self) -> dict[str, Any]:
+        """Spec, counts per split and status, size on disk and bytes per video."""
+        m = self.manifest
+        counts = m.groupby(["split", "status"]).size().unstack(fill_value=0).to_dict(orient="index")
+        raw_per_video = 0
+        for entry in self.spec["tensors"]:
+            raw_per_video += (
+                int(np.prod(entry["shape_per_row"])) * np.dtype(entry["dtype"]).itemsize
+            )
+        chunk_bytes, total_bytes = None, None
+        if self.location.local is not None:
+            chunk_bytes = sum(
+                _dir_size(self.location.local / name / "c") for name in self.row_tensors
+            )
+            total_bytes = _dir_size(self.location.local)
+        n_written = int((m["status"] == "ok").sum())
+        per_video = chunk_bytes / n_written if chunk_bytes is not None and n_written else None
+        return {
+            "location": self.location.describe(),
+            "schema_version": self.attrs["schema_version"],
+            "dataset": self.dataset,
+            "split_source": self.attrs.get("split_source"),
+            "created_at": self.attrs.get("created_at"),
+            "spec": self.spec,
+            "classes": len(self.classes),
+            "rows": self.n_rows,
+            "counts": {s: {k: int(v) for k, v in c.items()} for s, c in counts.items()},
+            "errors": {
+                str(k): int(v)
+                for k, v in m.loc[m["status"] == "failed", "error"].value_counts().items()
+            },
+            "text": {k: len(v["templates"]) for k, v in self.attrs.get("text", {}).items()},
+            "weights": sorted(self.attrs.get("weights", {})),
+            "bytes_on_disk": total_bytes,
+            "bytes_per_video": per_video,
+            "raw_bytes_per_video": raw_per_video,
+            "fingerprint": self.fingerprint(),
+        }
+
+
+def _dir_size(path: Path) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(root, f)).st_size
+            except OSError:
+                pass
+    return total
+
+
+# ---------------------------------------------------------------------- safetensors (no pickle)
+def dump_safetensors(tensors: Mapping[str, Any], config: Mapping[str, Any]) -> bytes:
+    from safetensors.numpy import save
+
+    arrays = {}
+    for key, value in tensors.items():
+        if hasattr(value, "detach"):  # torch tensor: weights travel as float32
+            value = value.detach().float().cpu().numpy()
+        arrays[key] = np.ascontiguousarray(value, dtype=np.float32)
+    return save(arrays, metadata={"config": json.dumps(dict(config), sort_keys=True)})
+
+
+def parse_safetensors(data: bytes, where: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    from safetensors.numpy import load
+
+    try:
+        (header_len,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8 : 8 + header_len])
+        config = json.loads(header.get("__metadata__", {}).get("config", "{}"))
+        return load(data), config
+    except Exception as exc:
+        raise CorruptStoreError(
+            f"{where}: {LASTBLOCK_FILE} is not a valid safetensors file"
+        ) from exc
+
+
+# ---------------------------------------------------------------------- factories
+def create_store(
+    path: str | Path,
+    spec: Mapping[str, Any],
+    classes: Sequence[str],
+    videos: pd.DataFrame,
+    *,
+    dataset: str,
+    split_source: str,
+) -> FeatureStore:
+    """Create a store with every row `pending` and arrays pre-sized; returns it open for writing.
+
+    `videos` needs columns `video_id`, `relpath`, `class_name`, `split` (optionally `status`/`error`
+    for rows known to have failed already, e.g. `missing`).
+    """
+    path = Path(path)
+    if path.exists() and any(path.iterdir()):
+        raise StoreError(
+            f"{path} exists and is not empty: open it to resume, or choose another path"
+        )
+    if len(videos) == 0:
+        raise StoreError("no videos to store")
+    spec = dict(spec)
+    spec.setdefault("dtype", "float16")
+    spec.setdefault("codec", dict(DEFAULT_CODEC))
+    spec["checksum"] = CHECKSUM_ALGORITHM
+    spec["tensors"] = row_tensors(spec)
+    path.mkdir(parents=True, exist_ok=True)
+    location = resolve(path, mode="w")
+    lock = StoreLock(path / LOCK_FILE)
+    lock.acquire()
+    try:
+        group = zarr.open_group(
+            location.zarr_store, mode="a", zarr_format=3
+        )  # dir held only the lock
+        n = len(videos)
+        compressors = make_compressors(spec["codec"])
+        for entry in spec["tensors"]:
+            shape = tuple(entry["shape_per_row"])
+            group.create_array(
+                entry["name"],
+                shape=(n, *shape),
+                chunks=(1, *shape),
+                dtype=entry["dtype"],
+                fill_value=0,
+                compressors=compressors,
+                dimension_names=_dimension_names(entry["name"]),
+            )
+        names = [t["name"] for t in spec["tensors"]]
+        manifest = new_manifest(videos, classes, names)
+        write_manifest_atomic(path / MANIFEST_FILE, manifest, names)
+        group.attrs.update(
+            {
+                "schema_version": SCHEMA_VERSION,
+                "spec": json.loads(json.dumps(spec)),
+                "classes": list(classes),
+                "tensors": names,
+                "dataset": dataset,
+                "split_source": split_source,
+                "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "text": {},
+                "weights": {},
+            }
+        )
+        return FeatureStore(location, group, "a", lock)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _dimension_names(name: str) -> list[str]:
+    if name.startswith("cls/"):
+        return ["video", "view", "frame", "channel"]
+    return ["video", "view", "frame", "token", "channel"]
+
+
+def open_store(path: str | Path, mode: Literal["r", "a"] = "r") -> FeatureStore:
+    """Open read-only (`r`, any number of readers) or as the single writer (`a`, takes the lock)."""
+    if mode not in ("r", "a"):
+        raise ValueError("mode must be 'r' or 'a'")
+    location = resolve(path, mode=mode)
+    lock = None
+    if mode == "a":
+        if location.local is None:
+            raise StoreError(f"{location.describe()} is not a local directory: it opens read-only")
+        lock = StoreLock(location.local / LOCK_FILE)
+        lock.acquire()
+    try:
+        group = _open_group(location, "r" if mode == "r" else "r+")
+        return FeatureStore(location, group, mode, lock)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+class ChunkWriter:
+    """A worker's handle: writes its own rows' chunks, never the manifest, takes no lock."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.location = resolve(path, mode="a")
+        group = _open_group(self.location, "r+")
+        attrs = dict(group.attrs)
+        _validate_attrs(attrs, self.location.describe())
+        self.spec = attrs["spec"]
+        self._entries = {t["name"]: t for t in self.spec["tensors"]}
+        self._arrays = {
+            name: zarr.open_array(self.location.zarr_store, path=name, mode="r+")
+            for name in self._entries
+        }
+
+    def write_row(self, row: int, tensors: Mapping[str, np.ndarray]) -> dict[str, str]:
+        """Write one video's tensors (shape without the row axis); `cls/` is derived from `tokens/`.
+
+        Returns the manifest checksum columns for every tensor written.
+        """
+        data = dict(tensors)
+        for name in list(data):
+            if name.startswith("tokens/") and not name.endswith("_in"):
+                cls = "cls/" + name.split("/", 1)[1]
+                if cls in self._entries and cls not in data:
+                    data[cls] = np.asarray(data[name])[..., 0, :]
+        missing = set(self._entries) - set(data)
+        if missing:
+            raise ValueError(f"row {row}: missing tensors {sorted(missing)}")
+        sums = {}
+        for name, value in data.items():
+            entry = self._entries.get(name)
+            if entry is None:
+                raise ValueError(f"the store has no per-row tensor {name!r}")
+            value = np.ascontiguousarray(value, dtype=entry["dtype"])
+            if list(value.shape) != entry["shape_per_row"]:
+                raise ValueError(
+                    f"{name}: shape {value.shape}, the spec says {entry['shape_per_row']}"
+                )
+            self._arrays[name][row] = value
+            sums[checksum_column(name)] = checksum(value)
+        return sums
+
+
+def done_update(row: int, sums: Mapping[str, str], **fields: Any) -> dict[str, Any]:
+    """A manifest update marking a row `ok` (after its chunks are written)."""
+    return {"row": row, "status": "ok", "error": None, "extracted_at": _now(), **sums, **fields}

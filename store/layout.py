@@ -1,0 +1,185 @@
+"""The store's fixed names: schema version, array paths, manifest columns, spec identity fields."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+SCHEMA_VERSION = 1
+MANIFEST_FILE = "manifest.parquet"
+LOCK_FILE = "fsar.lock"
+LASTBLOCK_FILE = "weights/lastblock.safetensors"
+CHECKSUM_ALGORITHM = "blake2b-128"
+STATUSES = ("pending", "ok", "failed")
+ALLOWED_DTYPES = ("float16", "float32")
+
+# Manifest columns besides the per-tensor checksums, in order.
+MANIFEST_BASE_COLUMNS = (
+    "video_id",
+    "relpath",
+    "class_name",
+    "label",
+    "split",
+    "row",
+    "status",
+    "error",
+    "n_frames",
+    "fps",
+    "frame_indices",
+    "decoder",
+)
+MANIFEST_TAIL_COLUMNS = ("extracted_at",)
+
+# Fields that decide whether two stores hold the same features (merge, resume, checkpoints).
+SPEC_IDENTITY_FIELDS = (
+    "model",
+    "pretrained",
+    "weights_sha256",
+    "image_size",
+    "preprocess",
+    "frames",
+    "views",
+    "recipe",
+    "layers",
+    "tokens",
+    "dim",
+    "width",
+    "dtype",
+    "compute.precision",
+)
+
+
+def checksum_column(tensor: str) -> str:
+    """Manifest column holding a tensor's per-row checksum: `tokens/layer04` -> `checksum_tokens_layer04`."""
+    return "checksum_" + tensor.replace("/", "_")
+
+
+def default_layers(depth: int) -> list[int]:
+    """Cached layers (1-based): 4/8/12 for a 12-layer ViT, thirds of the depth otherwise."""
+    if depth % 3:
+        raise ValueError(f"ViT depth {depth} is not a multiple of 3; pass layers explicitly")
+    return [depth // 3, 2 * depth // 3, depth]
+
+
+def token_name(layer: int) -> str:
+    return f"tokens/layer{layer:02d}"
+
+
+def cls_name(layer: int) -> str:
+    return f"cls/layer{layer:02d}"
+
+
+def layer_in_name(layer: int) -> str:
+    return f"tokens/layer{layer:02d}_in"
+
+
+def row_tensors(spec: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Per-row arrays a spec implies: name, what it is, dtype and shape without the row axis."""
+    v, t, n_tok, d = spec["views"], spec["frames"], spec["tokens"], spec["dim"]
+    dtype = spec.get("dtype", "float16")
+    out: list[dict[str, Any]] = []
+    for layer in spec["layers"]:
+        out.append(
+            {
+                "name": token_name(layer),
+                "what": f"output of ViT layer {layer} (1-based), all tokens, ln_post and proj applied",
+                "dtype": dtype,
+                "shape_per_row": [v, t, n_tok, d],
+            }
+        )
+    for layer in spec["layers"]:
+        out.append(
+            {
+                "name": cls_name(layer),
+                "what": f"CLS token of {token_name(layer)}",
+                "dtype": dtype,
+                "shape_per_row": [v, t, d],
+            }
+        )
+    if spec["recipe"] == "emp+last":
+        last = spec["layers"][-1]
+        out.append(
+            {
+                "name": layer_in_name(last),
+                "what": f"raw residual stream entering block {last} (before ln_1)",
+                "dtype": dtype,
+                "shape_per_row": [v, t, n_tok, spec["width"]],
+            }
+        )
+    elif spec["recipe"] != "emp":
+        raise ValueError(f"unknown recipe {spec['recipe']!r}: use emp or emp+last")
+    return out
+
+
+def manifest_columns(tensors: Sequence[str]) -> list[str]:
+    return (
+        list(MANIFEST_BASE_COLUMNS)
+        + [checksum_column(t) for t in tensors]
+        + list(MANIFEST_TAIL_COLUMNS)
+    )
+
+
+def spec_field(spec: Mapping[str, Any], dotted: str) -> Any:
+    node: Any = spec
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def spec_differences(
+    a: Mapping[str, Any], b: Mapping[str, Any], fields: Sequence[str] = SPEC_IDENTITY_FIELDS
+) -> list[str]:
+    """Identity fields whose values differ, as `field: a != b` strings (empty when compatible)."""
+    diffs = []
+    for field in fields:
+        va, vb = spec_field(a, field), spec_field(b, field)
+        if va != vb:
+            diffs.append(f"{field}: {va!r} != {vb!r}")
+    return diffs
+
+
+def build_spec(
+    *,
+    model: str,
+    pretrained: str,
+    weights_sha256: str,
+    image_size: int,
+    preprocess: Mapping[str, Any],
+    frames: int,
+    views: int,
+    recipe: str,
+    layers: Sequence[int],
+    tokens: int,
+    dim: int,
+    width: int,
+    patch_grid: Sequence[int],
+    device: str = "cpu",
+    precision: str = "fp32",
+    codec: Mapping[str, Any] | None = None,
+    versions: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """A complete spec dict (the `tensors` list is filled in by `create_store`)."""
+    spec: dict[str, Any] = {
+        "model": model,
+        "pretrained": pretrained,
+        "weights_sha256": weights_sha256,
+        "image_size": int(image_size),
+        "preprocess": dict(preprocess),
+        "frames": int(frames),
+        "views": int(views),
+        "recipe": recipe,
+        "layers": [int(x) for x in layers],
+        "tokens": int(tokens),
+        "dim": int(dim),
+        "width": int(width),
+        "patch_grid": [int(x) for x in patch_grid],
+        "dtype": "float16",
+        "compute": {"device": device, "precision": precision},
+        "versions": dict(versions or {}),
+    }
+    if codec is not None:
+        spec["codec"] = dict(codec)
+    spec["tensors"] = row_tensors(spec)
+    return spec

@@ -1,0 +1,77 @@
+"""One writer per store: an exclusive lock file, with stale-lock detection after a crash."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+import psutil
+
+from .errors import StoreLockedError
+
+
+def _process_start_time(pid: int) -> float | None:
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+
+
+class StoreLock:
+    """Held by the driver (the only manifest writer) from open to close."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.held = False
+
+    def _is_stale(self, info: dict) -> bool:
+        if info.get("host") != socket.gethostname():
+            return False  # cannot see that machine's processes: never break it silently
+        started = _process_start_time(int(info.get("pid", -1)))
+        # Dead pid, or a reused pid whose process started after the lock was taken.
+        return started is None or abs(started - float(info.get("pid_started", 0))) > 1.0
+
+    def acquire(self) -> None:
+        me = os.getpid()
+        payload = {
+            "pid": me,
+            "host": socket.gethostname(),
+            "pid_started": _process_start_time(me),
+            "locked_at": time.time(),
+        }
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    info = json.loads(self.path.read_text() or "{}")
+                except (OSError, ValueError):
+                    info = {}
+                if not info:  # a writer is between create and write, or left an empty file
+                    if time.time() - self.path.stat().st_mtime > 10:
+                        self.path.unlink(missing_ok=True)
+                        continue
+                    time.sleep(0.2)
+                    continue
+                if self._is_stale(info):
+                    self.path.unlink(missing_ok=True)
+                    continue
+                raise StoreLockedError(
+                    f"store is being written by pid {info.get('pid')} on {info.get('host')}: "
+                    f"wait for it, or if that run is dead remove {self.path}"
+                ) from None
+            with os.fdopen(fd, "w") as fh:
+                json.dump(payload, fh)
+            self.held = True
+            return
+        raise StoreLockedError(
+            f"could not take the lock {self.path}; remove it if no run is writing"
+        )
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
