@@ -485,7 +485,7 @@ class FeatureStore:
             "spec": self.spec,
             "classes": len(self.classes),
             "rows": self.n_rows,
-            "counts": {s: {k: int(v) for k, v in c.items()} for s, c in counts.items()},
+            "counts": {s: {k: int(v) for k, v in c.items() if v} for s, c in counts.items()},
             "errors": {
                 str(k): int(v)
                 for k, v in m.loc[m["status"] == "failed", "error"].value_counts().items()
