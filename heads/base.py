@@ -1,0 +1,140 @@
+"""The one head API: per-video features once, then support set, then query scores, then a loss.
+
+Every head follows easyfsl's two calls plus a third, episode-independent one:
+
+    feats = head.video_features(inputs)                     # per video, reusable across episodes
+    head.process_support_set(support, support_labels, class_ids)
+    scores = head(query)                                    # (Q, N): argmax is the prediction
+    loss = head.loss(query_labels)                          # uses what the two calls above kept
+
+`inputs` maps the roles a head declares in `head.inputs(spec)` to store tensors of one view,
+shape (B, T, ...). Feature dicts hold tensors with the video on axis 0. All episode calls also
+accept a leading episode axis (support (E, S, ...), labels (E, S), class_ids (E, N), query
+(E, Q, ...) -> (E, Q, N)) so evaluation can score many episodes in one call.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+Features = dict[str, torch.Tensor]
+
+
+def last_layer(spec: dict[str, Any]) -> int:
+    """The deepest cached layer number (1-based), from the store spec."""
+    return int(spec["layers"][-1])
+
+
+def cosine_similarity(x: torch.Tensor, y: torch.Tensor, eps: float = 0.01) -> torch.Tensor:
+    """Cosine between the last axes of x (..., n, D) and y (..., m, D) -> (..., n, m).
+
+    As in the released EMP-Net/CLIP-FSAR code: `eps` is added to the product of norms.
+    """
+    numerator = x @ y.transpose(-1, -2)
+    denominator = x.norm(dim=-1).unsqueeze(-1) * y.norm(dim=-1).unsqueeze(-2) + eps
+    return numerator / denominator
+
+
+def class_means(values: torch.Tensor, labels: torch.Tensor, n_way: int) -> torch.Tensor:
+    """Per-class mean over the support axis: values (E, S, ...), labels (E, S) -> (E, N, ...)."""
+    one_hot = torch.nn.functional.one_hot(labels, n_way).to(values.dtype)  # (E, S, N)
+    counts = one_hot.sum(1).clamp_min(1.0)  # (E, N)
+    flat = values.reshape(values.shape[0], values.shape[1], -1)
+    means = torch.einsum("esn,esf->enf", one_hot, flat) / counts.unsqueeze(-1)
+    return means.reshape(values.shape[0], n_way, *values.shape[2:])
+
+
+class FewShotHead(nn.Module):
+    """Base class: subclasses fill in `inputs`, `video_features`, `_support`, `_query`, `_loss`."""
+
+    name = "base"
+    trainable = True
+    uses_text = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("class_text", torch.zeros(0, 0, 0), persistent=False)
+        self._batched = True
+
+    # ---------------------------------------------------------------- set-up
+    def inputs(self, spec: dict[str, Any]) -> dict[str, str]:
+        """Roles this head reads -> store tensor names (e.g. {"cls": "cls/layer12"})."""
+        raise NotImplementedError
+
+    def set_class_text(self, text: torch.Tensor) -> None:
+        """Text embeddings of every store class, (C, M templates, D); indexed by class_ids."""
+        self.class_text = text.to(self.class_text.device, torch.float32)
+
+    def prepare(self, store: Any) -> None:
+        """Load what the head needs from an open store besides row tensors (class texts, weights)."""
+        if self.uses_text:
+            text, _ = store.text("emp16")
+            self.set_class_text(torch.from_numpy(text))
+
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments that rebuild this head (saved in checkpoints)."""
+        return dict(self._config)
+
+    # ---------------------------------------------------------------- per video
+    def video_features(self, inputs: Features) -> Features:
+        """Episode-independent features of a batch of videos (B, ...)."""
+        raise NotImplementedError
+
+    def cache_features(self, features: Features, class_ids: torch.Tensor, shot: int) -> Features:
+        """Evaluation only: precompute what does not depend on the episode (default: nothing).
+
+        `class_ids` (B,) are the videos' own classes; `shot` tells whether a prototype is a
+        single video (shot 1), which lets support-side work be done per video.
+        """
+        return features
+
+    # ---------------------------------------------------------------- per episode
+    def process_support_set(
+        self, support: Features, support_labels: torch.Tensor, class_ids: torch.Tensor
+    ) -> None:
+        """Keep what the queries need. support_labels in [0, N); class_ids (N,) store labels."""
+        self._batched = support_labels.dim() == 2
+        if not self._batched:
+            support = {k: v.unsqueeze(0) for k, v in support.items()}
+            support_labels = support_labels.unsqueeze(0)
+            class_ids = class_ids.unsqueeze(0)
+        self._support(support, support_labels, class_ids)
+
+    def forward(self, query: Features) -> torch.Tensor:
+        """Scores (Q, N) or (E, Q, N) for the last support set; higher is more likely."""
+        if not self._batched:
+            query = {k: v.unsqueeze(0) for k, v in query.items()}
+        scores = self._query(query)
+        return scores if self._batched else scores.squeeze(0)
+
+    def loss(self, query_labels: torch.Tensor) -> torch.Tensor:
+        """Training loss of the last forward (mean over episodes)."""
+        if query_labels.dim() == 1:
+            query_labels = query_labels.unsqueeze(0)
+        return self._loss(query_labels)
+
+    def _support(self, support: Features, labels: torch.Tensor, class_ids: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def _query(self, query: Features) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _loss(self, query_labels: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- text helpers
+    def episode_text(self, class_ids: torch.Tensor) -> torch.Tensor:
+        """(E, N, D) class texts: one random template per episode in training, the mean at test."""
+        if self.class_text.numel() == 0:
+            raise RuntimeError(f"head {self.name!r} needs class texts: call set_class_text first")
+        if self.training:
+            n_templates = self.class_text.shape[1]
+            template = torch.randint(n_templates, (class_ids.shape[0],))
+            picked = self.class_text[:, template.to(self.class_text.device)]  # (C, E, D)
+            return picked.permute(1, 0, 2)[
+                torch.arange(class_ids.shape[0], device=class_ids.device).unsqueeze(1), class_ids
+            ]
+        return self.class_text.mean(1)[class_ids]

@@ -1,0 +1,88 @@
+"""Training-free baselines on `cls/layer{last}`: zero-shot text, cosine prototypes, OTAM."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .base import Features, FewShotHead, class_means, cosine_similarity, last_layer
+from .otam import DEFAULT_LAMBDA, otam_bidirectional
+
+
+class _ClsHead(FewShotHead):
+    trainable = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._config: dict[str, Any] = {}
+
+    def inputs(self, spec: dict[str, Any]) -> dict[str, str]:
+        return {"cls": f"cls/layer{last_layer(spec):02d}"}
+
+    def _loss(self, query_labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self._logits.flatten(0, 1), query_labels.flatten())
+
+
+class ZeroShot(_ClsHead):
+    """Cosine between the time-mean CLS and the class text (template mean); ignores the support."""
+
+    name = "zeroshot"
+    uses_text = True
+
+    def video_features(self, inputs: Features) -> Features:
+        return {"video": inputs["cls"].float().mean(1)}  # (B, D)
+
+    def _support(self, support: Features, labels: torch.Tensor, class_ids: torch.Tensor) -> None:
+        self._text = self.class_text.mean(1)[class_ids]  # (E, N, D)
+
+    def _query(self, query: Features) -> torch.Tensor:
+        self._logits = F.cosine_similarity(
+            query["video"].unsqueeze(2), self._text.unsqueeze(1), dim=-1
+        )
+        return self._logits
+
+
+class Prototypes(_ClsHead):
+    """Cosine to class prototypes (support means) of the time-mean CLS."""
+
+    name = "proto"
+
+    def video_features(self, inputs: Features) -> Features:
+        return {"video": inputs["cls"].float().mean(1)}
+
+    def _support(self, support: Features, labels: torch.Tensor, class_ids: torch.Tensor) -> None:
+        self._prototypes = class_means(support["video"], labels, class_ids.shape[1])  # (E, N, D)
+
+    def _query(self, query: Features) -> torch.Tensor:
+        self._logits = F.cosine_similarity(
+            query["video"].unsqueeze(2), self._prototypes.unsqueeze(1), dim=-1
+        )
+        return self._logits
+
+
+class OTAM(_ClsHead):
+    """Bidirectional OTAM on per-frame CLS, distance 1 - cosine; K-shot prototypes are frame means."""
+
+    name = "otam"
+
+    def __init__(self, otam_lambda: float = DEFAULT_LAMBDA, cosine_eps: float = 0.01) -> None:
+        super().__init__()
+        self.otam_lambda = otam_lambda
+        self.cosine_eps = cosine_eps
+        self._config = {"otam_lambda": otam_lambda, "cosine_eps": cosine_eps}
+
+    def video_features(self, inputs: Features) -> Features:
+        return {"frames": inputs["cls"].float()}  # (B, T, D)
+
+    def _support(self, support: Features, labels: torch.Tensor, class_ids: torch.Tensor) -> None:
+        self._prototypes = class_means(
+            support["frames"], labels, class_ids.shape[1]
+        )  # (E, N, T, D)
+
+    def _query(self, query: Features) -> torch.Tensor:
+        q, s = query["frames"].unsqueeze(2), self._prototypes.unsqueeze(1)
+        dists = 1 - cosine_similarity(q, s, self.cosine_eps)  # (E, Q, N, T, T)
+        self._logits = -otam_bidirectional(dists, self.otam_lambda)
+        return self._logits

@@ -1,0 +1,132 @@
+"""EMP-Net head: parameter count, invariances, caching and ablations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import heads
+from tests.heads_fixtures import SPEC, random_inputs, reverse_time, take
+
+DIM = 32
+
+
+def make(**cfg) -> heads.FewShotHead:
+    torch.manual_seed(0)
+    head = heads.create("emp", dim=DIM, **cfg)
+    head.set_class_text(torch.randn(12, 4, DIM, generator=torch.Generator().manual_seed(3)))
+    return head.eval()
+
+
+def scores(head, inputs, support_idx, labels, class_ids, query_idx):
+    with torch.no_grad():
+        feats = head.video_features(inputs)
+        head.process_support_set(
+            take(feats, support_idx), torch.tensor(labels), torch.tensor(class_ids)
+        )
+        return head(take(feats, query_idx))
+
+
+def test_parameter_count_matches_released_model() -> None:
+    head = heads.create("emp", dim=512)
+    assert sum(p.numel() for p in head.parameters() if p.requires_grad) == 7_495_296
+
+
+def test_ablations_change_the_architecture() -> None:
+    full = sum(p.numel() for p in heads.create("emp", dim=64).parameters())
+    no_text = sum(p.numel() for p in heads.create("emp", dim=64, no_text=True).parameters())
+    token = sum(p.numel() for p in heads.create("emp", dim=64, levels="token").parameters())
+    assert no_text < full and token < no_text
+    assert heads.create("emp", dim=64, no_skip_fusion=True).inputs(SPEC) == {
+        "deep": "tokens/layer12"
+    }
+    with pytest.raises(ValueError, match="levels"):
+        heads.create("emp", dim=64, levels="patch")
+
+
+def test_any_dims_frames_patches() -> None:
+    head = heads.create("emp", dim=48).eval()
+    head.set_class_text(torch.randn(5, 2, 48))
+    inputs = random_inputs(head, 4, frames=3, patches=16, dim=48)
+    out = scores(head, inputs, [0, 1], [0, 1], [2, 4], [2, 3])
+    assert out.shape == (2, 2) and torch.allclose(out.sum(-1), torch.ones(2))
+
+
+def test_class_order_permutation_permutes_scores() -> None:
+    head = make()
+    inputs = random_inputs(head, 6, dim=DIM)
+    a = scores(head, inputs, [0, 1, 2], [0, 1, 2], [3, 5, 7], [3, 4, 5])
+    # class 0 <-> 2 swapped in labels and ids
+    b = scores(head, inputs, [0, 1, 2], [2, 1, 0], [7, 5, 3], [3, 4, 5])
+    assert torch.allclose(a, b[:, [2, 1, 0]], atol=1e-6)
+
+
+def test_identical_shots_equal_one_shot() -> None:
+    head = make()
+    inputs = random_inputs(head, 5, dim=DIM)
+    one = scores(head, inputs, [0, 1], [0, 1], [1, 2], [2, 3, 4])
+    three = scores(head, inputs, [0, 0, 0, 1, 1, 1], [0, 0, 0, 1, 1, 1], [1, 2], [2, 3, 4])
+    assert torch.allclose(one, three, atol=1e-6)
+
+
+def test_reversing_query_frames_changes_scores() -> None:
+    head = make()
+    inputs = random_inputs(head, 5, dim=DIM)
+    a = scores(head, inputs, [0, 1, 2], [0, 1, 2], [0, 1, 2], [3, 4])
+    reversed_query = {k: torch.cat([v[:3], v[3:].flip(1)]) for k, v in inputs.items()}
+    b = scores(head, reversed_query, [0, 1, 2], [0, 1, 2], [0, 1, 2], [3, 4])
+    assert (a - b).abs().max() > 1e-4
+    assert reverse_time(inputs).keys() == inputs.keys()
+
+
+@pytest.mark.parametrize("shot", [1, 2])
+def test_cached_features_and_batched_episodes_equal_direct(shot: int) -> None:
+    head = make()
+    inputs = random_inputs(head, 8, dim=DIM)
+    own_class = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    support = [0, 1, 2] if shot == 1 else [0, 3, 1, 4, 2, 5]
+    labels = own_class[support].tolist()
+    direct = scores(head, inputs, support, labels, [0, 1, 2], [6, 7])
+    with torch.no_grad():
+        cached = head.cache_features(head.video_features(inputs), own_class, shot)
+        # two identical episodes scored in one batched call
+        s = {k: torch.stack([v[support]] * 2) for k, v in cached.items()}
+        q = {k: torch.stack([v[[6, 7]]] * 2) for k, v in cached.items()}
+        head.process_support_set(s, torch.tensor([labels] * 2), torch.tensor([[0, 1, 2]] * 2))
+        batched = head(q)
+    assert batched.shape == (2, 2, 3)
+    assert torch.allclose(batched[0], direct, atol=1e-5) and torch.allclose(
+        batched[1], direct, atol=1e-5
+    )
+
+
+def test_loss_trains_every_parameter_and_options() -> None:
+    head = make().train()
+    inputs = random_inputs(head, 6, dim=DIM)
+    feats = head.video_features(inputs)
+    head.process_support_set(
+        take(feats, [0, 1, 2]), torch.tensor([0, 1, 2]), torch.tensor([3, 5, 7])
+    )
+    prediction = head(take(feats, [3, 4, 5]))
+    loss = head.loss(torch.tensor([0, 1, 2]))
+    loss.backward()
+    assert torch.allclose(prediction.sum(-1), torch.ones(3))
+    assert all(p.grad is not None for p in head.parameters())
+    # the released double softmax bounds each cross-entropy by log(N) + 1; six terms
+    assert 0 < loss.item() < 6 * (torch.log(torch.tensor(3.0)).item() + 1)
+    options = make(temperature=0.1, layer_weights=True, score_weights=True).train()
+    feats = options.video_features(inputs)
+    options.process_support_set(
+        take(feats, [0, 1, 2]), torch.tensor([0, 1, 2]), torch.tensor([3, 5, 7])
+    )
+    options(take(feats, [3, 4, 5]))
+    options.loss(torch.tensor([0, 1, 2])).backward()
+    assert options.score_weights.grad is not None and options.layer_weights.grad is not None
+
+
+def test_no_text_head_needs_no_text() -> None:
+    torch.manual_seed(0)
+    head = heads.create("emp", dim=DIM, no_text=True, levels="token,patch").eval()
+    inputs = random_inputs(head, 4, dim=DIM)
+    out = scores(head, inputs, [0, 1], [0, 1], [0, 1], [2, 3])
+    assert out.shape == (2, 2) and not head.uses_text

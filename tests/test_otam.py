@@ -1,0 +1,80 @@
+"""OTAM against brute force over every path the released recursion allows."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from heads.otam import OTAMDistance, otam_bidirectional, otam_distance, otam_distance_loop
+
+
+def path_costs(d: torch.Tensor) -> list[float]:
+    """Costs of all paths into the bottom-right pad cell, following the released predecessors."""
+    padded = torch.nn.functional.pad(d, (1, 1)).tolist()
+    n_rows, n_cols = len(padded), len(padded[0])
+
+    def predecessors(r: int, m: int) -> list[tuple[int, int]]:
+        if r == 0:
+            return [(0, m - 1)]  # top row: plain cumulative sum
+        if m == 1 or m == n_cols - 1:
+            return [(r - 1, m - 1), (r - 1, m), (r, m - 1)]
+        return [(r - 1, m - 1), (r, m - 1)]
+
+    def walk(r: int, m: int) -> list[float]:
+        if m == 0:
+            return [0.0]  # column 0 holds 0 in every row
+        return [padded[r][m] + c for p in predecessors(r, m) for c in walk(*p)]
+
+    return walk(n_rows - 1, n_cols - 1)
+
+
+SHAPES = [(1, 1), (1, 4), (3, 1), (2, 2), (3, 4), (4, 3), (4, 4)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_soft_otam_equals_logsumexp_over_paths(shape: tuple[int, int]) -> None:
+    torch.manual_seed(sum(shape))
+    d = torch.rand(*shape, dtype=torch.float64) * 2
+    for lbda in (0.5, 0.1, 2.0):
+        costs = torch.tensor(path_costs(d), dtype=torch.float64)
+        want = -lbda * torch.logsumexp(-costs / lbda, dim=0)
+        assert otam_distance(d, lbda).item() == pytest.approx(want.item(), abs=1e-9)
+        assert otam_distance_loop(d, lbda).item() == pytest.approx(want.item(), abs=1e-9)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_hard_minimum_as_lambda_goes_to_zero(shape: tuple[int, int]) -> None:
+    torch.manual_seed(7 + sum(shape))
+    d = torch.rand(*shape, dtype=torch.float64)
+    best = min(path_costs(d))
+    assert otam_distance(d, 1e-4).item() == pytest.approx(best, abs=1e-3)
+    # soft-min never exceeds the hard minimum and approaches it monotonically
+    values = [otam_distance(d, lb).item() for lb in (1.0, 0.3, 0.1, 0.01)]
+    assert all(v <= best + 1e-12 for v in values)
+    assert values == sorted(values)
+
+
+def test_batched_and_bidirectional() -> None:
+    torch.manual_seed(0)
+    d = torch.rand(3, 5, 8, 6)
+    batched = otam_distance(d)
+    for i in range(3):
+        for j in range(5):
+            assert batched[i, j].item() == pytest.approx(otam_distance(d[i, j]).item(), abs=1e-5)
+    both = otam_bidirectional(d)
+    assert torch.allclose(both, otam_distance(d) + otam_distance(d.transpose(-1, -2)))
+    assert torch.allclose(OTAMDistance()(d), both)
+
+
+def test_gradients_are_finite_and_order_matters() -> None:
+    torch.manual_seed(1)
+    d = torch.rand(8, 8, requires_grad=True)
+    otam_bidirectional(d).backward()
+    assert torch.isfinite(d.grad).all() and d.grad.abs().sum() > 0
+    # a diagonal of zeros (aligned sequences) beats the anti-diagonal (time-reversed)
+    aligned = 1 - torch.eye(6)
+    reversed_ = aligned.flip(0)
+    assert otam_bidirectional(aligned) < otam_bidirectional(reversed_)
+    assert math.isfinite(otam_distance(torch.full((8, 8), 2.0), 0.01).item())
