@@ -340,21 +340,21 @@ def _is_torchscript(path: str) -> bool:
         return False
 
 
-def _read_state_dict(path: str) -> tuple[dict[str, torch.Tensor], bool]:
-    """Tensors of a weights file, without unpickling arbitrary objects. Returns (state, is_jit)."""
+def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """Tensors of a weights file, without unpickling arbitrary objects."""
     p = Path(path)
     if not p.is_file():
         raise WeightsFileError(f"weights file not found: {path}")
     name = p.name
-    is_jit = False
     try:
         if name.endswith(".safetensors"):
             from safetensors.torch import load_file
 
             obj: Any = load_file(str(p), device="cpu")
         elif _is_torchscript(str(p)):
-            is_jit = True
-            obj = torch.jit.load(str(p), map_location="cpu").state_dict()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                obj = torch.jit.load(str(p), map_location="cpu").state_dict()
         else:
             obj = torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as e:
@@ -376,7 +376,7 @@ def _read_state_dict(path: str) -> tuple[dict[str, torch.Tensor], bool]:
         state[k[7:] if str(k).startswith("module.") else str(k)] = v
     for k in ("input_resolution", "context_length", "vocab_size"):  # OpenAI archive extras
         state.pop(k, None)
-    return state, is_jit
+    return state
 
 
 def _load_into(
@@ -384,6 +384,11 @@ def _load_into(
 ) -> None:
     """Strictly load `state` into `model`; a mismatch becomes a one-line WeightsFileError."""
     own = model.state_dict()
+    non_persistent = {k for k, _ in model.named_buffers()} - set(
+        own
+    )  # e.g. attn_mask in JIT archives
+    for key in non_persistent:
+        state.pop(key, None)
     for key in ("logit_scale", "logit_bias"):
         if key in state and key in own and state[key].shape != own[key].shape:
             if state[key].numel() == own[key].numel():
@@ -454,7 +459,8 @@ def load_clip(
         sha256 of that init's state dict, identical on every worker), or a local weights file
         (``weights_sha256`` = sha256 of the file bytes).
     quick_gelu: force the activation; by default it follows the tag (OpenAI tags use QuickGELU), and for
-        files it is switched on for OpenAI TorchScript archives and files whose sha256 is OpenAI's.
+        files it is switched on when the file's sha256 is that of OpenAI's published archive; other
+        OpenAI-weight files need ``quick_gelu=True`` or the ``<model>-quickgelu`` config (a note says so).
     Raises EncoderError subclasses with one-line messages.
     """
     register_model_configs()
@@ -477,13 +483,19 @@ def load_clip(
 
     sha = ""
     if weights_path is not None:
-        state, is_jit = _read_state_dict(weights_path)
+        state = _read_state_dict(weights_path)
         sha = _sha256_file(weights_path)
         if quick_gelu is None:
             if tag_cfg:
                 quick_gelu = bool(tag_cfg.get("quick_gelu", False))
-            elif is_jit or _openai_quick_gelu_for_sha(model_name, sha):
+            elif _openai_quick_gelu_for_sha(model_name, sha):
                 quick_gelu = True
+            elif not tag_cfg and f"{model_name}-quickgelu" in open_clip.list_models():
+                print(
+                    f"note: {model_name} uses GELU; if {Path(weights_path).name} holds OpenAI weights, "
+                    f"use --model {model_name}-quickgelu",
+                    file=sys.stderr,
+                )
     model_cfg = open_clip.get_model_config(model_name) or {}
     force_qg = bool(quick_gelu) and not model_cfg.get("quick_gelu", False)
     pp_overrides = {
@@ -614,6 +626,11 @@ class FrameEncoder:
             raise EncoderError(f"layers {self.layers} must be increasing, within 1..{self.depth}")
         self.recipe = recipe
         self.names = tensor_names(recipe, self.layers)
+        if recipe == "emp+last" and self.layers[-1] != self.depth:
+            raise EncoderError(
+                f"recipe emp+last needs the last cached layer to be the last block ({self.depth}), "
+                f"got layers {self.layers}"
+            )
         if device is None:
             device = clip.device if isinstance(clip, LoadedClip) else self.visual.proj.device
         self.device = torch.device(device)
@@ -654,40 +671,44 @@ class FrameEncoder:
         return x.float()
 
     @torch.inference_mode()
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch + class + positional embeddings, patch dropout (identity in eval), ``ln_pre``."""
+        v = self.visual
+        if hasattr(v, "_embeds"):  # open_clip >= 2.24
+            return v._embeds(x)
+        x = v.conv1(x)
+        x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
+        cls = v.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)
+        return v.ln_pre(v.patch_dropout(x))
+
+    @torch.inference_mode()
     def encode_torch(self, frames: torch.Tensor | np.ndarray) -> dict[str, torch.Tensor]:
-        """Like ``__call__`` but returns float32 tensors on the encoder's device (no fp16 rounding)."""
+        """Like ``__call__`` but returns float32 tensors on the encoder's device (no fp16 rounding).
+
+        Walks the resblocks itself (no hooks), so concurrent calls from several threads are safe.
+        """
         x = self._to_device(frames)
         blocks = self.visual.transformer.resblocks
-        captured: dict[str, torch.Tensor] = {}
-
-        def nld(t: torch.Tensor) -> torch.Tensor:
-            return t if self.batch_first else t.transpose(0, 1)
-
-        def out_hook(k: int) -> Any:
-            def hook(_m: nn.Module, _args: Any, output: torch.Tensor) -> None:
-                captured[f"out{k}"] = nld(output)
-
-            return hook
-
-        def in_hook(_m: nn.Module, args: Any) -> None:
-            captured["in"] = nld(args[0])
-
-        handles = [blocks[k - 1].register_forward_hook(out_hook(k)) for k in self.layers]
+        last = self.layers[-1]
+        want = set(self.layers)
+        ln_post, proj = self.visual.ln_post, self.visual.proj
+        result: dict[str, torch.Tensor] = {}
+        with self._autocast():
+            h = self._embed(x)
+            if not self.batch_first:
+                h = h.transpose(0, 1)
+            for i, block in enumerate(blocks[:last], start=1):
+                if i == last and self.recipe == "emp+last":
+                    result["in"] = h
+                h = block(h)
+                if i in want:
+                    tokens = h if self.batch_first else h.transpose(0, 1)
+                    result[f"tokens/layer{i:02d}"] = (ln_post(tokens) @ proj).float()
         if self.recipe == "emp+last":
-            handles.append(blocks[-1].register_forward_pre_hook(in_hook))
-        try:
-            with self._autocast():
-                self.visual(x)
-                result: dict[str, torch.Tensor] = {}
-                ln_post, proj = self.visual.ln_post, self.visual.proj
-                for k, name in zip(self.layers, self.names, strict=False):
-                    result[name] = (ln_post(captured[f"out{k}"]) @ proj).float()
-        finally:
-            for h in handles:
-                h.remove()
-        if self.recipe == "emp+last":
-            result[self.names[-1]] = captured["in"].float()
-        return result
+            xin = result.pop("in")
+            result[self.names[-1]] = (xin if self.batch_first else xin.transpose(0, 1)).float()
+        return {name: result[name] for name in self.names}
 
     def __call__(self, frames: torch.Tensor | np.ndarray) -> dict[str, np.ndarray]:
         out = self.encode_torch(frames)

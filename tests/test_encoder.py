@@ -121,6 +121,19 @@ def test_batch_composition_independence(tiny):
         assert_fp16_close(enc(torch.cat([video[4:], others[:1]]))[name][:4], alone[name][4:])
 
 
+def test_concurrent_calls_from_threads(tiny):
+    from concurrent.futures import ThreadPoolExecutor
+
+    enc = FrameEncoder(tiny, recipe="emp+last")
+    inputs = [frames(3, seed=20 + i) for i in range(6)]
+    expected = [enc(x) for x in inputs]
+    with ThreadPoolExecutor(3) as pool:
+        got = list(pool.map(enc, inputs))
+    for e, g in zip(expected, got, strict=True):
+        for name in enc.names:
+            assert_fp16_close(g[name], e[name])
+
+
 def test_numpy_input_and_shape_check(tiny):
     enc = FrameEncoder(tiny)
     x = frames(2, seed=5)
@@ -143,6 +156,15 @@ def test_layers_and_names():
     assert tensor_names("emp+last", [4, 8, 12])[-1] == "tokens/layer12_in"
     with pytest.raises(EncoderError, match="unknown recipe"):
         tensor_names("full", [4, 8, 12])
+
+
+def test_custom_layers(tiny):
+    out = FrameEncoder(tiny, layers=[2, 6, 9])(frames(2, seed=6))
+    assert list(out) == ["tokens/layer02", "tokens/layer06", "tokens/layer09"]
+    with pytest.raises(EncoderError, match="emp\\+last needs the last cached layer"):
+        FrameEncoder(tiny, recipe="emp+last", layers=[2, 6, 9])
+    with pytest.raises(EncoderError, match="must be increasing"):
+        FrameEncoder(tiny, layers=[8, 4, 12])
 
 
 def test_none_is_deterministic_and_warns(tiny, capsys):
@@ -286,3 +308,49 @@ def test_openai_tag_config_means_quick_gelu():
 def test_quick_gelu_option(tmp_path):
     c = load_clip(TINY_MODEL, "none", quick_gelu=True)
     assert export_last_block(c.model)[1]["act"] == "quick_gelu"
+
+
+def test_torchscript_archive_loads(tiny, tmp_path):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        archive = tmp_path / "tiny-jit.pt"
+        torch.jit.save(torch.jit.script(tiny.model), str(archive))
+    c = load_clip(TINY_MODEL, str(archive))
+    assert c.weights_sha256 == hashlib.sha256(archive.read_bytes()).hexdigest()
+    torch.testing.assert_close(c.model.visual.proj, tiny.model.visual.proj, rtol=0, atol=0)
+    assert export_last_block(c.model)[1]["act"] == "gelu"
+
+
+def fake_tag(monkeypatch, sha: str = "0" * 64, **cfg) -> None:
+    """Register a tag for the tiny model whose weights live at a URL named by `sha` (no network used)."""
+    from open_clip import pretrained
+
+    url = f"https://openaipublic.azureedge.net/clip/models/{sha}/tiny.pt"
+    monkeypatch.setitem(
+        pretrained._PRETRAINED, TINY_MODEL, {"cachedtag": {"url": url, "hf_hub": "", **cfg}}
+    )
+
+
+def test_tag_from_local_cache_with_its_preprocess(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    fake_tag(monkeypatch, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), interpolation="bilinear")
+    torch.save(tiny.model.state_dict(), tmp_path / "tiny.pt")
+    c = load_clip(TINY_MODEL, "cachedtag", cache_dir=str(tmp_path))
+    assert c.pretrained == "cachedtag"
+    assert c.weights_sha256 == hashlib.sha256((tmp_path / "tiny.pt").read_bytes()).hexdigest()
+    assert c.preprocess.mean == (0.5, 0.5, 0.5) and c.preprocess.interpolation == "bilinear"
+    (tmp_path / "tiny.pt").unlink()
+    with pytest.raises(PretrainedUnavailable, match="not in the local cache"):
+        load_clip(TINY_MODEL, "cachedtag", cache_dir=str(tmp_path))
+
+
+def test_openai_published_sha_switches_on_quick_gelu(tiny, tmp_path, monkeypatch):
+    p = tmp_path / "renamed.pt"
+    torch.save(tiny.model.state_dict(), p)
+    sha = hashlib.sha256(p.read_bytes()).hexdigest()
+    fake_tag(monkeypatch, sha=sha, quick_gelu=True)
+    assert export_last_block(load_clip(TINY_MODEL, str(p)).model)[1]["act"] == "quick_gelu"
+    fake_tag(monkeypatch, sha="f" * 64, quick_gelu=True)
+    assert export_last_block(load_clip(TINY_MODEL, str(p)).model)[1]["act"] == "gelu"
