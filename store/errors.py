@@ -25,3 +25,15 @@ class SpecMismatchError(StoreError):
 
 class CorruptStoreError(StoreError):
     """A chunk, manifest or attribute does not match what the store says it holds."""
+
+
+class RemoteStoreError(StoreError):
+    """A remote store cannot be reached (server down, timeout, HTTP error) after bounded retries."""
+
+
+class UnsafeStoreError(CorruptStoreError):
+    """A store or packed file holds something that could escape it or run code (links, `..`, pickle)."""
+
+
+class MissingChunkError(CorruptStoreError):
+    """A chunk the manifest says exists is absent on the server (HTTP 404)."""

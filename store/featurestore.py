@@ -23,7 +23,14 @@ import zarr
 import zarr.codecs
 import zarr.storage
 
-from .errors import CorruptStoreError, NotAStoreError, SchemaVersionError, StoreError
+from .errors import (
+    CorruptStoreError,
+    NotAStoreError,
+    RemoteStoreError,
+    SchemaVersionError,
+    StoreError,
+    UnsafeStoreError,
+)
 from .layout import (
     ALLOWED_DTYPES,
     CHECKSUM_ALGORITHM,
@@ -37,9 +44,10 @@ from .layout import (
     row_tensors,
     spec_field,
 )
-from .location import HINT, Location, resolve
+from .location import HINT, Location, one_line, resolve
 from .lock import StoreLock
 from .manifest import new_manifest, read_manifest, write_manifest_atomic
+from .safety import check_array, check_spec
 
 DEFAULT_CODEC: dict[str, Any] = {"name": "zstd", "level": 3}
 MAX_ROWS = 50_000_000  # refuse absurd shapes in metadata before allocating anything
@@ -127,6 +135,7 @@ class FeatureStore:
         _validate_attrs(attrs, location.describe())
         self.attrs: dict[str, Any] = attrs
         self.spec: dict[str, Any] = attrs["spec"]
+        check_spec(self.spec, location.describe())
         self.classes: list[str] = list(attrs["classes"])
         self.row_tensors: list[str] = [t["name"] for t in self.spec["tensors"]]
         self.manifest: pd.DataFrame = self._load_manifest()
@@ -191,6 +200,7 @@ class FeatureStore:
                 raise CorruptStoreError(
                     f"{self.location.describe()}: array {name} is missing ({exc})"
                 ) from exc
+            check_array(self._arrays[name], name, self.location.describe())
         return self._arrays[name]
 
     def _check_arrays(self) -> None:
@@ -274,15 +284,17 @@ class FeatureStore:
                 sel = slice(int(uniq[0]), int(uniq[-1]) + 1)
                 return arr[sel] if view is None else arr[sel, view]
             return arr.oindex[uniq] if view is None else arr.oindex[uniq, view]
+        except (RemoteStoreError, UnsafeStoreError):
+            raise  # already names the URL or path
         except Exception as exc:  # a damaged chunk: find and name it
             for r in uniq:
                 try:
                     arr[int(r)]
-                except Exception:
+                except Exception as row_exc:
                     vid = self.manifest["video_id"].iat[int(r)]
                     raise CorruptStoreError(
                         f"{self.location.describe()}: row {int(r)} ({vid}) {name} is unreadable "
-                        f"({type(exc).__name__}); run fsar-store verify"
+                        f"({one_line(row_exc)}); run fsar-store verify"
                     ) from exc
             raise
 
@@ -389,48 +401,77 @@ class FeatureStore:
     def write_lastblock(self, tensors: Mapping[str, Any], config: Mapping[str, Any]) -> None:
         """Save the last block's weights + config as `weights/lastblock.safetensors`."""
         self._require_writer()
-        data = dump_safetensors(tensors, config)
-        path = self._local_dir() / LASTBLOCK_FILE
+        self.write_weights_file("lastblock.safetensors", dump_safetensors(tensors, config))
+
+    def write_weights_file(self, name: str, data: bytes) -> None:
+        """Store raw bytes as `weights/<name>` (temp file, rename) and record their sha256."""
+        self._require_writer()
+        if "/" in name or name.startswith("."):
+            raise ValueError(f"bad weights file name {name!r}")
+        path = self._local_dir() / "weights" / name
         path.parent.mkdir(exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         tmp.write_bytes(data)
         os.replace(tmp, path)
         weights = dict(self.attrs.get("weights", {}))
-        weights["lastblock.safetensors"] = hashlib.sha256(data).hexdigest()
+        weights[name] = hashlib.sha256(data).hexdigest()
         self._set_attrs(weights=weights)
 
     # ------------------------------------------------------------------ integrity
-    def verify(self, rows: Sequence[int] | None = None, progress: bool = False) -> list[Problem]:
-        """Re-hash every `ok` row of every per-row tensor, the text arrays and the weights file."""
-        problems: list[Problem] = []
+    def find_corrupt(
+        self,
+        rows: Sequence[int] | np.ndarray,
+        names: Sequence[str] | None = None,
+        progress: bool = False,
+    ) -> list[Problem]:
+        """Rows x per-row tensors whose chunk is unreadable, missing or fails its checksum.
+
+        For training with `--skip-corrupt`: drop the returned rows and count them. A store that cannot
+        be reached at all (server down) raises `RemoteStoreError` instead of reporting every row.
+        """
+        names = list(self.row_tensors if names is None else names)
+        unknown = [n for n in names if n not in self.row_tensors]
+        if unknown:
+            raise StoreError(f"{self.location.describe()} has no per-row tensor {unknown[0]!r}")
+        arrays = {name: self.array(name) for name in names}
         m = self.manifest
-        todo = self.select(status="ok") if rows is None else np.asarray(rows, dtype=np.int64)
-        iterator: Iterable[int] = todo
+        problems: list[Problem] = []
+        iterator: Iterable[int] = np.asarray(rows, dtype=np.int64).reshape(-1)
         if progress:
             from tqdm import tqdm
 
-            iterator = tqdm(todo, desc="verify", unit="video")
+            iterator = tqdm(iterator, desc="verify", unit="video")
         for r in iterator:
             r = int(r)
             vid = str(m["video_id"].iat[r])
-            for name in self.row_tensors:
+            for name in names:
                 want = m[checksum_column(name)].iat[r]
-                try:
-                    got = checksum(self.array(name)[r])
-                except CorruptStoreError:
-                    raise
-                except Exception as exc:
+                if want is None or pd.isna(want):
+                    status = m["status"].iat[r]
                     problems.append(
-                        Problem(r, vid, name, f"unreadable chunk ({type(exc).__name__})")
+                        Problem(r, vid, name, f"no checksum recorded (status {status})")
                     )
                     continue
-                if want is None or pd.isna(want):
-                    problems.append(Problem(r, vid, name, "no checksum recorded"))
-                elif got != want:
+                try:
+                    got = checksum(arrays[name][r])
+                except (RemoteStoreError, UnsafeStoreError):
+                    raise
+                except Exception as exc:
+                    problems.append(Problem(r, vid, name, f"unreadable chunk ({one_line(exc)})"))
+                    continue
+                if got != want:
                     problems.append(Problem(r, vid, name, "checksum mismatch"))
+        return problems
+
+    def verify(self, rows: Sequence[int] | None = None, progress: bool = False) -> list[Problem]:
+        """Re-hash every `ok` row of every per-row tensor, the text arrays and the weights file."""
+        todo = self.select(status="ok") if rows is None else np.asarray(rows, dtype=np.int64)
+        problems = self.find_corrupt(todo, progress=progress)
         for name, meta in self.attrs.get("text", {}).items():
             try:
                 ok = checksum(np.asarray(self.array(f"text/{name}")[...])) == meta["checksum"]
+            except (RemoteStoreError, UnsafeStoreError):
+                raise
             except Exception:
                 ok = False
             if not ok:
@@ -468,16 +509,12 @@ class FeatureStore:
             raw_per_video += (
                 int(np.prod(entry["shape_per_row"])) * np.dtype(entry["dtype"]).itemsize
             )
-        chunk_bytes, total_bytes = None, None
-        if self.location.local is not None:
-            chunk_bytes = sum(
-                _dir_size(self.location.local / name / "c") for name in self.row_tensors
-            )
-            total_bytes = _dir_size(self.location.local)
+        chunk_bytes, total_bytes = self.location.sizes(self.row_tensors)
         n_written = int((m["status"] == "ok").sum())
         per_video = chunk_bytes / n_written if chunk_bytes is not None and n_written else None
         return {
             "location": self.location.describe(),
+            "kind": self.location.kind,
             "schema_version": self.attrs["schema_version"],
             "dataset": self.dataset,
             "split_source": self.attrs.get("split_source"),
@@ -497,17 +534,6 @@ class FeatureStore:
             "raw_bytes_per_video": raw_per_video,
             "fingerprint": self.fingerprint(),
         }
-
-
-def _dir_size(path: Path) -> int:
-    total = 0
-    for root, _dirs, files in os.walk(path):
-        for f in files:
-            try:
-                total += os.lstat(os.path.join(root, f)).st_size
-            except OSError:
-                pass
-    return total
 
 
 # ---------------------------------------------------------------------- safetensors (no pickle)
@@ -612,11 +638,17 @@ def _dimension_names(name: str) -> list[str]:
     return ["video", "view", "frame", "token", "channel"]
 
 
-def open_store(path: str | Path, mode: Literal["r", "a"] = "r") -> FeatureStore:
-    """Open read-only (`r`, any number of readers) or as the single writer (`a`, takes the lock)."""
+def open_store(
+    path: str | Path, mode: Literal["r", "a"] = "r", *, cache: str | Path | None = None
+) -> FeatureStore:
+    """Open read-only (`r`, any number of readers) or as the single writer (`a`, takes the lock).
+
+    `path` is a directory, a packed file (`fsar-store pack`) or a URL (http(s)://, s3://, gs://);
+    `cache` (default: env `FSAR_CACHE`) keeps a remote store's fetched chunks on local disk.
+    """
     if mode not in ("r", "a"):
         raise ValueError("mode must be 'r' or 'a'")
-    location = resolve(path, mode=mode)
+    location = resolve(path, mode=mode, cache=cache)
     lock = None
     if mode == "a":
         if location.local is None:

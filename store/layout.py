@@ -108,6 +108,12 @@ def row_tensors(spec: Mapping[str, Any]) -> list[dict[str, Any]]:
         )
     elif spec["recipe"] != "emp":
         raise ValueError(f"unknown recipe {spec['recipe']!r}: use emp or emp+last")
+    keep = spec.get("subset")  # a subset store (fsar-store subset --tensors) keeps only these
+    if keep is not None:
+        unknown = sorted(set(keep) - {e["name"] for e in out})
+        if unknown:
+            raise ValueError(f"subset names tensors the spec does not have: {unknown}")
+        out = [e for e in out if e["name"] in set(keep)]
     return out
 
 

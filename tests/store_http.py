@@ -1,0 +1,72 @@
+"""A loopback HTTP server for tests: serves a directory, never lists it, counts and breaks requests."""
+
+from __future__ import annotations
+
+import http.server
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+
+@dataclass
+class Faults:
+    """Per-path misbehaviour: `404`, `500` or `truncate` (half the body, then close)."""
+
+    by_path: dict[str, str] = field(default_factory=dict)
+    requests: Counter = field(default_factory=Counter)
+
+
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    faults: Faults
+
+    def list_directory(self, path):  # type: ignore[no-untyped-def]
+        self.send_error(404, "directory listing disabled")
+        return None
+
+    def log_message(self, format: str, *args: object) -> None:  # quiet
+        pass
+
+    def do_GET(self) -> None:
+        path = self.path.split("?", 1)[0]
+        self.faults.requests[path] += 1
+        mode = self.faults.by_path.get(path)
+        if mode == "404":
+            self.send_error(404)
+            return
+        if mode == "500":
+            self.send_error(500)
+            return
+        if mode == "truncate":
+            local = Path(self.translate_path(path))
+            data = local.read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data[: len(data) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            return
+        super().do_GET()
+
+
+@contextmanager
+def serve(root: Path) -> Iterator[tuple[str, Faults]]:
+    """Serve `root` on 127.0.0.1; yields (base URL, faults)."""
+    faults = Faults()
+    handler = type("Handler", (_Handler,), {"faults": faults})
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), partial(handler, directory=str(root))
+    )
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", faults
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
