@@ -505,10 +505,9 @@ def load_clip(
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.manual_seed(NONE_SEED)
+        # open_clip logs "initialized randomly" before we load the weights ourselves
         prev = logging.root.manager.disable
-        logging.disable(
-            logging.WARNING
-        )  # open_clip logs "initialized randomly" before we load weights
+        logging.disable(logging.WARNING)
         try:
             model = open_clip.create_model(
                 model_name,
@@ -516,6 +515,7 @@ def load_clip(
                 device="cpu",
                 force_quick_gelu=force_qg,
                 force_preprocess_cfg=pp_overrides or None,
+                pretrained_hf=False,  # never fetch HF text-tower weights; ours come next
             )
         except Exception as e:
             raise UnsupportedModel(f"cannot build {model_name}: {type(e).__name__}: {e}") from None

@@ -354,3 +354,9 @@ def test_openai_published_sha_switches_on_quick_gelu(tiny, tmp_path, monkeypatch
     assert export_last_block(load_clip(TINY_MODEL, str(p)).model)[1]["act"] == "quick_gelu"
     fake_tag(monkeypatch, sha="f" * 64, quick_gelu=True)
     assert export_last_block(load_clip(TINY_MODEL, str(p)).model)[1]["act"] == "gelu"
+
+
+def test_preprocess_transform_is_open_clips(tiny):
+    _, _, val = open_clip.create_model_and_transforms(TINY_MODEL)
+    assert repr(tiny.preprocess.transform()) == repr(val)
+    assert tiny.preprocess.as_dict()["image_size"] == [64, 64]
