@@ -6,7 +6,6 @@ DATA_ROOT ?= data/$(DATASET)
 STORE ?= stores/$(DATASET)
 ARGS ?=
 
-export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
 .PHONY: install test lint format extract demo bench bench-quick clean
@@ -17,7 +16,7 @@ install:
 	$(PY) -m pip install -q -e ".[dev]"
 
 test:
-	$(VENV_BIN)/pytest -q -x --durations=15
+	HF_HUB_OFFLINE=1 $(VENV_BIN)/pytest -q -x --durations=15
 
 lint:
 	$(VENV_BIN)/ruff check .
