@@ -116,11 +116,228 @@ def store_verify(
 
 # ---------------------------------------------------------------- extract (issue 3)
 # EXTRACT-COMMANDS-BEGIN
+@synth_app.command("synth")
+def synth_command(
+    out: str = typer.Option(..., help="Directory to write {train,val,test}/<class>/<video> into."),
+    classes: int = typer.Option(20, help="Number of classes (even: time-reversal pairs), 6 to 24."),
+    videos_per_class: int = typer.Option(6, help="Videos per class."),
+    seed: int = typer.Option(0, help="Random seed (same seed, same dataset)."),
+) -> None:
+    """Write a synthetic `folder` dataset of moving shapes whose classes are time-reversal pairs."""
+    from pipeline.synth import make_synthetic_dataset
+
+    if classes % 2 or not 6 <= classes <= 24:
+        fail(f"--classes {classes}: use an even number from 6 to 24 (reversal pairs)")
+    if videos_per_class < 1:
+        fail(f"--videos-per-class {videos_per_class}: use at least 1")
+    description = make_synthetic_dataset(out, classes, videos_per_class, seed)
+    counts = ", ".join(f"{len(v)} {k}" for k, v in description["classes"].items())
+    typer.echo(
+        f"wrote {description['videos']} videos of {classes} classes ({counts}) to {out}; "
+        f"extract with: make extract DATASET=folder DATA_ROOT={out}"
+    )
+
+
+app.command("synth")(synth_command)
 # EXTRACT-COMMANDS-END
 
 
 # ---------------------------------------------------------------- train / eval (issue 4)
 # HEADS-COMMANDS-BEGIN
+def _heads_user_errors(action):
+    """Run `action`; user-fixable errors (store, episodes, options) print one line and exit 2."""
+    from heads.episodes import EpisodeError
+    from heads.train import ConfigError
+    from store import StoreError
+
+    try:
+        return action()
+    except (StoreError, EpisodeError, ConfigError, FileNotFoundError) as error:
+        fail(str(error).splitlines()[0] if str(error) else type(error).__name__)
+    except ValueError as error:  # unknown head or head option
+        fail(str(error).splitlines()[0])
+
+
+def _parse_head_options(pairs: list[str]) -> dict:
+    import json
+
+    options = {}
+    for pair in pairs:
+        if "=" not in pair:
+            fail(f"--option takes KEY=VALUE (got {pair!r})")
+        key, value = pair.split("=", 1)
+        try:
+            options[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.replace("-", "_")] = value
+    return options
+
+
+@train_app.command("train")
+def train_command(
+    store: str | None = typer.Option(None, help="Store path (stores/<dataset>)."),
+    config: str | None = typer.Option(
+        None, help="JSON file of training options (CLI options win)."
+    ),
+    preset: str | None = typer.Option(
+        None, help="hmdb51|ucf101|kinetics100|ssv2_small|ssv2_full: the released schedule."
+    ),
+    head: str | None = typer.Option(None, help="Head to train (emp, lastlayer)."),
+    way: int | None = typer.Option(None, help="Classes per episode [5]."),
+    shot: int | None = typer.Option(None, help="Support videos per class [1]."),
+    query: int | None = typer.Option(None, help="Query videos per class in training [5]."),
+    episodes: int | None = typer.Option(None, help="Training episodes [2000]."),
+    episodes_per_step: int | None = typer.Option(
+        None, help="Episodes per optimiser step (gradient accumulation) [4]."
+    ),
+    lr: float | None = typer.Option(None, help="Peak learning rate [1e-4]."),
+    val_every: int | None = typer.Option(None, help="Validate every N episodes [500]."),
+    val_episodes: int | None = typer.Option(None, help="Validation episodes [1000]."),
+    out: str | None = typer.Option(None, help="Run directory [runs/<head>-<store>-<time>]."),
+    seed: int | None = typer.Option(None, help="Seed of episodes and initialisation [0]."),
+    device: str | None = typer.Option(None, help="auto, cpu, cuda, cuda:1 ... [auto]."),
+    max_ram: float | None = typer.Option(
+        None, help="GB a split may take in RAM; larger splits stream [8]."
+    ),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue the run in --out (default runs/latest)."
+    ),
+    levels: str | None = typer.Option(None, help="emp: token | token,patch | token,patch,frame."),
+    no_text: bool = typer.Option(
+        False, "--no-text", help="emp: no text-visual scores, no text fusion."
+    ),
+    no_skip_fusion: bool = typer.Option(False, "--no-skip-fusion", help="emp: layer 12 only."),
+    temperature: float | None = typer.Option(
+        None,
+        help="emp: single softmax with this temperature instead of the released double softmax.",
+    ),
+    layer_weights: bool = typer.Option(
+        False, "--layer-weights", help="emp: learnable skip-fusion weights (paper)."
+    ),
+    score_weights: bool = typer.Option(
+        False, "--score-weights", help="emp: learnable score weights (paper)."
+    ),
+    strategy: str | None = typer.Option(None, help="lastlayer: meta | finetune | novel."),
+    option: list[str] = typer.Option([], help="Other head option KEY=VALUE (repeatable)."),
+    progress: bool = typer.Option(True, help="Progress bar."),
+) -> None:
+    """Train a head episodically from a store (never runs the CLIP encoder)."""
+    import json
+    from pathlib import Path
+
+    from heads.train import TrainConfig, config_from_run, train
+
+    def action():
+        if resume:
+            run_dir = Path(out) if out else Path("runs") / "latest"
+            if not (run_dir / "config.json").exists():
+                fail(f"nothing to resume: {run_dir}/config.json does not exist")
+            cfg = config_from_run(run_dir.resolve())
+            cfg.out = str(run_dir.resolve())
+            if episodes is not None:
+                cfg.episodes = episodes
+            cfg.progress = progress
+            return train(cfg, resume=True)
+        values = json.loads(Path(config).read_text()) if config else {}
+        cli = dict(
+            store=store, preset=preset, head=head, way=way, shot=shot, query=query, episodes=episodes,
+            episodes_per_step=episodes_per_step, lr=lr, val_every=val_every, val_episodes=val_episodes,
+            out=out, seed=seed, device=device, max_ram=max_ram,
+        )  # fmt: skip
+        values.update({k: v for k, v in cli.items() if v is not None})
+        head_opts = dict(values.get("head_options", {}))
+        head_opts.update(_parse_head_options(option))
+        flags = dict(levels=levels, temperature=temperature, strategy=strategy)
+        head_opts.update({k: v for k, v in flags.items() if v is not None})
+        for name, on in (
+            ("no_text", no_text),
+            ("no_skip_fusion", no_skip_fusion),
+            ("layer_weights", layer_weights),
+            ("score_weights", score_weights),
+        ):
+            if on:
+                head_opts[name] = True
+        values["head_options"] = head_opts
+        values["progress"] = progress
+        if not values.get("store"):
+            fail("--store is required (e.g. --store stores/hmdb51)")
+        unknown = set(values) - set(TrainConfig.__dataclass_fields__)
+        if unknown:
+            fail(f"unknown training option(s): {', '.join(sorted(unknown))}")
+        cfg = TrainConfig(**values).resolved(explicit=set(values))
+        return train(cfg)
+
+    run_dir = _heads_user_errors(action)
+    typer.echo(f"run: {run_dir}")
+
+
+@eval_app.command("eval")
+def eval_command(
+    store: str | None = typer.Option(None, help="Store path [the store the run's config names]."),
+    checkpoint: str | None = typer.Option(None, help="Run directory [runs/latest]."),
+    head: str | None = typer.Option(
+        None, help="Training-free head instead of a run: zeroshot, proto, otam."
+    ),
+    episodes: int = typer.Option(10_000, help="Test episodes."),
+    way: int = typer.Option(5, help="Classes per episode."),
+    shot: int = typer.Option(1, help="Support videos per class."),
+    query: int = typer.Option(1, help="Query videos per class."),
+    split: str = typer.Option("test", help="Split to evaluate."),
+    seed: int = typer.Option(0, help="Episode seed (same seed, same episodes, any machine)."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda ..."),
+    max_ram: float = typer.Option(8.0, help="GB the split may take in RAM; larger splits stream."),
+    json_out: str | None = typer.Option(None, "--json", help="Write the result as JSON."),
+    per_episode: str | None = typer.Option(None, help="Write each episode's accuracy (parquet)."),
+    option: list[str] = typer.Option([], help="Head option KEY=VALUE for --head (repeatable)."),
+    progress: bool = typer.Option(True, help="Progress bar."),
+) -> None:
+    """Evaluate a trained run or a training-free head on few-shot episodes."""
+    import json
+    from pathlib import Path
+
+    from heads import create
+    from heads.evaluate import evaluate, load_run, store_of_run
+    from heads.train import pick_device
+    from store import open_store
+
+    def action():
+        target = pick_device(device)
+        if head is not None and checkpoint is not None:
+            fail("give --checkpoint or --head, not both")
+        run_dir = None
+        if head is None:
+            run_dir = Path(checkpoint) if checkpoint else Path("runs") / "latest"
+            if not (run_dir / "config.json").exists():
+                fail(f"no run at {run_dir} (train one with fsar-train, or pass --head proto)")
+        store_path = store or (store_of_run(run_dir) if run_dir is not None else None)
+        if store_path is None:
+            fail("--store is required with --head")
+        s = open_store(store_path)
+        if run_dir is not None:
+            model = load_run(run_dir, s, target)
+        else:
+            model = create(head, **_parse_head_options(option))
+            model.prepare(s)
+            model.to(target)
+        result = evaluate(
+            model, s, split, way, shot, query, episodes, seed, target, max_ram, progress=progress
+        )
+        typer.echo(result.summary())
+        if json_out is not None:
+            Path(json_out).write_text(json.dumps(result.to_json(), indent=2))
+        if per_episode is not None:
+            import pandas as pd
+
+            pd.DataFrame({"episode": range(episodes), "accuracy": result.per_episode}).to_parquet(
+                per_episode
+            )
+        return result
+
+    _heads_user_errors(action)
+
+
+app.command("train")(train_command)
+app.command("eval")(eval_command)
 # HEADS-COMMANDS-END
 
 

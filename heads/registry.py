@@ -21,6 +21,14 @@ def available() -> list[str]:
     return sorted(_FACTORIES)
 
 
+def factory(name: str) -> Callable[..., FewShotHead]:
+    """The constructor registered under `name` (ValueError if unknown)."""
+    _register_builtin()
+    if name not in _FACTORIES:
+        raise ValueError(f"unknown head {name!r}; available: {', '.join(available())}")
+    return _FACTORIES[name]
+
+
 def create(name: str, **cfg: Any) -> FewShotHead:
     """Build a head by name; unknown names or options raise ValueError with one line."""
     _register_builtin()
