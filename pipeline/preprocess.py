@@ -34,7 +34,14 @@ def _square_size(size: Any) -> int:
 
 
 def preprocess_spec(name: str, openclip_cfg: dict[str, Any]) -> dict[str, Any]:
-    """The spec's `preprocess` dict for `name`, given the model's open_clip `visual.preprocess_cfg`."""
+    """The spec's `preprocess` dict for `name`, given the model's open_clip preprocessing settings.
+
+    `openclip_cfg` holds open_clip `PreprocessCfg` fields (`size` or `image_size`, `mean`, `std`,
+    `interpolation`, `resize_mode`, `fill_color`), e.g. `LoadedClip.preprocess.as_dict()`.
+    """
+    openclip_cfg = dict(openclip_cfg)
+    if "size" not in openclip_cfg:
+        openclip_cfg["size"] = openclip_cfg["image_size"]
     crop = _square_size(openclip_cfg["size"])
     if name == "openclip":
         return {

@@ -1,0 +1,253 @@
+"""Frame sampling, exact sequential decoding, failure reasons, the killable decode child, preprocessing."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from pipeline.hashing import in_part, stable_hash
+from pipeline.preprocess import CLIP_MEAN, CLIP_STD, build_transform, preprocess_spec
+from pipeline.synth import write_video
+from pipeline.video import (
+    DECODER_NAME,
+    HANG_ENV,
+    DecodeRequest,
+    DecoderProcess,
+    container_is_cut_short,
+    decode_request,
+    decode_sampled,
+    sample_frame_indices,
+)
+from tests.bad_videos import EXPECTED_ERRORS, moving_square_frames, write_bad_videos
+
+
+def reference_frames(path: Path) -> list[np.ndarray]:
+    """Every frame, decoded sequentially with PyAV (the reference for exactness)."""
+    with av.open(str(path)) as container:
+        return [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+
+
+AV_PICTURE_TYPE_B = 3  # FFmpeg's enum value for B-frames
+
+
+def picture_types(path: Path) -> set[int]:
+    with av.open(str(path)) as container:
+        return {int(frame.pict_type) for frame in container.decode(video=0)}
+
+
+# ----------------------------------------------------------------------------------- sampling
+
+
+def test_stable_hash_is_fixed_across_runs_and_machines() -> None:
+    assert stable_hash("videos/brush_hair/x") == 9066409205296331559
+    parts = [sum(in_part(f"video{i}", p, 4) for i in range(400)) for p in (1, 2, 3, 4)]
+    assert sum(parts) == 400 and min(parts) > 60
+
+
+def test_view0_takes_segment_centres() -> None:
+    assert sample_frame_indices(100, 8, 1, "any") == [[6, 18, 31, 43, 56, 68, 81, 93]]
+    assert sample_frame_indices(8, 8, 1, "any") == [list(range(8))]
+
+
+def test_random_views_stay_in_their_segments_and_are_seeded_by_video_id() -> None:
+    views = sample_frame_indices(100, 8, 3, "videos/brush_hair/x")
+    assert views[1:] == [
+        [9, 13, 27, 40, 54, 71, 76, 88],
+        [5, 16, 27, 37, 51, 72, 82, 89],
+    ]
+    for view in views:
+        for segment, index in enumerate(view):
+            assert (
+                int(12.5 * segment)
+                <= index
+                < max(int(12.5 * segment) + 1, int(12.5 * (segment + 1)))
+            )
+    assert sample_frame_indices(100, 8, 3, "videos/brush_hair/x") == views
+    assert sample_frame_indices(100, 8, 3, "videos/brush_hair/y")[1:] != views[1:]
+
+
+def test_short_videos_repeat_frames_in_order() -> None:
+    for view in sample_frame_indices(3, 8, 2, "short"):
+        assert view == sorted(view) and set(view) == {0, 1, 2}
+    assert sample_frame_indices(1, 8, 2, "one") == [[0] * 8, [0] * 8]
+    with pytest.raises(ValueError):
+        sample_frame_indices(0, 8, 1, "none")
+
+
+# ----------------------------------------------------------------------------------- exactness
+
+
+@pytest.fixture(scope="module")
+def encoded_videos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("encoded")
+    frames = moving_square_frames(57)
+    paths = {}
+    for kind, fps in (("avi", 25), ("mp4", 30), ("webm", 24)):
+        paths[kind] = folder / f"clip.{kind}"
+        write_video(paths[kind], frames, fps)
+    return paths
+
+
+def test_generated_avi_is_mpeg4_part2_with_b_frames(encoded_videos: dict[str, Path]) -> None:
+    with av.open(str(encoded_videos["avi"])) as container:
+        assert container.streams.video[0].codec_context.name == "mpeg4"
+    assert AV_PICTURE_TYPE_B in picture_types(encoded_videos["avi"])
+
+
+@pytest.mark.parametrize("kind", ["avi", "mp4", "webm"])
+def test_sampled_frames_equal_sequential_pyav_decode(
+    encoded_videos: dict[str, Path], kind: str
+) -> None:
+    reference = reference_frames(encoded_videos[kind])
+    assert len(reference) == 57
+    sampled = decode_sampled(encoded_videos[kind], 8, 3, f"clip-{kind}")
+    assert sampled.n_frames == 57 and sampled.declared_frames == 57
+    assert sampled.frames.shape == (3, 8, 72, 96, 3)
+    assert sampled.indices == sample_frame_indices(57, 8, 3, f"clip-{kind}")
+    for view, indices in enumerate(sampled.indices):
+        for slot, index in enumerate(indices):
+            np.testing.assert_array_equal(sampled.frames[view, slot], reference[index])
+    # consecutive frames differ, so a frame off by one would have been caught above
+    assert not np.array_equal(reference[10], reference[11])
+
+
+def test_second_decoding_pass_when_frames_exceed_the_memory_budget(
+    encoded_videos: dict[str, Path],
+) -> None:
+    reference = reference_frames(encoded_videos["avi"])
+    sampled = decode_sampled(encoded_videos["avi"], 8, 2, "budget", keep_bytes=0)
+    for view, indices in enumerate(sampled.indices):
+        for slot, index in enumerate(indices):
+            np.testing.assert_array_equal(sampled.frames[view, slot], reference[index])
+
+
+@pytest.fixture(scope="module")
+def decoder() -> Iterator[DecoderProcess]:
+    """One decode child for the module; it hangs on paths containing `hang_here` (test hook)."""
+    previous = os.environ.get(HANG_ENV)
+    os.environ[HANG_ENV] = "hang_here"
+    process = DecoderProcess()
+    yield process
+    process.close()
+    if previous is None:
+        del os.environ[HANG_ENV]
+    else:
+        os.environ[HANG_ENV] = previous
+
+
+def test_decoder_child_returns_the_same_frames_and_preprocessed_pixels(
+    encoded_videos: dict[str, Path], decoder: DecoderProcess
+) -> None:
+    raw = decoder.decode(DecodeRequest(str(encoded_videos["webm"]), "w", 4, 2), timeout=60)
+    assert raw.error is None and raw.decoder == DECODER_NAME and raw.fps == 24.0
+    direct = decode_sampled(encoded_videos["webm"], 4, 2, "w")
+    np.testing.assert_array_equal(raw.pixels, direct.frames)
+    spec = preprocess_spec("emp", {"size": 64, "mean": CLIP_MEAN, "std": CLIP_STD})
+    processed = decoder.decode(
+        DecodeRequest(str(encoded_videos["webm"]), "w", 4, 2, spec), timeout=60
+    )
+    assert processed.pixels.shape == (2, 4, 3, 64, 64)
+    assert processed.pixels.dtype == np.float32
+    expected = build_transform(spec)(direct.frames.reshape(-1, 72, 96, 3))
+    np.testing.assert_array_equal(processed.pixels.reshape(-1, 3, 64, 64), expected)
+
+
+# ----------------------------------------------------------------------------------- bad inputs
+
+
+@pytest.fixture(scope="module")
+def bad_videos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return write_bad_videos(tmp_path_factory.mktemp("bad"))
+
+
+@pytest.mark.parametrize("stem", sorted(EXPECTED_ERRORS))
+def test_bad_inputs_fail_with_a_short_reason(bad_videos: dict[str, Path], stem: str) -> None:
+    outcome = decode_request(DecodeRequest(str(bad_videos[stem]), stem, 8, 2))
+    assert outcome.error == EXPECTED_ERRORS[stem]
+    if stem == "one_frame":  # documented: a 1-frame video is ok, its frame repeated T times
+        assert outcome.n_frames == 1 and outcome.indices == [[0] * 8, [0] * 8]
+        assert outcome.pixels.shape == (2, 8, 72, 96, 3)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    assert decode_request(DecodeRequest(str(tmp_path / "gone.avi"), "g", 8, 1)).error == "missing"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permission bits")
+def test_unreadable_file(tmp_path: Path) -> None:
+    path = tmp_path / "locked.mp4"
+    write_video(path, moving_square_frames(5), 25)
+    path.chmod(0)
+    assert decode_request(DecodeRequest(str(path), "l", 8, 1)).error == "unreadable"
+
+
+@pytest.mark.parametrize("kind", ["avi", "mp4", "webm"])
+def test_cut_files_are_truncated(
+    encoded_videos: dict[str, Path], tmp_path: Path, kind: str
+) -> None:
+    data = encoded_videos[kind].read_bytes()
+    assert not container_is_cut_short(encoded_videos[kind])
+    for fraction in (0.2, 0.6):
+        cut = tmp_path / f"cut{fraction}.{kind}"
+        cut.write_bytes(data[: int(len(data) * fraction)])
+        assert container_is_cut_short(cut)
+        assert decode_request(DecodeRequest(str(cut), "c", 8, 1)).error == "truncated"
+
+
+def test_hanging_decode_times_out_and_the_child_restarts(
+    encoded_videos: dict[str, Path], tmp_path: Path, decoder: DecoderProcess
+) -> None:
+    hanging = tmp_path / "hang_here.avi"
+    hanging.write_bytes(encoded_videos["avi"].read_bytes())
+    assert decoder.decode(DecodeRequest(str(encoded_videos["avi"]), "a", 2, 1), 60).error is None
+    started = time.monotonic()
+    outcome = decoder.decode(DecodeRequest(str(hanging), "h", 2, 1), timeout=1.5)
+    assert outcome.error == "timeout"
+    assert 1.4 < time.monotonic() - started < 10
+    after = decoder.decode(DecodeRequest(str(encoded_videos["avi"]), "a", 2, 1), 60)
+    assert after.error is None and after.pixels.shape == (1, 2, 72, 96, 3)
+
+
+# ----------------------------------------------------------------------------------- preprocessing
+
+
+def test_openclip_preprocess_is_exactly_open_clips_transform() -> None:
+    import open_clip
+    import torch
+    from PIL import Image
+
+    from pipeline.encoder import TINY_MODEL, load_clip
+
+    clip = load_clip(TINY_MODEL, "none")
+    spec = preprocess_spec("openclip", clip.preprocess.as_dict())
+    assert spec["crop"] == 64 and spec["interpolation"] == "bicubic"
+    _, _, reference = open_clip.create_model_and_transforms(TINY_MODEL, pretrained=None)
+    ours = build_transform(spec)
+    rng = np.random.default_rng(0)
+    for height, width in ((72, 96), (240, 320), (64, 64), (300, 180)):
+        frames = rng.integers(0, 256, (2, height, width, 3), dtype=np.uint8)
+        expected = torch.stack([reference(Image.fromarray(f)) for f in frames]).numpy()
+        np.testing.assert_array_equal(ours(frames), expected)
+
+
+def test_emp_preprocess_resizes_short_side_then_centre_crops() -> None:
+    spec = preprocess_spec("emp", {"size": 224, "mean": (0.5,) * 3, "std": (0.5,) * 3})
+    assert (spec["resize"], spec["crop"], spec["mean"]) == (256, 224, list(CLIP_MEAN))
+    transform = build_transform(spec)
+    flat = np.full((1, 240, 320, 3), 200, dtype=np.uint8)
+    out = transform(flat)
+    assert out.shape == (1, 3, 224, 224) and out.dtype == np.float32
+    expected = (200 / 255 - np.array(CLIP_MEAN)) / np.array(CLIP_STD)
+    np.testing.assert_allclose(out[0, :, 100, 100], expected, rtol=1e-6)
+    # 240x320 -> 256x341; the crop starts at column (341 - 224) // 2 = 58: a bar at columns
+    # [0, 60) of the resized frame is 2 columns wide in the crop
+    bar = np.zeros((1, 240, 320, 3), dtype=np.uint8)
+    bar[:, :, : int(60 * 320 / 341)] = 255
+    bright = transform(bar)[0, 0, 120] > 0
+    assert bright[:1].all() and not bright[4:].any()
