@@ -41,6 +41,8 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 from open_clip.transformer import QuickGELU
 from torch import nn
 
+from store.layout import default_layers as store_default_layers
+
 __all__ = [
     "EncoderError",
     "PretrainedUnavailable",
@@ -566,13 +568,10 @@ def load_clip(
 # --------------------------------------------------------------------------------------------- encoding
 def default_layers(depth: int) -> list[int]:
     """1-based layers the recipe caches: [4, 8, 12] for 12 blocks, thirds of the depth otherwise."""
-    if depth < 3:
-        raise UnsupportedModel(
-            f"a ViT with {depth} blocks is too shallow for the recipe (needs >= 3)"
-        )
-    if depth == 12:
-        return [4, 8, 12]
-    return [max(1, round(depth / 3)), max(2, round(2 * depth / 3)), depth]
+    try:
+        return store_default_layers(depth)
+    except ValueError as exc:
+        raise UnsupportedModel(str(exc)) from None
 
 
 def tensor_names(recipe: str, layers: Sequence[int]) -> list[str]:

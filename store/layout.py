@@ -56,9 +56,9 @@ def checksum_column(tensor: str) -> str:
 
 def default_layers(depth: int) -> list[int]:
     """Cached layers (1-based): 4/8/12 for a 12-layer ViT, thirds of the depth otherwise."""
-    if depth % 3:
-        raise ValueError(f"ViT depth {depth} is not a multiple of 3; pass layers explicitly")
-    return [depth // 3, 2 * depth // 3, depth]
+    if depth < 3:
+        raise ValueError(f"a ViT with {depth} blocks is too shallow for the recipe (needs >= 3)")
+    return [max(1, round(depth / 3)), max(2, round(2 * depth / 3)), depth]
 
 
 def token_name(layer: int) -> str:
