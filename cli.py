@@ -29,11 +29,14 @@ def fail(message: str, code: int = 2) -> None:
 
 # ---------------------------------------------------------------- store (issue 2, 5)
 # STORE-COMMANDS-BEGIN
-def _open_for_cli(path: str):
+CACHE_HELP = "Keep a remote store's fetched chunks in DIR (default: env FSAR_CACHE)."
+
+
+def _open_for_cli(path: str, cache: str | None = None):
     from store import StoreError, open_store
 
     try:
-        return open_store(path)
+        return open_store(path, cache=cache)
     except StoreError as exc:
         fail(str(exc))
 
@@ -50,13 +53,19 @@ def _human_bytes(n: float | None) -> str:
 
 @store_app.command("info")
 def store_info(
-    path: str = typer.Argument(..., help="Store directory (e.g. stores/hmdb51)."),
+    path: str = typer.Argument(..., help="Store: directory, packed file or URL."),
     json_out: bool = typer.Option(False, "--json", help="Print the full info as JSON."),
+    cache: str = typer.Option(None, "--cache", metavar="DIR", help=CACHE_HELP),
 ) -> None:
     """Spec, counts per split and status, size on disk, bytes per video and fingerprint."""
     import json
 
-    info = _open_for_cli(path).info()
+    from store import StoreError
+
+    try:
+        info = _open_for_cli(path, cache).info()
+    except StoreError as exc:
+        fail(str(exc))
     if json_out:
         typer.echo(json.dumps(info, indent=2, default=str))
         return
@@ -95,11 +104,17 @@ def store_info(
 
 @store_app.command("verify")
 def store_verify(
-    path: str = typer.Argument(..., help="Store to check."),
+    path: str = typer.Argument(..., help="Store to check: directory, packed file or URL."),
+    cache: str = typer.Option(None, "--cache", metavar="DIR", help=CACHE_HELP),
 ) -> None:
     """Re-hash every ok row of every tensor; exit 1 listing the bad rows and tensors."""
-    s = _open_for_cli(path)
-    problems = s.verify(progress=sys.stderr.isatty())
+    from store import StoreError
+
+    s = _open_for_cli(path, cache)
+    try:
+        problems = s.verify(progress=sys.stderr.isatty())
+    except StoreError as exc:
+        fail(str(exc))
     if problems:
         for p in problems:
             typer.echo(f"BAD {p}")
@@ -109,6 +124,109 @@ def store_verify(
     typer.echo(
         f"verify: ok ({n} rows x {len(s.row_tensors)} tensors, fingerprint {s.fingerprint()})"
     )
+
+
+def _split_list(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if not items:
+        fail(f"empty list {text!r}")
+    return items
+
+
+@store_app.command("pack")
+def store_pack(
+    path: str = typer.Argument(..., help="Store directory to pack."),
+    out: str = typer.Argument(..., help="Packed file to write (e.g. hmdb51.fsar.zip)."),
+) -> None:
+    """Pack a store into one zip file (uncompressed members) that opens without unpacking."""
+    from store import StoreError
+    from store.share import pack
+
+    try:
+        size = pack(path, out)
+    except StoreError as exc:
+        fail(str(exc))
+    typer.echo(f"pack: {out} ({_human_bytes(size)})")
+
+
+@store_app.command("unpack")
+def store_unpack(
+    file: str = typer.Argument(..., help="Packed store file."),
+    directory: str = typer.Argument(..., metavar="DIR", help="New (or empty) directory."),
+) -> None:
+    """Restore a packed store into a directory; members that would land outside DIR are refused."""
+    from store import StoreError
+    from store.share import unpack
+
+    try:
+        s = unpack(file, directory)
+    except StoreError as exc:
+        fail(str(exc))
+    typer.echo(f"unpack: {directory} ({s.n_rows} rows, fingerprint {s.fingerprint()})")
+
+
+@store_app.command("merge")
+def store_merge(
+    a: str = typer.Argument(..., help="First store (A)."),
+    b: str = typer.Argument(..., help="Second store (B)."),
+    out: str = typer.Option(..., "--out", help="New store directory to write."),
+    prefer: str = typer.Option(
+        None, "--prefer", metavar="A|B", help="Take differing videos from this store."
+    ),
+    cache: str = typer.Option(None, "--cache", metavar="DIR", help=CACHE_HELP),
+) -> None:
+    """Merge two stores of the same spec (videos de-duplicated, classes unioned)."""
+    from store import StoreError
+    from store.share import describe_report, merge
+
+    if prefer is not None and prefer.upper() not in ("A", "B"):
+        fail(f"--prefer must be A or B, not {prefer!r}")
+    try:
+        report = merge(
+            a,
+            b,
+            out,
+            prefer=prefer.upper() if prefer else None,  # type: ignore[arg-type]
+            cache=cache,
+            progress=sys.stderr.isatty(),
+        )
+    except StoreError as exc:
+        fail(str(exc))
+    typer.echo(describe_report(report, "merge"))
+    for note in report.notes:
+        typer.echo(f"  note: {note}")
+
+
+@store_app.command("subset")
+def store_subset(
+    path: str = typer.Argument(..., help="Source store: directory, packed file or URL."),
+    out: str = typer.Option(..., "--out", help="New store directory to write."),
+    splits: str = typer.Option(None, "--splits", help="Comma list, e.g. test or val,test."),
+    tensors: str = typer.Option(
+        None, "--tensors", help="Comma list, e.g. tokens/layer12,cls/layer12."
+    ),
+    ok_only: bool = typer.Option(False, "--ok-only", help="Leave out pending and failed rows."),
+    cache: str = typer.Option(None, "--cache", metavar="DIR", help=CACHE_HELP),
+) -> None:
+    """Copy some splits and/or tensors of a store into a new, complete store."""
+    from store import StoreError
+    from store.share import describe_report, subset
+
+    try:
+        report = subset(
+            path,
+            out,
+            splits=_split_list(splits),
+            tensors=_split_list(tensors),
+            ok_only=ok_only,
+            cache=cache,
+            progress=sys.stderr.isatty(),
+        )
+    except StoreError as exc:
+        fail(str(exc))
+    typer.echo(describe_report(report, "subset"))
 
 
 # STORE-COMMANDS-END
