@@ -1,0 +1,107 @@
+"""Evaluation: CI formula, streaming equals in-memory, outputs, refusing a checkpoint from another spec."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import heads
+from heads.evaluate import confidence_interval, evaluate, load_run
+from heads.train import TrainConfig, train
+from store import SpecMismatchError, open_store
+from tests.heads_fixtures import reversal_pair_store
+
+
+@pytest.fixture(scope="module")
+def pair_store(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("eval") / "store"
+    reversal_pair_store(
+        path, frames=4, views=1, classes={"train": 6, "val": 6, "test": 6}, videos_per_class=4
+    ).close()
+    return path
+
+
+def test_ci_half_width_formula() -> None:
+    values = np.array([1.0, 0.8, 0.6, 1.0, 0.4, 0.8])
+    want = 1.96 * np.std(values * 100, ddof=1) / math.sqrt(6)
+    assert confidence_interval(values) == pytest.approx(want, rel=1e-3)
+    assert confidence_interval(np.ones(100)) == 0.0
+
+
+def test_streaming_equals_memory_and_is_deterministic(pair_store: Path) -> None:
+    store = open_store(pair_store)
+    head = heads.create("otam")
+    a = evaluate(head, store, "test", 3, 1, 1, 200, seed=4, max_ram_gb=8.0)
+    b = evaluate(head, store, "test", 3, 1, 1, 200, seed=4, max_ram_gb=0.0, episodes_per_batch=7)
+    assert np.array_equal(a.per_episode, b.per_episode)
+    assert a.summary().startswith(
+        f"accuracy {a.accuracy:.2f} ± {a.ci95:.2f} (95% CI, 200 episodes, 3-way 1-shot, test)"
+    )
+
+
+def test_cli_outputs_and_spec_refusal(pair_store: Path, tmp_path: Path) -> None:
+    cfg = TrainConfig(store=str(pair_store), head="emp", episodes=4, episodes_per_step=2, val_every=4,
+                      val_episodes=20, way=3, query=1, out=str(tmp_path / "runs" / "r"), progress=False)  # fmt: skip
+    run = train(cfg.resolved())
+    assert (tmp_path / "runs" / "latest").resolve() == run.resolve()
+    for name in (
+        "best.safetensors",
+        "last.safetensors",
+        "config.json",
+        "metrics.jsonl",
+        "curves.png",
+    ):
+        assert (run / name).exists(), name
+    config = json.loads((run / "config.json").read_text())
+    assert (
+        config["store"]["fingerprint"] == open_store(pair_store).fingerprint()
+        and config["git_commit"] is not None
+    )
+    # fsar-eval with no checkpoint option evaluates runs/latest on the store its config names
+    out = subprocess.run(
+        [sys.executable, "-m", "cli", "eval", "--episodes", "30", "--way", "3", "--no-progress",
+         "--json", "r.json", "--per-episode", "e.parquet"],
+        cwd=tmp_path, capture_output=True, text=True, env=_env(),
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "(95% CI, 30 episodes, 3-way 1-shot, test)" in out.stdout
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert {
+        "accuracy",
+        "ci95",
+        "episodes",
+        "way",
+        "shot",
+        "query",
+        "split",
+        "head",
+        "store_fingerprint",
+        "seconds",
+    } <= set(result)
+    assert len(pd.read_parquet(tmp_path / "e.parquet")) == 30
+    # a store with another spec (more frames) is refused, naming the field
+    other = tmp_path / "other"
+    reversal_pair_store(
+        other, frames=6, views=1, classes={"train": 6, "val": 6, "test": 6}, videos_per_class=4
+    ).close()
+    with pytest.raises(SpecMismatchError, match="frames: 4 != 6"):
+        load_run(run, open_store(other))
+    out = subprocess.run(
+        [sys.executable, "-m", "cli", "eval", "--store", str(other), "--checkpoint", str(run), "--no-progress"],
+        cwd=tmp_path, capture_output=True, text=True, env=_env(),
+    )  # fmt: skip
+    assert out.returncode == 2 and "frames: 4 != 6" in out.stderr and "Traceback" not in out.stderr
+
+
+def _env() -> dict:
+    import os
+
+    root = Path(__file__).resolve().parents[1]
+    return {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}

@@ -1,0 +1,172 @@
+"""Training: learning on time-reversal pairs, resume equality, no open_clip, schedule, lastlayer."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import heads
+from heads.evaluate import evaluate
+from heads.lastblock import LastBlock
+from heads.train import PRESETS, TrainConfig, learning_rate, train
+from store import open_store
+from tests.heads_fixtures import reversal_pair_store
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def pair_store(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("train") / "store"
+    reversal_pair_store(path).close()  # 8 train, 6 val, 6 test classes, 10 videos each, 2 views
+    return path
+
+
+def small_config(store: Path, out: Path, **kw) -> TrainConfig:
+    base = dict(store=str(store), head="emp", episodes=8, episodes_per_step=2, val_every=4, val_episodes=20,
+                out=str(out), progress=False, lr=1e-3)  # fmt: skip
+    base.update(kw)
+    return TrainConfig(**base).resolved()
+
+
+def test_emp_learns_time_reversal_pairs(pair_store: Path, tmp_path: Path) -> None:
+    cfg = small_config(
+        pair_store,
+        tmp_path / "run",
+        episodes=60,
+        episodes_per_step=4,
+        val_every=20,
+        val_episodes=100,
+    )
+    run = train(cfg)
+    store = open_store(pair_store)
+    emp = heads.create("emp", dim=32)
+    emp.prepare(store)
+    from heads.checkpoint import load_model
+
+    load_model(run / "best.safetensors", emp)
+    trained = evaluate(emp, store, "val", 5, 1, 1, 500, seed=123)
+    proto = evaluate(heads.create("proto"), store, "val", 5, 1, 1, 500, seed=123)
+    assert trained.accuracy >= 20 + 20, trained.summary()
+    assert trained.accuracy >= proto.accuracy + 10, (trained.summary(), proto.summary())
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["episode"] for r in records] == [20, 40, 60]
+    assert all(0 <= r["val_accuracy"] <= 100 and r["loss"] > 0 for r in records)
+
+
+def test_resume_equals_uninterrupted(pair_store: Path, tmp_path: Path) -> None:
+    full = train(small_config(pair_store, tmp_path / "full"))
+    part = small_config(pair_store, tmp_path / "part")
+    train(part, stop_at=4)
+    train(part, resume=True)
+    a, b = (
+        load_file(str(full / "last.safetensors")),
+        load_file(str(tmp_path / "part" / "last.safetensors")),
+    )
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+    def accuracies(run: Path) -> list[float]:
+        return [
+            json.loads(x)["val_accuracy"] for x in (run / "metrics.jsonl").read_text().splitlines()
+        ]
+
+    assert accuracies(full) == accuracies(tmp_path / "part")
+
+
+def test_train_and_eval_without_open_clip(pair_store: Path, tmp_path: Path) -> None:
+    guard = (
+        "import sys; sys.modules['open_clip'] = None; sys.modules['pipeline.encoder'] = None\n"
+        "from cli import app\n"
+        "try:\n    app()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+        "assert 'open_clip' not in [m for m, v in sys.modules.items() if v is not None]\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    for args in (
+        ["train", "--store", str(pair_store), "--episodes", "4", "--episodes-per-step", "2", "--val-every", "4",
+         "--val-episodes", "10", "--out", "runs/guarded", "--no-progress"],
+        ["eval", "--episodes", "50", "--no-progress"],
+    ):  # fmt: skip
+        out = subprocess.run(
+            [sys.executable, "-c", guard, *args],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            env=env,
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+    assert "(95% CI, 50 episodes, 5-way 1-shot, test)" in out.stdout
+
+
+def test_presets_and_schedule() -> None:
+    hmdb = TrainConfig(store="x", preset="hmdb51").resolved()
+    assert (hmdb.lr, hmdb.episodes, hmdb.episodes_per_step, hmdb.weight_decay, hmdb.query, hmdb.val_query) == (
+        1e-4, 10_000, 8, 1e-3, 5, 1,
+    )  # fmt: skip
+    # released schedule in iterations (2 episodes each), STEPS_ITER 1000
+    lr = lambda it: learning_rate(hmdb, 2 * it)  # noqa: E731
+    assert lr(0) == pytest.approx(1e-6) and lr(250) == pytest.approx(1e-6 + (1e-4 - 1e-6) / 2)
+    assert lr(500) == lr(1999) == pytest.approx(1e-4)
+    assert lr(2000) == lr(2999) == pytest.approx(1e-5) and lr(3000) == lr(4999) == pytest.approx(
+        1e-6
+    )
+    full = TrainConfig(store="x", preset="ssv2_full", lr=3e-4).resolved(explicit={"lr"})
+    assert (full.lr, full.episodes, full.val_every) == (3e-4, 80_000, 2_000)
+    assert set(PRESETS) == {"hmdb51", "ucf101", "kinetics100", "ssv2_small", "ssv2_full"}
+
+
+@pytest.fixture(scope="module")
+def last_store(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("last") / "store"
+    s = reversal_pair_store(path, recipe="emp+last", views=1, frames=4, videos_per_class=6)
+    torch.manual_seed(0)
+    block = LastBlock(width=48, heads=4, dim=32)
+    s.write_lastblock(block.state_tensors(), block.config)
+    s.close()
+    return path
+
+
+def test_lastlayer_cls_path_equals_full_block(last_store: Path) -> None:
+    store = open_store(last_store)
+    head = heads.create("lastlayer")
+    head.prepare(store)
+    x = store.read([0, 1], ["tokens/layer12_in"], view=0, as_torch=True)[
+        "tokens/layer12_in"
+    ].float()
+    x = x.reshape(-1, *x.shape[2:])
+    assert torch.allclose(head.block(x, cls_only=True), head.block(x)[:, 0], atol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["meta", "finetune"])
+def test_lastlayer_trains(last_store: Path, tmp_path: Path, strategy: str) -> None:
+    cfg = small_config(
+        last_store,
+        tmp_path / strategy,
+        head="lastlayer",
+        head_options={"strategy": strategy},
+        lr=1e-4,
+    )
+    run = train(cfg)
+    before = heads.create("lastlayer")
+    before.prepare(open_store(last_store))
+    after = load_file(str(run / "last.safetensors"))
+    assert not torch.equal(after["model/block.mlp.c_fc.weight"], before.block.mlp.c_fc.weight)
+
+
+def test_lastlayer_novel_fine_tunes_per_episode(last_store: Path) -> None:
+    store = open_store(last_store)
+    head = heads.create("lastlayer", strategy="novel", novel_steps=2)
+    head.prepare(store)
+    assert not head.trainable
+    result = evaluate(head, store, "test", 3, 1, 1, 4, episodes_per_batch=2)
+    assert 0 <= result.accuracy <= 100
+    with pytest.raises(ValueError, match="strategy"):
+        heads.create("lastlayer", strategy="adapters")
