@@ -198,7 +198,7 @@ class FeatureStore:
                 )
             except (FileNotFoundError, KeyError, ValueError) as exc:
                 raise CorruptStoreError(
-                    f"{self.location.describe()}: array {name} is missing ({exc})"
+                    f"{self.location.describe()}: array {name} is missing or unreadable ({exc})"
                 ) from exc
             check_array(self._arrays[name], name, self.location.describe())
         return self._arrays[name]
