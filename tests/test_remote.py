@@ -139,7 +139,9 @@ def test_server_down_is_one_line_after_retries(tmp_path: Path) -> None:
     with serve(tmp_path) as (base, _faults):
         url = base + "/s"
         s = open_store(url)
-    with pytest.raises(RemoteStoreError, match=r"cannot read http://127\.0\.0\.1:\d+/s/.* after 2 tries"):
+    with pytest.raises(
+        RemoteStoreError, match=r"cannot read http://127\.0\.0\.1:\d+/s/.* after 2 tries"
+    ):
         s.read([0], ["cls/layer04"])
     for cmd in ("verify", "info"):
         result = runner.invoke(cli.store_app, [cmd, url])
