@@ -257,6 +257,80 @@ def synth_command(
 
 
 app.command("synth")(synth_command)
+
+
+@extract_app.command("extract")
+def extract_command(
+    dataset: str | None = typer.Option(
+        None, help="hmdb51, ucf101, kinetics100, ssv2_small, ssv2_full or folder."
+    ),
+    data_root: str | None = typer.Option(None, help="Dataset directory (see README: Datasets)."),
+    store: str = typer.Option(..., help="Store directory to create or resume (stores/<dataset>)."),
+    model: str | None = typer.Option(None, help="open_clip model [ViT-B-16, or the store's]."),
+    pretrained: str | None = typer.Option(
+        None, help="open_clip tag, none (random init) or a weights file [openai, or the store's]."
+    ),
+    frames: int = typer.Option(8, help="Frames per view (T), one per TSN segment."),
+    views: int = typer.Option(1, help="Views per video (V): centres, then seeded random offsets."),
+    recipe: str = typer.Option("emp", help="emp (layers 4/8/12) or emp+last (+ last block input)."),
+    preprocess: str = typer.Option("openclip", help="openclip (the model's) or emp (EMP-Net's)."),
+    splits: str | None = typer.Option(None, help="Only these splits, e.g. train,val."),
+    part: str | None = typer.Option(None, help="Only part I/N of the videos (by video_id hash)."),
+    workers: int | None = typer.Option(None, help="Local Dask worker processes [cores/4; GPUs]."),
+    scheduler: str | None = typer.Option(None, help="Address of an existing Dask scheduler."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    batch_size: int | None = typer.Option(None, help="Frames per forward [V*T on CPU, 256 CUDA]."),
+    timeout: float = typer.Option(120.0, help="Seconds one video may take to decode."),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="Retry failed rows too."),
+    text_only: bool = typer.Option(
+        False, "--text-only", help="Only add text/<name> for --templates to an existing store."
+    ),
+    templates: str | None = typer.Option(None, help="Template file (one per line, with {})."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Extract CLIP features of a dataset's videos into a feature store (resumable)."""
+    from pipeline.datasets import DatasetError
+    from pipeline.encoder import EncoderError
+    from pipeline.extract import ExtractError, ExtractOptions, add_text_embeddings, run_extraction
+    from store import StoreError
+
+    try:
+        if text_only or templates:
+            if not (text_only and templates):
+                fail("--text-only and --templates FILE go together")
+            name, shape = add_text_embeddings(store, templates, model, pretrained, device)
+            typer.echo(f"{store}: wrote text/{name} {shape}")
+            return
+        if dataset is None or data_root is None:
+            fail("--dataset and --data-root are required (or --text-only --templates FILE)")
+        options = ExtractOptions(
+            dataset=dataset,
+            data_root=data_root,
+            store=store,
+            model=model,
+            pretrained=pretrained,
+            frames=frames,
+            views=views,
+            recipe=recipe,
+            preprocess=preprocess,
+            splits=splits,
+            part=part,
+            workers=workers,
+            scheduler=scheduler,
+            device=device,
+            batch_size=batch_size,
+            timeout=timeout,
+            retry_failed=retry_failed,
+            progress=progress,
+        )
+        summary = run_extraction(options)
+    except (DatasetError, ExtractError, StoreError, EncoderError) as error:
+        fail(str(error).splitlines()[0] if str(error) else type(error).__name__)
+    for line in summary.lines():
+        typer.echo(line)
+
+
+app.command("extract")(extract_command)
 # EXTRACT-COMMANDS-END
 
 
@@ -311,6 +385,7 @@ def train_command(
     lr: float | None = typer.Option(None, help="Peak learning rate [1e-4]."),
     val_every: int | None = typer.Option(None, help="Validate every N episodes [500]."),
     val_episodes: int | None = typer.Option(None, help="Validation episodes [1000]."),
+    val_way: int | None = typer.Option(None, help="Classes per validation episode [--way]."),
     out: str | None = typer.Option(None, help="Run directory [runs/<head>-<store>-<time>]."),
     seed: int | None = typer.Option(None, help="Seed of episodes and initialisation [0]."),
     device: str | None = typer.Option(None, help="auto, cpu, cuda, cuda:1 ... [auto]."),
@@ -360,6 +435,7 @@ def train_command(
         cli = dict(
             store=store, preset=preset, head=head, way=way, shot=shot, query=query, episodes=episodes,
             episodes_per_step=episodes_per_step, lr=lr, val_every=val_every, val_episodes=val_episodes,
+            val_way=val_way,
             out=out, seed=seed, device=device, max_ram=max_ram,
         )  # fmt: skip
         values.update({k: v for k, v in cli.items() if v is not None})
