@@ -1,0 +1,164 @@
+"""Evaluation benchmark: `fsar-eval --episodes 10000` against one pass of the head over the split.
+
+A random store with ViT-B/16 shapes (T=8, 197 tokens, D=512; `emp` recipe, zstd) holds a test split
+of 24 classes x 42 videos (1,008 videos; `--quick`: tiny shapes, 24 videos, 50 episodes). `emp` is
+evaluated from a checkpoint that `fsar-train` wrote after one episode (its weights do not change the
+cost). For each head and shot:
+  pass     one pass of the head over the split, in this process: load the split's tensors
+           (`heads.data.SplitData`, view 0) and compute every video's features
+           (`heads.evaluate.video_pass`), as `fsar-eval` does before its episodes;
+  eval     the `seconds` that `fsar-eval --json` reports (store opened, split loaded, pass, episodes;
+           interpreter start-up and imports excluded), and the command's wall time;
+  ratio    eval seconds / pass seconds. Target <= 2 in 1-shot.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import Result, Scratch, parser, resolve_device, timed, tiny_spec, vit_b16_spec
+from bench.workload import build_store
+
+
+def cli(name: str) -> list[str]:
+    """The console script `fsar-<name>` next to this interpreter, or `python -m cli <name>`."""
+    script = Path(sys.executable).parent / f"fsar-{name}"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "cli", name]
+
+
+def run(cmd: list[str]) -> float:
+    import subprocess
+
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return seconds
+
+
+def head_for(name: str, store: Any, run_dir: Path | None, device: str) -> Any:
+    if name == "emp":
+        from heads.evaluate import load_run
+
+        return load_run(run_dir, store, device)
+    import heads
+
+    head = heads.create(name)
+    head.prepare(store)
+    return head.to(device)
+
+
+def one_pass(name: str, store: Any, run_dir: Path | None, shot: int, device: str) -> float:
+    """Seconds to load the test split for the head and compute every video's features once."""
+    import torch
+
+    from heads.data import SplitData
+    from heads.episodes import EpisodeSampler
+    from heads.evaluate import video_pass
+
+    head = head_for(name, store, run_dir, device)
+    head.eval()
+    m = store.manifest
+    rows = EpisodeSampler(m[m["split"] == "test"], 5, shot, 1, 0, 1, "test").rows
+
+    def work() -> None:
+        data = SplitData(store, rows, head.inputs(store.spec), max_ram_gb=64.0, views=1)
+        video_pass(head, data, shot, torch.device(device))
+
+    return timed(work, device)[0]
+
+
+def main(argv: list[str] | None = None) -> Path:
+    p = parser("evaluation", __doc__.splitlines()[0])
+    p.add_argument("--episodes", type=int, default=None, help="episodes per evaluation [10000]")
+    p.add_argument("--classes", type=int, default=None, help="test classes [24]")
+    p.add_argument("--videos-per-class", type=int, default=None, help="[42]")
+    p.add_argument("--heads", default="proto,otam,emp")
+    p.add_argument("--shots", default="1,5")
+    p.add_argument(
+        "--emp-5shot-episodes",
+        type=int,
+        default=None,
+        help="episodes for emp 5-shot, whose prototypes are fused per episode [--episodes]",
+    )
+    args = p.parse_args(argv)
+    device = resolve_device(args.device)
+    quick = args.quick
+    episodes = args.episodes or (50 if quick else 10_000)
+    n_classes = args.classes or (6 if quick else 24)
+    per_class = args.videos_per_class or (7 if quick else 42)
+    emp5 = args.emp_5shot_episodes or episodes
+    spec = (tiny_spec if quick else vit_b16_spec)("emp")
+    res = Result("evaluation", quick, device)
+    res.config = {
+        "model": "fsar-tiny-vit shapes" if quick else "ViT-B-16 shapes",
+        "shapes": {k: spec[k] for k in ("frames", "views", "tokens", "dim")},
+        "test_videos": n_classes * per_class,
+        "test_classes": n_classes,
+        "episodes": episodes,
+        "emp_5shot_episodes": emp5,
+        "way": 5,
+        "query": 1,
+        "codec": "zstd level 3 (store default)",
+    }
+    with Scratch(args.work, "eval") as work:
+        path = work / "store"
+        if path.exists():
+            shutil.rmtree(path)
+        t_store, store = build_store(
+            path, spec, {"train": (5, 6), "val": (5, 2), "test": (n_classes, per_class)}
+        )
+        res.config["store_write_seconds"] = round(t_store, 1)
+        run_dir = work / "run-emp"
+        heads = args.heads.split(",")
+        if "emp" in heads:
+            run(
+                cli("train")
+                + ["--store", str(path), "--head", "emp", "--episodes", "1"]
+                + ["--episodes-per-step", "1", "--val-every", "1", "--val-episodes", "2"]
+                + ["--out", str(run_dir), "--device", device, "--no-progress"]
+            )
+        for shot in (int(s) for s in args.shots.split(",")):
+            for name in heads:
+                n_ep = emp5 if (name == "emp" and shot > 1) else episodes
+                pass_s = one_pass(name, store, run_dir, shot, device)
+                out = work / f"{name}-{shot}.json"
+                target = ["--checkpoint", str(run_dir)] if name == "emp" else ["--head", name]
+                wall = run(
+                    cli("eval")
+                    + ["--store", str(path), *target, "--episodes", str(n_ep)]
+                    + ["--shot", str(shot), "--device", device, "--json", str(out)]
+                    + ["--no-progress"]
+                )
+                eval_s = float(json.loads(out.read_text())["seconds"])
+                tag = f"{name} {shot}-shot"
+                res.add(f"pass_s.{name}.{shot}shot", f"{tag}: one pass over the split", pass_s, "s")
+                res.add(
+                    f"eval_s.{name}.{shot}shot",
+                    f"{tag}: fsar-eval {n_ep} episodes",
+                    eval_s,
+                    "s",
+                    note=f"command wall time {wall:.1f} s (with start-up and imports)",
+                )
+                ratio = eval_s / pass_s
+                res.add(
+                    f"ratio.{name}.{shot}shot",
+                    f"{tag}: ratio eval / pass",
+                    ratio,
+                    "x",
+                    target="<= 2" if shot == 1 else None,
+                    met=(ratio <= 2) if shot == 1 else None,
+                )
+                if n_ep != episodes:
+                    res.notes.append(f"{tag} ran {n_ep} episodes, not {episodes}")
+    return res.write(args.out)
+
+
+if __name__ == "__main__":
+    main()

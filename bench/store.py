@@ -1,0 +1,244 @@
+"""Store benchmark: bytes per video per recipe and codec, write/read MB/s, episode reads, loader share.
+
+Shapes are ViT-B/16's (T=8 frames, 197 tokens, D=512, W=768; `--quick`: the tiny ViT's). Two kinds
+of token values are measured for size, because compression depends on the values:
+  random-normal   N(0, 1) float16 tokens (seeded);
+  vit-random-init the real encoder's outputs (open_clip ViT-B-16, random init, FrameEncoder) on frames
+                  of the synthetic dataset (pipeline/synth.py). No pretrained CLIP weights are available
+                  offline here, so neither is a real CLIP feature: float16 mantissas of real features are
+                  close to incompressible as well, so expect real stores near these figures.
+MB/s count uncompressed bytes (tensors as the heads receive them). Writes go through `ChunkWriter`
+(compression + checksum + file write, page cache, no fsync). Cold reads evict the store's files from
+the page cache first (see `bench.common.evict`) and check with mincore that they were evicted.
+The loader's share of a training step is `load / (load + head step)` for one 5-way 1-shot 5-query
+episode read by the training loader (`heads.data.SplitData`), without overlap: the loader prefetches
+in a background thread, so this is an upper bound.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.common import (
+    Result,
+    Scratch,
+    evict,
+    median_time,
+    parser,
+    resident_fraction,
+    resolve_device,
+    timed,
+    tiny_spec,
+    vit_b16_spec,
+)
+from bench.workload import (
+    build_store,
+    episode_rows,
+    head_step,
+    make_head,
+    optimizer_for,
+    random_pool,
+)
+
+CODECS: dict[str, dict[str, Any]] = {
+    "zstd": {"name": "zstd", "level": 3},
+    "blosc-zstd": {"name": "blosc-zstd", "level": 5, "shuffle": "shuffle"},
+    "none": {"name": "none"},
+}
+RECIPES = ("emp", "emp+last")
+
+
+def encoder_rows(
+    model: str, spec_frames: int, n: int, device: str, recipe: str = "emp+last"
+) -> list[dict[str, np.ndarray]]:
+    """Encoder outputs (random init) for `n` synthetic videos, T frames each, as store rows."""
+    import torch
+
+    from pipeline.encoder import FrameEncoder, load_clip
+    from pipeline.synth import FAMILIES, render_video
+
+    clip = load_clip(model, "none", device=device)
+    encoder = FrameEncoder(clip, recipe=recipe)
+    transform = clip.preprocess.transform()
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for k in range(n):
+        _, _, motion = FAMILIES[k % len(FAMILIES)]
+        frames, _, _ = render_video(motion, bool(k % 2), rng)
+        idx = np.linspace(0, len(frames) - 1, spec_frames).round().astype(int)
+        pixels = torch.stack([transform(Image.fromarray(frames[i])) for i in idx])
+        out = encoder(pixels)  # {name: (T, L, D)} float16
+        rows.append({name: value[None] for name, value in out.items()})
+    return rows
+
+
+def raw_row_bytes(spec: dict[str, Any]) -> int:
+    return sum(
+        int(np.prod(e["shape_per_row"])) * np.dtype(e["dtype"]).itemsize for e in spec["tensors"]
+    )
+
+
+def chunk_bytes(path: Path, spec: dict[str, Any]) -> int:
+    total = 0
+    for e in spec["tensors"]:
+        folder = path / e["name"]
+        total += sum(
+            f.stat().st_size for f in folder.rglob("*") if f.is_file() and f.name != "zarr.json"
+        )
+    return total
+
+
+def main(argv: list[str] | None = None) -> Path:
+    p = parser("store", __doc__.splitlines()[0])
+    p.add_argument("--rows", type=int, default=None, help="videos per store for MB/s (default 48)")
+    p.add_argument("--encoder-videos", type=int, default=None, help="videos encoded (default 6)")
+    args = p.parse_args(argv)
+    device = resolve_device(args.device)
+    quick = args.quick
+    spec_fn = tiny_spec if quick else vit_b16_spec
+    model = "fsar-tiny-vit" if quick else "ViT-B-16"
+    n_rows = args.rows or (30 if quick else 48)
+    n_classes = 5 if quick else 8  # >= 6 videos per class: 1 shot + 5 queries
+    n_enc = args.encoder_videos or (2 if quick else 6)
+    res = Result("store", quick, device)
+    probe = spec_fn("emp+last")
+    res.config = {
+        "model": model,
+        "shapes": {k: probe[k] for k in ("frames", "views", "tokens", "dim", "width")},
+        "rows_per_store": n_rows,
+        "encoder_videos": n_enc,
+        "codecs": CODECS,
+        "episode": "5-way 1-shot 5-query (30 videos)",
+    }
+    res.notes.append(
+        "store codecs offered: zstd, blosc-zstd, none (all lossless); the store offers no lossy option"
+    )
+    with Scratch(args.work, "store") as work:
+        pools = {"random-normal": random_pool(spec_fn("emp+last"), 4)}
+        t_enc, pools["vit-random-init"] = timed(
+            lambda: encoder_rows(model, probe["frames"], n_enc, device)
+        )
+        res.config["encoder_seconds"] = round(t_enc, 1)
+        keep: dict[str, Path] = {}
+        for kind, pool in pools.items():
+            wanted = n_rows if kind == "random-normal" else n_enc
+            n_cls = min(n_classes, wanted)
+            for recipe in RECIPES:
+                for codec_name, codec in CODECS.items():
+                    spec = spec_fn(recipe, codec=codec)
+                    path = work / f"{kind}-{recipe}-{codec_name}"
+                    seconds, s = build_store(path, spec, {"train": (n_cls, wanted // n_cls)}, pool)
+                    rows_here = s.n_rows
+                    raw = raw_row_bytes(spec) * rows_here
+                    per_video = chunk_bytes(path, spec) / rows_here
+                    tag = f"{recipe} {codec_name}"
+                    res.add(
+                        f"bytes_per_video.{kind}.{recipe}.{codec_name}",
+                        f"bytes/video {tag} ({kind})",
+                        per_video / 1e6,
+                        "MB",
+                        note=f"ratio to raw {per_video * rows_here / raw:.3f}",
+                    )
+                    if kind == "random-normal":
+                        all_rows = s.select(split="train")
+                        names = s.row_tensors
+                        res.add(
+                            f"write_mbps.{recipe}.{codec_name}",
+                            f"write {tag}",
+                            raw / 1e6 / seconds,
+                            "MB/s",
+                        )
+                        t_warm = median_time(
+                            lambda s=s, r=all_rows, n=names: s.read(r, n), repeat=3
+                        )
+                        res.add(
+                            f"read_warm_mbps.{recipe}.{codec_name}",
+                            f"read warm {tag}",
+                            raw / 1e6 / t_warm,
+                            "MB/s",
+                        )
+                        evict(path)
+                        t_cold, _ = timed(lambda s=s, r=all_rows, n=names: s.read(r, n))
+                        res.add(
+                            f"read_cold_mbps.{recipe}.{codec_name}",
+                            f"read cold {tag}",
+                            raw / 1e6 / t_cold,
+                            "MB/s",
+                        )
+                        if codec_name == "zstd":
+                            keep[recipe] = path
+                            continue
+                    shutil.rmtree(path)
+        episodes(res, keep, n_rows, device, quick)
+    res.notes.append(
+        "cold reads: store files evicted with posix_fadvise(DONTNEED) after sync, eviction checked "
+        "with mincore (echo 3 > /proc/sys/vm/drop_caches also works in this sandbox as root, but "
+        "would disturb other processes on a shared machine)"
+    )
+    return res.write(args.out)
+
+
+def episodes(res: Result, stores: dict[str, Path], n_rows: int, device: str, quick: bool) -> None:
+    """One episode's read time cold and warm, and the loader's share of a training step."""
+    import torch
+
+    from heads.data import SplitData
+    from store import open_store
+
+    s = open_store(stores["emp+last"])
+    rows = episode_rows(s, "train", seed=1)
+    emp_roles = make_head("emp", s.spec, s).inputs(s.spec)
+    resident = []
+
+    def read_cold() -> float:
+        evict(stores["emp+last"])
+        resident.append(resident_fraction(stores["emp+last"]))
+        return timed(lambda: s.read(rows, list(emp_roles.values()), view=0))[0]
+
+    cold = float(np.median([read_cold() for _ in range(3)]))
+    warm = median_time(lambda: s.read(rows, list(emp_roles.values()), view=0), repeat=5)
+    mb = sum(v.nbytes for v in s.read(rows, list(emp_roles.values()), view=0).values()) / 1e6
+    res.add("episode_read_cold_s", f"episode read cold (emp inputs, {mb:.0f} MB)", cold, "s")
+    res.add("episode_read_warm_s", f"episode read warm (emp inputs, {mb:.0f} MB)", warm, "s")
+    if resident and resident[0] is not None:
+        res.config["resident_fraction_before_cold_read"] = max(resident)
+
+    for name in ("emp", "lastlayer"):
+        head = make_head(name, s.spec, s).to(device)
+        head.train()
+        roles = head.inputs(s.spec)
+        opt = optimizer_for(head)
+        for mode, max_ram in (("streamed", 0.0), ("in RAM", 64.0)):
+            data = SplitData(s, s.select(split="train"), roles, max_ram_gb=max_ram, views=None)
+            assert data.in_memory == (mode == "in RAM")
+            load = median_time(lambda data=data: data.get(rows, 0), repeat=5)
+            if mode == "streamed":
+                inputs = {k: v.to(device) for k, v in data.get(rows, 0).items()}
+                step = median_time(
+                    lambda head=head, inputs=inputs, opt=opt: head_step(head, inputs, opt),
+                    repeat=1 if quick else 2,
+                    device=device,
+                )
+                res.add(f"train_step_s.{name}", f"{name} head step (fwd+bwd+Adam)", step, "s")
+            share = 100 * load / (load + step)
+            res.add(
+                f"loader_share_pct.{name}.{'streamed' if mode == 'streamed' else 'ram'}",
+                f"loader share of a {name} step ({mode}, no overlap)",
+                share,
+                "%",
+                target="< 5",
+                met=share < 5,
+                note=f"load {load:.3f} s, step {step:.3f} s",
+            )
+        del head, opt
+        torch.set_grad_enabled(True)
+
+
+if __name__ == "__main__":
+    main()
