@@ -82,6 +82,7 @@ class TrainConfig:
     val_every: int = 500
     val_episodes: int = 1_000
     val_query: int = 1
+    val_way: int | None = None  # default: way (small val splits may need fewer)
     val_split: str = "val"
     out: str | None = None
     seed: int = 0
@@ -231,7 +232,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
     train_data = SplitData(store, train_sampler.rows, head.inputs(store.spec), cfg.max_ram)
     val_rows = EpisodeSampler(
         manifest[manifest["split"] == cfg.val_split],
-        cfg.way,
+        cfg.val_way or cfg.way,
         cfg.shot,
         cfg.val_query,
         cfg.seed,
@@ -296,7 +297,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
                 head,
                 store,
                 cfg.val_split,
-                cfg.way,
+                cfg.val_way or cfg.way,
                 cfg.shot,
                 cfg.val_query,
                 cfg.val_episodes,
