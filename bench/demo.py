@@ -62,7 +62,7 @@ def token_store(path: Path, seed: int = 0) -> None:
         return {
             n: (
                 3 * base[None, :, None]
-                + 2.5 * row_rng.standard_normal((1, frames, 1 + patches, dim))
+                + 9.0 * row_rng.standard_normal((1, frames, 1 + patches, dim))
             ).astype(np.float16)
             for n in names
         }
