@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from pipeline.datasets import (
     DatasetListing,
@@ -543,18 +544,27 @@ def run_extraction(options: ExtractOptions) -> ExtractSummary:
     precision = FrameEncoder(clip, recipe=options.recipe, device=device).precision
     spec = build_run_spec(clip, options, device, precision)
 
-    if existing is not None:
-        store = _open_existing(store_path, spec, listing)
-    else:
-        store = create_store(
-            store_path,
-            spec,
-            listing.classes,
-            listing.videos,
-            dataset=listing.dataset,
-            split_source=listing.split_source,
-        )
+    store = _open_existing(store_path, spec, listing) if existing is not None else None
     try:
+        table = store.manifest if store is not None else listing.videos
+        selected, todo = rows_to_extract(table, splits, part, options.retry_failed)
+        summary = ExtractSummary(
+            str(store_path),
+            selected=int(selected.sum()),
+            already_ok=int((selected & (table["status"] == "ok").to_numpy()).sum()),
+            attempted=len(todo),
+            ok=0,
+        )
+        estimate = check_disk_space(store_path, len(todo), row_bytes(spec))
+        if store is None:
+            store = create_store(
+                store_path,
+                spec,
+                listing.classes,
+                listing.videos,
+                dataset=listing.dataset,
+                split_source=listing.split_source,
+            )
         spec = store.spec
         if TEXT_NAME not in store.text_names:
             embeddings = encode_class_texts(clip.model, clip.tokenizer(), store.classes)
@@ -564,22 +574,6 @@ def run_extraction(options: ExtractOptions) -> ExtractSummary:
         ):
             store.write_lastblock(*export_last_block(clip.model))
         del clip
-
-        manifest = store.manifest
-        selected = select_videos(manifest, splits, part).to_numpy()
-        status = manifest["status"].to_numpy()
-        todo_mask = selected & (
-            (status == "pending") | ((status == "failed") & options.retry_failed)
-        )
-        todo = np.flatnonzero(todo_mask).tolist()
-        summary = ExtractSummary(
-            str(store_path),
-            selected=int(selected.sum()),
-            already_ok=int((selected & (status == "ok")).sum()),
-            attempted=len(todo),
-            ok=0,
-        )
-        estimate = check_disk_space(store_path, len(todo), row_bytes(spec))
         print(
             f"{store_path}: {len(todo)} videos to extract ({summary.already_ok} already ok), "
             f"about {estimate / 1e9:.2f} GB; model {spec['model']} ({spec['pretrained']}), "
@@ -591,7 +585,21 @@ def run_extraction(options: ExtractOptions) -> ExtractSummary:
         summary.seconds = time.perf_counter() - started
         return summary
     finally:
-        store.close()
+        if store is not None:
+            store.close()
+
+
+def rows_to_extract(
+    table: pd.DataFrame,
+    splits: list[str] | None,
+    part: tuple[int, int] | None,
+    retry_failed: bool,
+) -> tuple[np.ndarray, list[int]]:
+    """(mask of rows in --splits/--part, rows to run: selected and pending, or failed if retrying)."""
+    selected = select_videos(table, splits, part).to_numpy()
+    status = table["status"].to_numpy()
+    todo = selected & ((status == "pending") | ((status == "failed") & retry_failed))
+    return selected, np.flatnonzero(todo).tolist()
 
 
 def _run_tasks(

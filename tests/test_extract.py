@@ -1,0 +1,368 @@
+"""fsar-extract end to end: a real LocalCluster with 2 worker processes on a synthetic dataset with
+bad inputs mixed in, a hanging decoder, --splits/--part, SIGKILL of the whole process group and resume.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from pipeline.datasets import list_dataset, select_videos
+from pipeline.extract import ClusterPlan, ExtractError, plan_cluster, row_bytes, rows_to_extract
+from pipeline.synth import make_synthetic_dataset
+from tests.bad_videos import EXPECTED_ERRORS, write_bad_videos
+
+TINY = ["--model", "fsar-tiny-vit", "--pretrained", "none"]
+HANG = "hang_here"
+pytestmark = pytest.mark.slow
+
+
+def fsar_extract_command() -> list[str]:
+    script = Path(sys.executable).with_name("fsar-extract")
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-c", "from cli import extract_app; extract_app()"]
+
+
+def run_env(hang: bool = True) -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    env.pop("FSAR_TEST_HANG_DECODE", None)
+    if hang:
+        env["FSAR_TEST_HANG_DECODE"] = HANG
+    return env
+
+
+def extract_args(data_root: Path, store: Path, *extra: str) -> list[str]:
+    """The fsar-extract command line for a subprocess."""
+    return [*fsar_extract_command(), *cli_args(data_root, store, *extra)]
+
+
+def cli_args(data_root: Path, store: Path, *extra: str) -> list[str]:
+    return [
+        "--dataset",
+        "folder",
+        "--data-root",
+        str(data_root),
+        "--store",
+        str(store),
+        *TINY,
+        "--workers",
+        "2",
+        "--no-progress",
+        *extra,
+    ]
+
+
+def manifest(store: Path) -> pd.DataFrame:
+    return pd.read_parquet(store / "manifest.parquet")
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """6 classes x 2 synthetic videos, the 7 bad inputs in one test class, one hanging video."""
+    root = tmp_path_factory.mktemp("extract") / "data"
+    description = make_synthetic_dataset(root, classes=6, videos_per_class=2, seed=1)
+    bad_folder = root / "test" / description["classes"]["test"][0].replace(" ", "_")
+    for path in write_bad_videos(root / "bad").values():
+        path.rename(bad_folder / path.name)
+    shutil.rmtree(root / "bad")
+    train_folder = root / "train" / description["classes"]["train"][0].replace(" ", "_")
+    good = sorted(train_folder.iterdir())[0]
+    shutil.copy(good, train_folder / f"{HANG}{good.suffix}")
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference_store(data_root: Path) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """One uninterrupted run with a 3 s decode timeout (the hanging video times out)."""
+    store = data_root.parent / "reference"
+    result = subprocess.run(
+        extract_args(data_root, store, "--timeout", "3"),
+        env=run_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    return store, result
+
+
+def expected_error(relpath: str) -> str | None:
+    stem = Path(relpath).stem
+    if stem == HANG:
+        return "timeout"
+    return EXPECTED_ERRORS.get(stem)
+
+
+def test_end_to_end_bad_inputs_and_timeout(
+    reference_store: tuple[Path, subprocess.CompletedProcess[str]],
+) -> None:
+    from store import open_store
+
+    store_path, result = reference_store
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = manifest(store_path)
+    assert len(rows) == 20
+    for _, row in rows.iterrows():
+        want = expected_error(row["relpath"])
+        if want is None:
+            assert row["status"] == "ok", (row["relpath"], row["error"])
+            assert row["decoder"] == "pyav-seq" and row["n_frames"] >= 1
+            assert len(row["frame_indices"]) == 1 and len(row["frame_indices"][0]) == 8
+        else:
+            assert (row["status"], row["error"]) == ("failed", want), row["relpath"]
+    assert (rows["status"] == "ok").sum() == 13  # 12 synthetic + the 1-frame video
+    one_frame = rows[rows["relpath"].str.contains("one_frame")].iloc[0]
+    assert list(one_frame["frame_indices"][0]) == [0] * 8
+    assert "13 ok, 7 failed of 20 attempted" in result.stdout
+    assert "1 x timeout" in result.stdout and "1 x not a video" not in result.stdout
+    with open_store(store_path) as store:
+        assert store.verify() == []
+        text, templates = store.text("emp16")
+        assert text.shape == (6, 16, 32) and len(templates) == 16
+        assert store.spec["preprocess"]["name"] == "openclip"
+
+
+def test_cached_tokens_equal_a_direct_forward(
+    reference_store: tuple[Path, subprocess.CompletedProcess[str]], data_root: Path
+) -> None:
+    from pipeline.encoder import FrameEncoder, load_clip
+    from pipeline.preprocess import build_transform
+    from pipeline.video import decode_sampled
+    from store import open_store
+
+    store_path, _ = reference_store
+    with open_store(store_path) as store:
+        row = int(store.select(split="val", status="ok")[0])
+        entry = store.manifest.iloc[row]
+        cached = store.read([row], ["tokens/layer12", "cls/layer04"])
+        spec = store.spec
+    sampled = decode_sampled(data_root / entry["relpath"], 8, 1, entry["video_id"])
+    assert [list(v) for v in entry["frame_indices"]] == sampled.indices
+    pixels = build_transform(spec["preprocess"])(sampled.frames[0])
+    direct = FrameEncoder(load_clip("fsar-tiny-vit", "none"))(pixels)
+    np.testing.assert_allclose(
+        cached["tokens/layer12"][0, 0].astype(np.float32),
+        direct["tokens/layer12"].astype(np.float32),
+        rtol=2e-3,
+        atol=2e-3,
+    )
+    np.testing.assert_allclose(
+        cached["cls/layer04"][0, 0].astype(np.float32),
+        direct["tokens/layer04"][:, 0].astype(np.float32),
+        rtol=2e-3,
+        atol=2e-3,
+    )
+
+
+def test_splits_part_sigkill_and_resume_equal_an_uninterrupted_run(
+    reference_store: tuple[Path, subprocess.CompletedProcess[str]], data_root: Path
+) -> None:
+    from store import open_store
+
+    reference_path, _ = reference_store
+    store = data_root.parent / "resumed"
+
+    # 1. only part 1 of 2 of the train split
+    first = subprocess.run(
+        extract_args(data_root, store, "--splits", "train", "--part", "1/2", "--timeout", "3"),
+        env=run_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert first.returncode == 0, first.stderr[-3000:]
+    rows = manifest(store)
+    chosen = select_videos(rows, ["train"], (1, 2)).to_numpy()
+    assert 0 < chosen.sum() < (rows["split"] == "train").sum()
+    assert (rows.loc[chosen, "status"] != "pending").all()
+    assert (rows.loc[~chosen, "status"] == "pending").all()
+
+    # 2. a full run, killed with its whole process group once it has committed more rows; the
+    # hanging video (timeout 120 s) keeps it from finishing first
+    ok_before = int((rows["status"] == "ok").sum())
+    process = subprocess.Popen(
+        extract_args(data_root, store, "--timeout", "120"),
+        env=run_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 150
+    try:
+        while time.monotonic() < deadline:
+            assert process.poll() is None, "the run ended before it could be killed"
+            if (manifest(store)["status"] == "ok").sum() > ok_before:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("no progress within 150 s")
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    killed = manifest(store)
+    assert (killed["status"] == "pending").any()
+    assert (store / "fsar.lock").exists()  # left behind by the killed driver
+    for _ in range(50):  # every process of the group is gone
+        try:
+            os.killpg(process.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("processes of the killed run survive")
+
+    # 3. rerun: the stale lock is taken over, pending rows are done, ok rows are not redone
+    again = subprocess.run(
+        extract_args(data_root, store, "--timeout", "3"),
+        env=run_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    n_pending_after_kill = int((killed["status"] == "pending").sum())
+    assert f"{n_pending_after_kill} videos to extract" in again.stdout
+    resumed, reference = manifest(store), manifest(reference_path)
+    assert resumed["status"].tolist() == reference["status"].tolist()
+    assert resumed["error"].fillna("").tolist() == reference["error"].fillna("").tolist()
+    with open_store(store) as resumed_store, open_store(reference_path) as reference_store_:
+        assert resumed_store.verify() == []
+        ok_rows = resumed_store.select(status="ok")
+        names = resumed_store.row_tensors
+        ours = resumed_store.read(ok_rows, names)
+        theirs = reference_store_.read(ok_rows, names)
+    for name in names:
+        np.testing.assert_array_equal(ours[name], theirs[name])
+    checksum_columns = [c for c in resumed.columns if c.startswith("checksum_")]
+    pd.testing.assert_frame_equal(resumed[checksum_columns], reference[checksum_columns])
+
+
+# ------------------------------------------------------------------ in-process: options and errors
+
+
+def invoke(args: list[str]) -> object:
+    from cli import extract_app
+
+    return CliRunner().invoke(extract_app, args)
+
+
+def test_rerun_of_a_complete_store_does_nothing(
+    reference_store: tuple[Path, subprocess.CompletedProcess[str]], data_root: Path
+) -> None:
+    store_path, _ = reference_store
+    before = (store_path / "manifest.parquet").read_bytes()
+    result = invoke(cli_args(data_root, store_path))
+    assert result.exit_code == 0, result.output
+    assert "0 videos to extract (13 already ok)" in result.output
+    assert (store_path / "manifest.parquet").read_bytes() == before
+
+
+def test_different_spec_is_refused_naming_the_fields(
+    reference_store: tuple[Path, subprocess.CompletedProcess[str]], data_root: Path
+) -> None:
+    store_path, _ = reference_store
+    result = invoke(cli_args(data_root, store_path, "--frames", "4", "--preprocess", "emp"))
+    assert result.exit_code == 2
+    assert "different spec" in result.output and "frames: 8 != 4" in result.output
+    assert "preprocess:" in result.output and "Traceback" not in result.output
+
+
+def test_text_only_adds_a_template_set(
+    reference_store: tuple[Path, subprocess.CompletedProcess[str]], tmp_path: Path
+) -> None:
+    from store import open_store
+
+    store_path, _ = reference_store
+    copy = tmp_path / "copy"
+    shutil.copytree(store_path, copy)
+    templates = tmp_path / "Rich Prompts.txt"
+    templates.write_text("# richer prompts\na video of a shape {}\n{}, seen from above\n")
+    result = invoke(["--store", str(copy), "--text-only", "--templates", str(templates), *TINY])
+    assert result.exit_code == 0, result.output
+    assert "text/rich_prompts (6, 2, 32)" in result.output
+    with open_store(copy) as store:
+        embeddings, names = store.text("rich_prompts")
+        assert embeddings.shape == (6, 2, 32) and names[1] == "{}, seen from above"
+        assert "text/rich_prompts" in store.tensors
+        assert store.verify() == []
+    result = invoke(["--store", str(copy), "--text-only", "--templates", str(templates)])
+    assert result.exit_code == 0, result.output  # model and weights default to the store's
+
+
+def test_not_enough_disk_space_is_refused_before_creating_the_store(
+    data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pipeline.extract
+
+    monkeypatch.setattr(
+        pipeline.extract.shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(10**9, 0, 1000)
+    )
+    store = tmp_path / "store"
+    result = invoke(cli_args(data_root, store))
+    assert result.exit_code == 2
+    assert "not enough disk space" in result.output and "GB free" in result.output
+    assert not store.exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--part", "3/2"], "--part '3/2'"),
+        (["--splits", "train,dev"], "--splits 'train,dev'"),
+        (["--timeout", "0"], "--timeout"),
+        (["--preprocess", "fancy"], "--preprocess 'fancy'"),
+        (["--pretrained", "/nonexistent/weights.pt"], "weights.pt"),
+    ],
+)
+def test_option_errors_exit_2_with_one_line(
+    data_root: Path, tmp_path: Path, extra: list[str], message: str
+) -> None:
+    result = invoke(cli_args(data_root, tmp_path / "s", *extra))
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) <= 2  # the error (and maybe a weights warning)
+
+
+def test_missing_layout_and_flag_errors(tmp_path: Path) -> None:
+    result = invoke(["--dataset", "hmdb51", "--data-root", str(tmp_path), "--store", "s", *TINY])
+    assert result.exit_code == 2 and "no hmdb51 video found" in result.output
+    result = invoke(["--store", "s", "--text-only"])
+    assert result.exit_code == 2 and "--text-only and --templates" in result.output
+    result = invoke(["--store", "s"])
+    assert result.exit_code == 2 and "--dataset and --data-root are required" in result.output
+
+
+# ------------------------------------------------------------------ in-process: planning helpers
+
+
+def test_cluster_plan_keeps_torch_threads_times_workers_within_cores() -> None:
+    assert plan_cluster("cpu", None, cores=16) == ClusterPlan(4, 2, 4)
+    assert plan_cluster("cpu", None, cores=2) == ClusterPlan(1, 2, 2)
+    assert plan_cluster("cpu", 2, cores=2) == ClusterPlan(2, 2, 1)
+    assert plan_cluster("cpu", 3, cores=16) == ClusterPlan(3, 2, 5)
+    with pytest.raises(ExtractError, match="at most 2"):
+        plan_cluster("cpu", 3, cores=2)
+
+
+def test_rows_to_extract_and_row_bytes(data_root: Path) -> None:
+    videos = list_dataset("folder", data_root).videos.copy()
+    videos.loc[0, "status"] = "ok"
+    videos.loc[1, ["status", "error"]] = ["failed", "truncated"]
+    selected, todo = rows_to_extract(videos, None, None, retry_failed=False)
+    assert selected.all() and 0 not in todo and 1 not in todo and len(todo) == 18
+    _, todo = rows_to_extract(videos, None, None, retry_failed=True)
+    assert 1 in todo and 0 not in todo
+    selected, todo = rows_to_extract(videos, ["val"], None, retry_failed=True)
+    assert set(todo) == set(np.flatnonzero((videos["split"] == "val").to_numpy()))
+    spec = {"tensors": [{"shape_per_row": [1, 8, 17, 32], "dtype": "float16"}]}
+    assert row_bytes(spec) == 8 * 17 * 32 * 2
