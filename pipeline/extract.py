@@ -90,6 +90,11 @@ class ExtractSummary:
     frames: int = 0
 
     def lines(self) -> list[str]:
+        if self.attempted == 0:
+            return [
+                f"{self.store}: nothing to extract ({self.already_ok} of {self.selected} selected "
+                "videos already ok; --retry-failed retries failed ones)"
+            ]
         rate = self.attempted / self.seconds if self.seconds > 0 else 0.0
         out = [
             f"{self.store}: {self.ok} ok, {sum(self.failed.values())} failed of {self.attempted} "
@@ -118,6 +123,7 @@ class EncoderConfig:
     precision: str
     torch_threads: int
     batch_frames: int
+    batch_across_videos: bool  # CUDA: one forward over several videos' frames; CPU: one per video
 
 
 _encoders: dict[EncoderConfig, Any] = {}
@@ -221,8 +227,9 @@ def encode_task(
 ) -> list[dict[str, Any]]:
     """Dask task: encode decoded videos, write their chunks, return their manifest updates.
 
-    On CPU every video is its own forward pass (results do not depend on the batch); on CUDA the
-    frames of all videos in the task are batched (up to `config.batch_frames` per forward).
+    On CPU every video is its own forward pass (results do not depend on the batch); on CUDA
+    (`batch_across_videos`) the frames of all videos in the task go through forwards of up to
+    `config.batch_frames` frames.
     """
     from store import done_update
 
@@ -239,7 +246,7 @@ def encode_task(
         if not good:
             return updates
         per_video = [o.pixels.reshape(-1, *o.pixels.shape[2:]) for _, o in good]
-        if config.device == "cpu":
+        if not config.batch_across_videos:
             features = [encoder(frames) for frames in per_video]
         else:
             stacked = np.concatenate(per_video)
@@ -636,6 +643,7 @@ def _run_tasks(
             precision=precision,
             torch_threads=_torch_threads_for(client, plan, options.scheduler),
             batch_frames=batch_frames,
+            batch_across_videos=device != "cpu",
         )
         resources = {"encode": 1} if _has_encode_resource(client) else None
         n_workers = max(1, len(client.scheduler_info().get("workers", {})))

@@ -264,6 +264,7 @@ def test_rerun_of_a_complete_store_does_nothing(
     result = invoke(cli_args(data_root, store_path))
     assert result.exit_code == 0, result.output
     assert "0 videos to extract (13 already ok)" in result.output
+    assert "nothing to extract (13 of 20 selected videos already ok" in result.output
     assert (store_path / "manifest.parquet").read_bytes() == before
 
 
@@ -340,6 +341,61 @@ def test_missing_layout_and_flag_errors(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "--text-only and --templates" in result.output
     result = invoke(["--store", "s"])
     assert result.exit_code == 2 and "--dataset and --data-root are required" in result.output
+
+
+def test_batching_frames_across_videos_matches_one_forward_per_video(
+    reference_store: tuple[Path, subprocess.CompletedProcess[str]], data_root: Path, tmp_path: Path
+) -> None:
+    """The CUDA path (several videos per forward, split back per row), run on CPU."""
+    from pipeline.extract import EncoderConfig, decode_task, encode_task
+    from pipeline.video import DecodeRequest, close_decoders
+    from store import open_store
+
+    store_path, _ = reference_store
+    copy = tmp_path / "copy"
+    shutil.copytree(store_path, copy)
+    with open_store(copy) as store:
+        rows = [int(r) for r in store.select(status="ok")[:3]]
+        entries = store.manifest.iloc[rows]
+        spec = store.spec
+        before = store.read(rows, ["tokens/layer08", "cls/layer12"])
+    config = EncoderConfig(
+        model="fsar-tiny-vit",
+        pretrained="none",
+        weights_sha256=spec["weights_sha256"],
+        recipe="emp",
+        layers=tuple(spec["layers"]),
+        device="cpu",
+        precision="fp32",
+        torch_threads=1,
+        batch_frames=12,  # 3 videos x 8 frames -> forwards of 12, 12 frames across video borders
+        batch_across_videos=True,
+    )
+    try:
+        outcomes = [
+            decode_task(
+                DecodeRequest(str(data_root / e.relpath), e.video_id, 8, 1),
+                spec["preprocess"],
+                config,
+                60.0,
+            )
+            for e in entries.itertuples()
+        ]
+    finally:
+        close_decoders()
+    missing = DecodeRequest(str(data_root / "nowhere.mp4"), "x", 8, 1)
+    outcomes.append(decode_task(missing, spec["preprocess"], config, 60.0))
+    updates = encode_task([*rows, 0], outcomes, config, str(copy))
+    assert [u["status"] for u in updates] == ["failed", "ok", "ok", "ok"]
+    assert updates[0]["error"] == "missing" and updates[0]["row"] == 0
+    for update, (_, entry) in zip(updates[1:], entries.iterrows(), strict=True):
+        assert update["frame_indices"] == [list(v) for v in entry["frame_indices"]]
+    with open_store(copy) as store:
+        after = store.read(rows, ["tokens/layer08", "cls/layer12"])
+    for name in after:
+        np.testing.assert_allclose(
+            after[name].astype(np.float32), before[name].astype(np.float32), rtol=2e-3, atol=2e-3
+        )
 
 
 # ------------------------------------------------------------------ in-process: planning helpers
