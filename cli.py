@@ -266,9 +266,12 @@ def extract_command(
     ),
     data_root: str | None = typer.Option(None, help="Dataset directory (see README: Datasets)."),
     store: str = typer.Option(..., help="Store directory to create or resume (stores/<dataset>)."),
-    model: str | None = typer.Option(None, help="open_clip model [ViT-B-16, or the store's]."),
+    model: str | None = typer.Option(
+        None, help="open_clip model (default ViT-B-16, or the store's)."
+    ),
     pretrained: str | None = typer.Option(
-        None, help="open_clip tag, none (random init) or a weights file [openai, or the store's]."
+        None,
+        help="open_clip tag, none (random init) or a weights file (default openai, or the store's).",
     ),
     frames: int = typer.Option(8, help="Frames per view (T), one per TSN segment."),
     views: int = typer.Option(1, help="Views per video (V): centres, then seeded random offsets."),
@@ -276,10 +279,14 @@ def extract_command(
     preprocess: str = typer.Option("openclip", help="openclip (the model's) or emp (EMP-Net's)."),
     splits: str | None = typer.Option(None, help="Only these splits, e.g. train,val."),
     part: str | None = typer.Option(None, help="Only part I/N of the videos (by video_id hash)."),
-    workers: int | None = typer.Option(None, help="Local Dask worker processes [cores/4; GPUs]."),
+    workers: int | None = typer.Option(
+        None, help="Local Dask worker processes (default: cores/4 on CPU, one per GPU)."
+    ),
     scheduler: str | None = typer.Option(None, help="Address of an existing Dask scheduler."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    batch_size: int | None = typer.Option(None, help="Frames per forward [V*T on CPU, 256 CUDA]."),
+    batch_size: int | None = typer.Option(
+        None, help="Frames per forward (default V*T on CPU, 256 on CUDA)."
+    ),
     timeout: float = typer.Option(120.0, help="Seconds one video may take to decode."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Retry failed rows too."),
     text_only: bool = typer.Option(

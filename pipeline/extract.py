@@ -547,6 +547,8 @@ def run_extraction(options: ExtractOptions) -> ExtractSummary:
         with open_store(store_path) as reader:
             existing = dict(reader.spec)
     model_name, weights = _model_and_weights(options, existing)
+    if Path(weights).is_file():  # workers may run in another directory
+        weights = str(Path(weights).resolve())
     clip = load_clip(model_name, weights, device="cpu")
     precision = FrameEncoder(clip, recipe=options.recipe, device=device).precision
     spec = build_run_spec(clip, options, device, precision)

@@ -44,7 +44,7 @@ TRUNCATED_FRACTION = 0.9
 HANG_ENV = "FSAR_TEST_HANG_DECODE"
 # Decoded frames are kept (as compact YUV frames) up to this many bytes; longer videos are decoded a
 # second time, sequentially again, keeping only the sampled frames.
-KEEP_FRAMES_BYTES = 1 << 30
+KEEP_FRAMES_BYTES = 512 << 20
 CHILD_START_TIMEOUT_S = 120.0
 
 
