@@ -117,6 +117,47 @@ def test_sampled_frames_equal_sequential_pyav_decode(
     assert not np.array_equal(reference[10], reference[11])
 
 
+DECORD_PROBE = """
+import json, sys
+import decord
+reader = decord.VideoReader(sys.argv[1])
+indices = json.loads(sys.argv[2])
+print(json.dumps(reader.get_batch(indices).asnumpy().tolist()))
+"""
+
+
+def test_generated_avi_reproduces_decords_seeking_bug(encoded_videos: dict[str, Path]) -> None:
+    """decord's seeking `get_batch` returns other frames than these indices on this AVI: the
+    exactness test above runs on a file where the shortcut really fails. (decord runs in a
+    subprocess: its bundled FFmpeg libraries can break PyAV's encoders in the same process.)"""
+    pytest.importorskip("decord")
+    import json
+    import subprocess
+    import sys
+
+    reference = reference_frames(encoded_videos["avi"])
+    indices = sample_frame_indices(57, 8, 1, "clip-avi")[0]
+    probe = subprocess.run(
+        [sys.executable, "-c", DECORD_PROBE, str(encoded_videos["avi"]), json.dumps(indices)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if probe.returncode != 0:
+        pytest.skip(f"decord could not read the file: {probe.stderr.strip()[-200:]}")
+    batch = np.array(json.loads(probe.stdout), dtype=np.uint8)
+    wrong = [
+        i
+        for i, frame in zip(indices, batch, strict=True)
+        if not np.array_equal(frame, reference[i])
+    ]
+    if not wrong:
+        pytest.skip("this decord build returned the right frames")
+    sampled = decode_sampled(encoded_videos["avi"], 8, 1, "clip-avi")
+    for slot, index in enumerate(indices):
+        np.testing.assert_array_equal(sampled.frames[0, slot], reference[index])
+
+
 def test_second_decoding_pass_when_frames_exceed_the_memory_budget(
     encoded_videos: dict[str, Path],
 ) -> None:
