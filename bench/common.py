@@ -336,3 +336,27 @@ def evict(root: str | Path) -> str:
         finally:
             os.close(fd)
     return "posix_fadvise(DONTNEED) per store file after sync"
+
+
+def run_cli(app: str, args: list[str]) -> float:
+    """Run an fsar command (`cli.<app>_app`, e.g. `eval` for fsar-eval) in this process; wall seconds.
+
+    In process, so interpreter start-up and imports are not counted (and quick runs stay quick).
+    """
+    import contextlib
+    import io
+
+    import cli
+
+    command = getattr(cli, f"{app}_app")
+    out = io.StringIO()
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(out):
+        try:
+            code = command(args, standalone_mode=False)
+        except SystemExit as stop:
+            code = stop.code
+    seconds = time.perf_counter() - start
+    if code not in (None, 0):
+        raise RuntimeError(f"fsar-{app} {' '.join(args)} exited {code}:\n{out.getvalue()[-2000:]}")
+    return seconds

@@ -1,0 +1,98 @@
+"""Memory benchmark: peak RSS of `fsar-train` when the split streams (> --max-ram) vs when it fits.
+
+A random `emp+last` store with ViT-B/16 shapes (T=8, 197 tokens, W=768) whose train split is 15
+classes x 20 videos; `lastlayer` reads `tokens/layer12_in`, 2.4 MB per video, 726 MB for the split
+(`--quick`: tiny shapes). The same `fsar-train --head lastlayer` command (4 episodes, one validation)
+runs twice in its own process: `--max-ram` below the split's size (the loader streams chunks with
+a bounded prefetch queue) and above it (the split is loaded once). Peak RSS is the child's
+`ru_maxrss` from wait4. The baseline is a process that only imports torch, heads and store.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from bench.common import (
+    Result,
+    Scratch,
+    parser,
+    peak_rss_of,
+    resolve_device,
+    tiny_spec,
+    vit_b16_spec,
+)
+from bench.workload import build_store
+
+
+def cli(name: str) -> list[str]:
+    script = Path(sys.executable).parent / f"fsar-{name}"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "cli", name]
+
+
+def main(argv: list[str] | None = None) -> Path:
+    p = parser("memory", __doc__.splitlines()[0])
+    p.add_argument("--classes", type=int, default=None, help="train classes [15]")
+    p.add_argument("--videos-per-class", type=int, default=None, help="[20]")
+    p.add_argument("--episodes", type=int, default=4)
+    args = p.parse_args(argv)
+    device = resolve_device(args.device)
+    quick = args.quick
+    spec = (tiny_spec if quick else vit_b16_spec)("emp+last")
+    n_classes = args.classes or (6 if quick else 15)
+    per_class = args.videos_per_class or (8 if quick else 20)
+    res = Result("memory", quick, device)
+    with Scratch(args.work, "memory") as work:
+        store_path = work / "store"
+        _, store = build_store(store_path, spec, {"train": (n_classes, per_class), "val": (5, 2)})
+        from heads.data import row_bytes
+
+        split_bytes = row_bytes(store.spec, ["tokens/layer12_in"]) * n_classes * per_class
+        small = split_bytes / 4 / 1e9  # GB: the split is 4x larger than this
+        large = split_bytes * 4 / 1e9
+        res.config = {
+            "head": "lastlayer (reads tokens/layer12_in)",
+            "shapes": {k: spec[k] for k in ("frames", "tokens", "width")},
+            "train_videos": n_classes * per_class,
+            "split_tensor_mb": round(split_bytes / 1e6, 1),
+            "max_ram_gb": {"streamed": round(small, 4), "in RAM": round(large, 4)},
+            "episodes": args.episodes,
+        }
+        base, code, tail = peak_rss_of(
+            [sys.executable, "-c", "import torch, heads, store, heads.train"]
+        )
+        if code != 0:
+            raise RuntimeError(tail)
+        res.add("baseline_rss_mib", "baseline: python + torch + heads imported", base, "MiB")
+        peaks = {}
+        for label, max_ram in (("streamed", small), ("in RAM", large)):
+            cmd = cli("train") + ["--store", str(store_path), "--head", "lastlayer"]
+            cmd += ["--episodes", str(args.episodes), "--episodes-per-step", str(args.episodes)]
+            cmd += ["--val-every", str(args.episodes), "--val-episodes", "5"]
+            cmd += ["--max-ram", f"{max_ram:.6f}", "--device", device, "--no-progress"]
+            cmd += ["--out", str(work / f"run-{label.replace(' ', '-')}")]
+            peak, code, tail = peak_rss_of(cmd)
+            if code != 0:
+                raise RuntimeError(f"fsar-train failed ({code}):\n{tail}")
+            peaks[label] = peak
+            res.add(
+                f"peak_rss_mib.{label.replace(' ', '_')}",
+                f"fsar-train peak RSS, split {'> --max-ram (streamed)' if label == 'streamed' else 'fits (in RAM)'}",
+                peak,
+                "MiB",
+            )
+        res.add("split_mib", "train split tensors (layer12_in)", split_bytes / 2**20, "MiB")
+        saved = peaks["in RAM"] - peaks["streamed"]
+        res.add(
+            "streaming_saves_mib",
+            "RAM saved by streaming",
+            saved,
+            "MiB",
+            target="> 0 (full mode)",
+            met=None if quick else saved > 0,
+        )
+    return res.write(args.out)
+
+
+if __name__ == "__main__":
+    main()
