@@ -108,9 +108,7 @@ def main() -> None:
                 "--model", "fsar-tiny-vit", "--pretrained", "none"), env)  # fmt: skip
         source = "fsar-synth videos, tiny ViT (pretrained none)"
     else:
-        print(
-            "fsar-extract is not available in this checkout: writing reversal-pair tokens through the store API"
-        )
+        print("writing reversal-pair tokens through the store API (no video extraction)")
         token_store(store, args.seed)
         source = "synthetic reversal-pair tokens written through the store API"
 
