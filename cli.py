@@ -333,6 +333,8 @@ def extract_command(
         summary = run_extraction(options)
     except (DatasetError, ExtractError, StoreError, EncoderError) as error:
         fail(str(error).splitlines()[0] if str(error) else type(error).__name__)
+    except KeyboardInterrupt:
+        fail(f"interrupted; finished rows are saved: rerun the same command to resume {store}", 130)
     for line in summary.lines():
         typer.echo(line)
 

@@ -466,6 +466,11 @@ class DecoderProcess:
                 f"decode error: decoder process exited with code {code}",
                 seconds=time.perf_counter() - started,
             )
+        except (OSError, ValueError):  # pipes closed by `close()` from another thread (shutdown)
+            self.close()
+            return DecodeOutcome(
+                "decode error: decoder process stopped", seconds=time.perf_counter() - started
+            )
         pixels = None
         if header["error"] is None:
             pixels = np.frombuffer(payload, dtype=np.dtype(header["dtype"]))
