@@ -342,8 +342,30 @@ def decode_request(request: DecodeRequest) -> DecodeOutcome:
     )
 
 
-def _serve() -> None:
+def _die_with_parent(parent: int) -> None:
+    """Exit when the process that started us is gone (even while stuck decoding a video)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        try:  # PR_SET_PDEATHSIG: the kernel sends SIGKILL when the parent dies
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+        except (OSError, AttributeError):
+            pass
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    if os.getppid() != parent:
+        os._exit(0)
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _serve(parent: int) -> None:
     """Child loop: one JSON request per line on stdin; a JSON header line then raw bytes on stdout."""
+    _die_with_parent(parent)
     out = sys.stdout.buffer
     out.write(b'{"ready": true}\n')
     out.flush()
@@ -384,7 +406,7 @@ class DecoderProcess:
     def _start(self) -> None:
         env = dict(os.environ, OMP_NUM_THREADS="1")
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.video", "--serve"],
+            [sys.executable, "-m", "pipeline.video", "--serve", str(os.getpid())],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -529,7 +551,7 @@ def close_decoders() -> int:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["--serve"]:
-        _serve()
+    if len(sys.argv) == 3 and sys.argv[1] == "--serve" and sys.argv[2].isdigit():
+        _serve(int(sys.argv[2]))
     else:
-        sys.exit("usage: python -m pipeline.video --serve  (the decode child used by fsar-extract)")
+        sys.exit("usage: python -m pipeline.video --serve PARENT_PID (fsar-extract's decode child)")

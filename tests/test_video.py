@@ -251,6 +251,49 @@ def test_hanging_decode_times_out_and_the_child_restarts(
     assert after.error is None and after.pixels.shape == (1, 2, 72, 96, 3)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc")
+def test_decode_child_dies_with_its_parent(tmp_path: Path) -> None:
+    """A child stuck on a video (test hook) must not outlive a worker that was killed."""
+    import subprocess
+    import sys
+
+    stuck = tmp_path / "hang_here.mp4"
+    stuck.write_bytes(b"not read: the hook hangs first")
+    script = (
+        "import os, sys, time\n"
+        "from pipeline.video import DecodeRequest, DecoderProcess\n"
+        "decoder = DecoderProcess()\n"
+        "decoder._start()\n"
+        "print(decoder._proc.pid, flush=True)\n"
+        "request = DecodeRequest(sys.argv[1], 'stuck', 8, 1)\n"
+        "decoder._proc.stdin.write((__import__('json').dumps(request.__dict__) + '\\n').encode())\n"
+        "decoder._proc.stdin.flush()\n"
+        "time.sleep(1.0)\n"
+        "os.kill(os.getpid(), 9)\n"
+    )
+    env = dict(os.environ, **{HANG_ENV: "hang_here"})
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(stuck)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    child = int(result.stdout.split()[0])
+    deadline = time.monotonic() + 10
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(child)
+
+
 # ----------------------------------------------------------------------------------- preprocessing
 
 
