@@ -1,51 +1,47 @@
-"""The benchmarks must keep running: `python -m bench.run_all --quick` and the results' schema.
+"""The benchmarks must keep running: each script's `--quick` run and the results' schema.
 
 Quick mode uses tiny sizes; no timing is asserted, only that every figure exists and is finite.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from bench.run_all import BENCHMARKS
 
-ROOT = Path(__file__).resolve().parent.parent
 FIGURE_KEYS = {"key", "label", "value", "unit", "target", "met", "note"}
 MACHINE_KEYS = {"cores", "cpu_model", "torch", "torch_threads", "device", "memory_gib"}
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+def results(tmp_path_factory) -> Path:
+    """Every benchmark's quick run, in this process (what `run_all --quick` runs one per process)."""
     out = tmp_path_factory.mktemp("bench")
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.run_all", "--quick", "--out", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    return out, proc
+    for name in BENCHMARKS:
+        importlib.import_module(f"bench.{name}").main(["--quick", "--out", str(out)])
+    return out
 
 
 @pytest.mark.slow
-def test_quick_run_succeeds_and_prints_the_table(results) -> None:
-    out, proc = results
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "| benchmark | figure | value | unit | target |" in proc.stdout
-    assert (out / "summary.md").read_text().startswith("Command: `python -m bench.run_all --quick`")
+def test_run_all_prints_the_table_of_the_results(results, capsys) -> None:
+    from bench.run_all import main
+
+    assert main(["--report", "--out", str(results)]) == 0
+    printed = capsys.readouterr().out
+    assert "| benchmark | figure | value | unit | target |" in printed
+    assert all(f"| {name} |" in printed for name in BENCHMARKS)
+    assert "Machine: " in printed
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", BENCHMARKS)
 def test_result_schema_and_finite_figures(results, name: str) -> None:
-    out, _ = results
-    data = json.loads((out / f"{name}.json").read_text())
+    data = json.loads((results / f"{name}.json").read_text())
     assert data["name"] == name and data["schema"] == 1 and data["quick"] is True
     assert MACHINE_KEYS <= set(data["machine"])
     assert data["machine"]["device"] == "cpu"
