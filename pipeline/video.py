@@ -6,6 +6,15 @@ that actually decoded, and the frames at those indices are returned. decord's se
 not used: it silently returns wrong frames on some MPEG-4 Part 2 AVIs with B-frames and can hang in
 native code when the container's frame count is wrong.
 
+decord is not offered even sequentially (`VideoReader.next()` from frame 0; `get_batch` over 0..k is the
+same code path): it picks the right frames on the generated h264 mp4, VP9 webm and MPEG-4 AVI files, but
+(1) its bundled FFmpeg 4.1 decodes MPEG-4 Part 2 with small pixel differences from PyAV's FFmpeg (a +-1
+in the generated test AVI; the RGB conversion itself is identical: decord reading PyAV's decoded YUV
+written losslessly gives PyAV's RGB bit for bit), (2) its `next()` is not seek-free by construction:
+when the decoder drains before the container's packet count is reached, `NextFrameImpl` calls
+`SeekAccurate` and returns frames from the seek, and (3) it is slower per core (`decode_fps`).
+`tests/test_video.py` runs it in a subprocess to show (1).
+
 Sampling (`sample_frame_indices`): TSN segments. View 0 takes each segment's centre frame; views 1..V-1
 take a random frame in each segment, seeded from a stable hash of `video_id` and the view number.
 Videos shorter than `frames` repeat frames; a 1-frame video is therefore `ok` with its single frame
@@ -550,8 +559,85 @@ def close_decoders() -> int:
     return len(_all_decoders)
 
 
+# ------------------------------------------------------------------------------ decode throughput
+
+FPS_DECODERS = ("pyav", "decord")
+
+
+def _measure_fps(path: str, decoder: str, repeats: int) -> dict[str, float]:
+    """Run in the `--fps` child: decode `path` sequentially `repeats` times after one warm-up pass."""
+    import resource
+
+    if decoder == "pyav":
+
+        def one_pass() -> int:
+            # the extraction's own first pass: every frame decoded, none converted to RGB
+            return _decode_pass(Path(path), None, 0)[1]
+
+    else:
+        import decord  # only ever in this child: its FFmpeg libraries can break PyAV's encoders
+
+        def one_pass() -> int:
+            reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
+            count = 0
+            while True:
+                try:
+                    reader.next()  # sequential from frame 0; decord converts every frame to RGB
+                except StopIteration:
+                    return count
+                count += 1
+
+    def cpu() -> float:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
+    frames = one_pass()
+    cpu_start, wall_start = cpu(), time.perf_counter()
+    total = sum(one_pass() for _ in range(repeats))
+    cpu_s, wall_s = cpu() - cpu_start, time.perf_counter() - wall_start
+    return {
+        "frames": float(frames),
+        "fps_per_core": total / max(cpu_s, 1e-9),
+        "fps_wall": total / max(wall_s, 1e-9),
+        "cpu_s": cpu_s,
+        "wall_s": wall_s,
+    }
+
+
+def decode_fps(
+    path: str | Path, decoder: str = "pyav", repeats: int = 3, timeout: float = 600.0
+) -> dict[str, float]:
+    """Decode-only throughput of one video: sequential decoding from frame 0, no seeking.
+
+    Runs in a fresh child process (decord is never imported in the caller) with `OMP_NUM_THREADS=1`.
+    Returns `frames` (per pass), `fps_per_core` (frames per CPU second of the child: user + system
+    time of all its threads, so it does not depend on other load on the machine), `fps_wall`, `cpu_s`
+    and `wall_s` over `repeats` passes after a warm-up pass. `decoder`: `pyav` (what extraction does:
+    every frame decoded, only sampled ones converted to RGB) or `decord` (`VideoReader.next()` with one
+    thread; decord converts every frame to RGB, it cannot skip that without seeking).
+    """
+    if decoder not in FPS_DECODERS:
+        raise ValueError(f"decoder {decoder!r}: use one of {', '.join(FPS_DECODERS)}")
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.video", "--fps", str(path), decoder, str(int(repeats))],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
+    if result.returncode != 0:
+        message = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"decode_fps({path}, {decoder}) failed: {message[:300]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--serve" and sys.argv[2].isdigit():
         _serve(int(sys.argv[2]))
+    elif len(sys.argv) == 5 and sys.argv[1] == "--fps" and sys.argv[4].isdigit():
+        print(json.dumps(_measure_fps(sys.argv[2], sys.argv[3], int(sys.argv[4]))))
     else:
-        sys.exit("usage: python -m pipeline.video --serve PARENT_PID (fsar-extract's decode child)")
+        sys.exit(
+            "usage: python -m pipeline.video --serve PARENT_PID (fsar-extract's decode child)\n"
+            "       python -m pipeline.video --fps PATH pyav|decord REPEATS (see decode_fps)"
+        )
