@@ -5,9 +5,12 @@ same motion played backwards ("sliding left to right" / "sliding right to left")
 the average of all frames, cannot tell the two apart; only the order of the frames can. Pairs are
 never split across train/val/test, so every split has reversal pairs and the splits are class-disjoint.
 
-Videos vary in shape, colours, size, start/end jitter, length, frame rate, frame size and container:
-H.264 in .mp4, MPEG-4 Part 2 with B-frames in .avi (like HMDB51/UCF101) and VP9 in .webm, written
-with PyAV. `write_video` is also used by tests to make files with known frames.
+Both classes of a pair share an appearance (a shape and a palette, jittered per video), as real
+classes share scenes and objects: a single frame, or the average of all frames, tells which pair a
+video belongs to, and only the order of the frames tells which of the two classes. Videos also vary in
+size, start/end jitter, length, frame rate, frame size and container: H.264 in .mp4, MPEG-4 Part 2
+with B-frames in .avi (like HMDB51/UCF101) and VP9 in .webm, written with PyAV. `write_video` is also
+used by tests to make files with known frames.
 """
 
 from __future__ import annotations
@@ -214,17 +217,37 @@ def _distinct_colours(rng: np.random.Generator, count: int) -> list[np.ndarray]:
     return colours
 
 
+@dataclass(frozen=True)
+class PairStyle:
+    """The appearance both classes of a reversal pair share."""
+
+    shape: str
+    colour: np.ndarray
+    background: np.ndarray
+
+
+def random_style(rng: np.random.Generator) -> PairStyle:
+    background, colour = _distinct_colours(rng, 2)
+    return PairStyle(SHAPES[rng.integers(len(SHAPES))], colour, background)
+
+
 def render_video(
-    motion: MotionFn, reverse: bool, rng: np.random.Generator
+    motion: MotionFn, reverse: bool, rng: np.random.Generator, style: PairStyle | None = None
 ) -> tuple[np.ndarray, int, str]:
-    """Frames `(N, H, W, 3)`, fps and container for one random video of a motion (or its reversal)."""
+    """Frames `(N, H, W, 3)`, fps and container for one random video of a motion (or its reversal).
+
+    `style` fixes the shape and palette (each colour jittered by up to 20 per channel); without it
+    both are drawn at random.
+    """
     width, height = FRAME_SIZES[rng.integers(len(FRAME_SIZES))]
     n_frames = int(rng.integers(16, 41))
     fps = int(FRAME_RATES[rng.integers(len(FRAME_RATES))])
     container = CONTAINERS[rng.integers(len(CONTAINERS))]
-    shape = SHAPES[rng.integers(len(SHAPES))]
+    style = style or random_style(rng)
+    shape = style.shape
     size = float(rng.uniform(0.12, 0.2))
-    background, colour = _distinct_colours(rng, 2)
+    colour = np.clip(style.colour + rng.uniform(-20, 20, 3), 0, 255)
+    background = np.clip(style.background + rng.uniform(-20, 20, 3), 0, 255)
     jitter = rng.uniform(-1, 1, 4)
     frames = []
     for i in range(n_frames):
@@ -276,12 +299,13 @@ def make_synthetic_dataset(
         for pair_id in pair_ids:
             forward_name, backward_name, motion = FAMILIES[family_order[pair_id]]
             description["pairs"].append([forward_name, backward_name])  # type: ignore[union-attr]
+            style = random_style(rng)
             for name, reverse in ((forward_name, False), (backward_name, True)):
                 split_classes[split].append(name)
                 folder = out / split / name.replace(" ", "_")
                 folder.mkdir(parents=True, exist_ok=True)
                 for k in range(videos_per_class):
-                    frames, fps, container = render_video(motion, reverse, rng)
+                    frames, fps, container = render_video(motion, reverse, rng, style)
                     write_video(
                         folder / f"{name.replace(' ', '_')}_{k:03d}.{container}", frames, fps
                     )
