@@ -50,9 +50,19 @@ from bench.workload import (
 HEADS = ("emp", "proto", "lastlayer")
 
 
-def count_flops(fn: Any) -> float:
-    with FlopCounterMode(display=False) as counter:
-        fn()
+def count_flops(fn: Any, *modules: torch.nn.Module) -> float:
+    """FLOPs of `fn()`. `modules` run in train mode while counting: in eval mode without grad,
+    nn.MultiheadAttention takes a fused fast path whose projections FlopCounterMode does not see
+    (CLIP has no dropout, so train mode computes the same thing)."""
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.train()
+    try:
+        with FlopCounterMode(display=False) as counter:
+            fn()
+    finally:
+        for m, mode in zip(modules, modes, strict=True):
+            m.train(mode)
     return float(counter.get_total_flops())
 
 
@@ -166,8 +176,8 @@ def main(argv: list[str] | None = None) -> Path:
     }
     pixels = online.pixels(n_videos)
     with torch.inference_mode():
-        clip_flops = count_flops(lambda: online.encoder.encode_torch(pixels[:1]))
-        trunk_flops = count_flops(lambda: trunk(online.visual, pixels[:1]))
+        clip_flops = count_flops(lambda: online.encoder.encode_torch(pixels[:1]), online.visual)
+        trunk_flops = count_flops(lambda: trunk(online.visual, pixels[:1]), online.visual)
     res.add("clip_gflop_per_frame", f"{model} forward per frame", clip_flops / 1e9, "GFLOP")
     res.config["trunk_gflop_per_frame"] = trunk_flops / 1e9
 
@@ -189,7 +199,7 @@ def main(argv: list[str] | None = None) -> Path:
         for prm in params:
             prm.requires_grad_(False)
 
-    finetune_flops = count_flops(finetune_video_flops) * n_videos
+    finetune_flops = count_flops(finetune_video_flops, online.visual) * n_videos
     finetune_s = median_of(
         lambda: online.finetune_step(pixels, params, scale, ft_opt), online_repeat, device
     )
