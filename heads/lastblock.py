@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from store.layout import LASTBLOCK_KEYS, LASTBLOCK_LAYER_SCALE_KEYS
+
 __all__ = [
     "LastBlock",
     "load_last_block",
@@ -35,24 +37,8 @@ __all__ = [
     "CONFIG_KEYS",
 ]
 
-BLOCK_KEYS = (
-    "ln_1.weight",
-    "ln_1.bias",
-    "attn.in_proj_weight",
-    "attn.in_proj_bias",
-    "attn.out_proj.weight",
-    "attn.out_proj.bias",
-    "ln_2.weight",
-    "ln_2.bias",
-    "mlp.c_fc.weight",
-    "mlp.c_fc.bias",
-    "mlp.c_proj.weight",
-    "mlp.c_proj.bias",
-    "ln_post.weight",
-    "ln_post.bias",
-    "proj",
-)
-LAYER_SCALE_KEYS = ("ls_1.gamma", "ls_2.gamma")
+BLOCK_KEYS = LASTBLOCK_KEYS
+LAYER_SCALE_KEYS = LASTBLOCK_LAYER_SCALE_KEYS
 CONFIG_KEYS = ("width", "heads", "mlp_ratio", "act", "ln_eps", "layer_scale", "dim")
 
 

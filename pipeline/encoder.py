@@ -41,6 +41,7 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 from open_clip.transformer import QuickGELU
 from torch import nn
 
+from store.layout import LASTBLOCK_LAYER_SCALE_KEYS, LASTBLOCK_RESBLOCK_KEYS
 from store.layout import default_layers as store_default_layers
 
 __all__ = [
@@ -715,20 +716,6 @@ class FrameEncoder:
 
 
 # --------------------------------------------------------------------------------------------- last block
-_BLOCK_KEYS = (
-    "ln_1.weight",
-    "ln_1.bias",
-    "attn.in_proj_weight",
-    "attn.in_proj_bias",
-    "attn.out_proj.weight",
-    "attn.out_proj.bias",
-    "ln_2.weight",
-    "ln_2.bias",
-    "mlp.c_fc.weight",
-    "mlp.c_fc.bias",
-    "mlp.c_proj.weight",
-    "mlp.c_proj.bias",
-)
 
 
 def export_last_block(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -743,7 +730,9 @@ def export_last_block(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[s
     block = visual.transformer.resblocks[-1]
     sd = block.state_dict()
     layer_scale = "ls_1.gamma" in sd
-    allowed = set(_BLOCK_KEYS) | ({"ls_1.gamma", "ls_2.gamma"} if layer_scale else set())
+    allowed = set(LASTBLOCK_RESBLOCK_KEYS) | (
+        set(LASTBLOCK_LAYER_SCALE_KEYS) if layer_scale else set()
+    )
     extra = sorted(set(sd) - allowed)
     missing = sorted(set(allowed) - set(sd))
     if extra or missing:

@@ -9,6 +9,23 @@ SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.parquet"
 LOCK_FILE = "fsar.lock"
 LASTBLOCK_FILE = "weights/lastblock.safetensors"
+# Keys of `weights/lastblock.safetensors`: the open_clip resblock, then ln_post and proj.
+LASTBLOCK_RESBLOCK_KEYS = (
+    "ln_1.weight",
+    "ln_1.bias",
+    "attn.in_proj_weight",
+    "attn.in_proj_bias",
+    "attn.out_proj.weight",
+    "attn.out_proj.bias",
+    "ln_2.weight",
+    "ln_2.bias",
+    "mlp.c_fc.weight",
+    "mlp.c_fc.bias",
+    "mlp.c_proj.weight",
+    "mlp.c_proj.bias",
+)
+LASTBLOCK_KEYS = (*LASTBLOCK_RESBLOCK_KEYS, "ln_post.weight", "ln_post.bias", "proj")
+LASTBLOCK_LAYER_SCALE_KEYS = ("ls_1.gamma", "ls_2.gamma")
 CHECKSUM_ALGORITHM = "blake2b-128"
 STATUSES = ("pending", "ok", "failed")
 ALLOWED_DTYPES = ("float16", "float32")
