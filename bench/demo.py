@@ -3,9 +3,8 @@
     python -m bench.demo [--out demo] [--train-episodes 300] [--eval-episodes 10000]
 
 1. `fsar-synth` writes a small dataset of moving shapes whose classes are time-reversal pairs;
-2. `fsar-extract` encodes it with the tiny ViT (`--pretrained none`) into `demo/store`. When this
-   checkout has no extraction command yet, the store is written through the store API from
-   synthetic token sequences with the same reversal-pair structure, and the table says so;
+2. `fsar-extract` encodes it with the tiny ViT (`--pretrained none`) into `demo/store` (`--tokens`
+   instead writes reversal-pair token sequences through the store API, skipping video);
 3. `fsar-train` trains `emp` for `--train-episodes` episodes (5-way 1-shot, 5 queries);
 4. `fsar-eval` scores zeroshot, proto, otam and emp on the same 10,000 test episodes; a table follows.
 With random (`none`) weights the text embeddings carry no meaning, so zero-shot sits at chance.
@@ -37,11 +36,6 @@ def run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
 
 def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "cli", *args]
-
-
-def extraction_available(env: dict[str, str]) -> bool:
-    out = subprocess.run(cli("extract", "--help"), env=env, capture_output=True, text=True)
-    return out.returncode == 0 and "--data-root" in out.stdout
 
 
 def token_store(path: Path, seed: int = 0) -> None:
@@ -89,7 +83,7 @@ def main() -> None:
     start = time.perf_counter()
 
     store = out / "store"
-    if not args.tokens and extraction_available(env):
+    if not args.tokens:
         run(
             cli(
                 "synth",
