@@ -258,6 +258,19 @@ def main(argv: list[str] | None = None) -> Path:
                 head_flops / 1e9,
                 "GFLOP",
             )
+            # achieved arithmetic rates: the FLOP ceiling assumes both sides run equally fast
+            res.add(
+                f"gflops.store.{name}",
+                f"{name} from the store: achieved rate",
+                head_flops / store_s / 1e9,
+                "GFLOP/s",
+            )
+            res.add(
+                f"gflops.online.{name}",
+                f"{name} fed by frozen CLIP online: achieved rate",
+                online_flops / online_s / 1e9,
+                "GFLOP/s",
+            )
             for base, base_s, base_flops in (
                 ("online", online_s, online_flops),
                 ("finetune", finetune_s, finetune_flops),
