@@ -75,6 +75,22 @@ def video_pass(
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else {}
 
 
+EPISODE_BATCH_BYTES = 256e6  # gathered support + query features of one batch of episodes
+MAX_EPISODES_PER_BATCH = 100
+
+
+def auto_episodes_per_batch(features: dict[str, torch.Tensor], videos_per_episode: int) -> int:
+    """Episodes scored per call: as many as keep the gathered features under EPISODE_BATCH_BYTES.
+
+    1-shot heads cache small per-video features and score 100 episodes at once; K-shot `emp` keeps
+    every support's patch tokens (T x P x D) to fuse prototypes per episode, which at ViT-B/16 shapes
+    is megabytes per video, so its batches shrink instead of exhausting memory.
+    """
+    per_video = sum(v[0].numel() * v.element_size() for v in features.values() if v.dim() > 0)
+    per_episode = max(1, per_video * videos_per_episode)
+    return int(max(1, min(MAX_EPISODES_PER_BATCH, EPISODE_BATCH_BYTES // per_episode)))
+
+
 def score_episodes(
     head: FewShotHead,
     features: dict[str, torch.Tensor],
@@ -110,7 +126,7 @@ def evaluate(
     seed: int = 0,
     device: str | torch.device = "cpu",
     max_ram_gb: float = 8.0,
-    episodes_per_batch: int = 100,
+    episodes_per_batch: int | None = None,
     data: SplitData | None = None,
     progress: bool = False,
 ) -> EvalResult:
@@ -126,6 +142,8 @@ def evaluate(
     head.eval()
     features = video_pass(head, data, shot, device)
     position = {int(r): i for i, r in enumerate(data.rows)}
+    if episodes_per_batch is None:
+        episodes_per_batch = auto_episodes_per_batch(features, way * (shot + query))
     correct = np.zeros(episodes)
     bar = _progress(episodes, progress)
     with (
