@@ -7,6 +7,7 @@ on the weights), T=8 frames, 1 view, recipe `emp`, CPU; `--quick`: the tiny ViT,
             frames it encoded. Two runs of different sizes (`--splits test`, then every split,
             into fresh stores) separate the fixed start-up (model load, text embeddings, Dask
             cluster) from the steady-state rate: marginal frames/s = extra frames / extra seconds.
+            `--quick` runs only the full one and reports end-to-end figures.
   bare      the same FrameEncoder (same model, batch = one video's frames, torch threads = cores)
             in this process on the same videos' frames, decoded and preprocessed beforehand:
             encoding only.
@@ -157,7 +158,10 @@ def main(argv: list[str] | None = None) -> Path:
         common += ["--pretrained", "none", "--frames", str(frames), "--device", device]
         common += ["--no-progress"]
         runs = {}
-        for label, extra in (("small", ["--splits", "test"]), ("full", [])):
+        # Quick mode (CI) has too few videos for the two-run difference to be above the noise of
+        # start-up, so it runs once and reports the end-to-end figures only.
+        sizes = (("full", []),) if quick else (("small", ["--splits", "test"]), ("full", []))
+        for label, extra in sizes:
             store = work / f"store-{label}"
             if store.exists():
                 import shutil
@@ -166,33 +170,51 @@ def main(argv: list[str] | None = None) -> Path:
             seconds, log = run_extract([*common, "--store", str(store), *extra])
             n = ok_rows(store) * frames
             runs[label] = (seconds, n, store, log)
-        (t_small, n_small, _, _), (t_full, n_full, store_full, log) = runs["small"], runs["full"]
+        t_full, n_full, store_full, log = runs["full"]
+        t_small, n_small = runs["small"][:2] if "small" in runs else (None, 0)
         match = re.search(r"in ([0-9.]+) s \(", log)
         e2e = n_full / t_full
-        marginal = (n_full - n_small) / (t_full - t_small) if t_full > t_small else float("nan")
-        startup = t_full - n_full / marginal if marginal == marginal else float("nan")
         bare, n_bare = bare_rate(store_full, data, model, device)
         res.config = {
             "model": f"{model} (random init)",
             "frames_per_video": frames,
             "videos": {"small run": n_small // frames, "full run": n_full // frames},
-            "pipeline_seconds": {"small run": round(t_small, 1), "full run": round(t_full, 1)},
+            "pipeline_seconds": {
+                "small run": None if t_small is None else round(t_small, 1),
+                "full run": round(t_full, 1),
+            },
             "pipeline_summary_seconds": float(match.group(1)) if match else None,
             "bare_frames": n_bare,
             "decode_video": f"{DECODE_SIZE[0]}x{DECODE_SIZE[1]}, {decode_frames} frames, 25 fps",
         }
         res.add("bare_fps", "bare encoder loop (in process)", bare, "frames/s")
         res.add("pipeline_fps_e2e", "fsar-extract end to end (with start-up)", e2e, "frames/s")
-        res.add("pipeline_fps_steady", "fsar-extract steady state (marginal)", marginal, "frames/s")
-        res.add("startup_s", "fsar-extract fixed start-up (intercept)", startup, "s")
-        res.add(
-            "ratio_steady",
-            "ratio pipeline / bare, steady state",
-            marginal / bare,
-            "x",
-            target=">= 0.9",
-            met=marginal / bare >= 0.9,
-        )
+        if t_small is not None:
+            if t_full <= t_small:
+                raise RuntimeError(
+                    f"the full run ({t_full:.1f} s) was not slower than the small one "
+                    f"({t_small:.1f} s): the machine is too busy to separate start-up; rerun"
+                )
+            marginal = (n_full - n_small) / (t_full - t_small)
+            res.add(
+                "pipeline_fps_steady", "fsar-extract steady state (marginal)", marginal, "frames/s"
+            )
+            res.add(
+                "startup_s",
+                "fsar-extract fixed start-up (intercept)",
+                t_full - n_full / marginal,
+                "s",
+            )
+            res.add(
+                "ratio_steady",
+                "ratio pipeline / bare, steady state",
+                marginal / bare,
+                "x",
+                target=">= 0.9",
+                met=marginal / bare >= 0.9,
+            )
+        else:
+            res.notes.append("quick: one run, so no steady-state figures (start-up dominates)")
         res.add(
             "ratio_e2e",
             f"ratio pipeline / bare, end to end ({n_full // frames} videos)",
