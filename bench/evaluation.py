@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -48,46 +47,6 @@ def head_for(name: str, store: Any, run_dir: Path | None, device: str) -> Any:
     head = heads.create(name)
     head.prepare(store)
     return head.to(device)
-
-
-API_NOTE = (
-    "emp K-shot runs heads.evaluate's steps (SplitData, video_pass, score_episodes) in process with 4 "
-    "episodes per batch: fsar-eval scores "
-    "100 episodes per batch, and at ViT-B/16 shapes emp 5-shot gathers 100 x 25 supports' patch "
-    "features (8 x 196 x 512 float32 each, 8 GB) before fusing them: the process was OOM-killed at "
-    "24 GB on this 24 GiB machine (reported to heads/evaluate.py)"
-)
-
-
-def api_eval(
-    store: Any, run_dir: Path, shot: int, episodes: int, device: str
-) -> tuple[float, float]:
-    """What fsar-eval runs for a checkpoint (heads.evaluate's steps: load, pass, scored episodes), with
-    4 episodes per batch so that K-shot emp fits in memory. Returns (wall s, s spent in episodes)."""
-    import numpy as np
-    import torch
-
-    from heads.data import SplitData
-    from heads.episodes import EpisodeSampler
-    from heads.evaluate import score_episodes, video_pass
-
-    start = time.perf_counter()
-    head = head_for("emp", store, run_dir, device)
-    head.eval()
-    m = store.manifest
-    sampler = EpisodeSampler(m[m["split"] == "test"], 5, shot, 1, 0, episodes, "test")
-    data = SplitData(store, sampler.rows, head.inputs(store.spec), 8.0, views=1)
-    features = video_pass(head, data, shot, torch.device(device))
-    position = {int(r): i for i, r in enumerate(data.rows)}
-    episodes_start = time.perf_counter()
-    correct = []
-    with torch.no_grad():
-        for first in range(0, episodes, 4):
-            batch = [sampler.episode(i) for i in range(first, min(first + 4, episodes))]
-            correct.append(score_episodes(head, features, position, batch, torch.device(device)))
-    end = time.perf_counter()
-    assert np.concatenate(correct).shape == (episodes,)
-    return end - start, end - episodes_start
 
 
 def one_pass(name: str, store: Any, run_dir: Path | None, shot: int, device: str) -> float:
@@ -169,29 +128,23 @@ def main(argv: list[str] | None = None) -> Path:
                 pass_s = one_pass(name, store, run_dir, shot, device)
                 out = work / f"{name}-{shot}.json"
                 target = ["--checkpoint", str(run_dir)] if name == "emp" else ["--head", name]
-                episode_s = None
-                if name == "emp" and shot > 1:
-                    wall, episode_s = api_eval(store, run_dir, shot, n_ep, device)
-                    inner = wall
-                    res.notes.append(API_NOTE)
-                else:
-                    wall = run_cli(
-                        "eval",
-                        ["--store", str(path), *target, "--episodes", str(n_ep)]
-                        + ["--shot", str(shot), "--device", device, "--json", str(out)]
-                        + ["--no-progress"],
-                    )
-                    inner = float(json.loads(out.read_text())["seconds"])
+                wall = run_cli(
+                    "eval",
+                    ["--store", str(path), *target, "--episodes", str(n_ep)]
+                    + ["--shot", str(shot), "--device", device, "--json", str(out)]
+                    + ["--no-progress"],
+                )
+                result = json.loads(out.read_text())
+                inner = float(result["seconds"])
+                episode_s = inner - float(result["pass_seconds"])
                 tag = f"{name} {shot}-shot"
                 res.add(f"pass_s.{name}.{shot}shot", f"{tag}: one pass over the split", pass_s, "s")
                 res.add(
                     f"eval_s.{name}.{shot}shot",
-                    f"{tag}: {'heads.evaluate steps' if name == 'emp' and shot > 1 else 'fsar-eval'} "
-                    f"{n_ep} episodes",
+                    f"{tag}: fsar-eval {n_ep} episodes",
                     wall,
                     "s",
-                    note=f"of which evaluate() {inner:.2f} s"
-                    + (f", episodes {episode_s:.2f} s" if episode_s is not None else ""),
+                    note=f"of which evaluate() {inner:.2f} s, episodes {episode_s:.2f} s",
                 )
                 ratio = wall / pass_s
                 res.add(
@@ -202,7 +155,7 @@ def main(argv: list[str] | None = None) -> Path:
                     target="<= 2" if shot == 1 else None,
                     met=(ratio <= 2) if shot == 1 else None,
                 )
-                if n_ep != episodes and episode_s is not None:  # projected to `episodes`
+                if n_ep != episodes:  # projected to `episodes`
                     per_episode = episode_s / n_ep
                     projected = (wall + (episodes - n_ep) * per_episode) / pass_s
                     res.add(

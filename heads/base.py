@@ -38,8 +38,33 @@ def cosine_similarity(x: torch.Tensor, y: torch.Tensor, eps: float = 0.01) -> to
     return numerator / denominator
 
 
+def frame_cosine(query: torch.Tensor, support: torch.Tensor, eps: float = 0.01) -> torch.Tensor:
+    """Frame-to-frame cosine of every query against every support of each episode.
+
+    query (..., Q, Tq, D), support (..., N, Ts, D) -> (..., Q, N, Tq, Ts); equal to
+    `cosine_similarity(query.unsqueeze(-3), support.unsqueeze(-4), eps)`, but computed as one
+    (Q*Tq, D) x (D, N*Ts) product per episode: the broadcast form runs Q*N tiny matmuls and is
+    most of the cost of OTAM evaluation on CPU.
+    """
+    *lead, n_q, t_q, dim = query.shape
+    n_s, t_s = support.shape[-3], support.shape[-2]
+    q = query.reshape(-1, n_q * t_q, dim)
+    s = support.reshape(-1, n_s * t_s, dim)
+    numerator = torch.bmm(q, s.transpose(1, 2)).reshape(*lead, n_q, t_q, n_s, t_s)
+    q_norm = query.norm(dim=-1)[..., :, None, :, None]  # (..., Q, 1, Tq, 1)
+    s_norm = support.norm(dim=-1)[..., None, :, None, :]  # (..., 1, N, 1, Ts)
+    return numerator.transpose(-3, -2) / (q_norm * s_norm + eps)
+
+
 def class_means(values: torch.Tensor, labels: torch.Tensor, n_way: int) -> torch.Tensor:
     """Per-class mean over the support axis: values (E, S, ...), labels (E, S) -> (E, N, ...)."""
+    n_support = values.shape[1]
+    if n_support % n_way == 0:  # the sampler's class-major order: a reshape instead of a product
+        shot = n_support // n_way
+        ordered = torch.arange(n_way, device=labels.device).repeat_interleave(shot)
+        if torch.equal(labels, ordered.expand_as(labels)):
+            grouped = values.reshape(values.shape[0], n_way, shot, *values.shape[2:])
+            return grouped[:, :, 0] if shot == 1 else grouped.mean(2)
     one_hot = torch.nn.functional.one_hot(labels, n_way).to(values.dtype)  # (E, S, N)
     counts = one_hot.sum(1).clamp_min(1.0)  # (E, N)
     flat = values.reshape(values.shape[0], values.shape[1], -1)

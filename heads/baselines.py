@@ -7,7 +7,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .base import Features, FewShotHead, class_means, cosine_similarity, last_layer
+from .base import Features, FewShotHead, class_means, frame_cosine, last_layer
 from .otam import DEFAULT_LAMBDA, otam_bidirectional
 
 
@@ -82,7 +82,6 @@ class OTAM(_ClsHead):
         )  # (E, N, T, D)
 
     def _query(self, query: Features) -> torch.Tensor:
-        q, s = query["frames"].unsqueeze(2), self._prototypes.unsqueeze(1)
-        dists = 1 - cosine_similarity(q, s, self.cosine_eps)  # (E, Q, N, T, T)
+        dists = 1 - frame_cosine(query["frames"], self._prototypes, self.cosine_eps)  # (E,Q,N,T,T)
         self._logits = -otam_bidirectional(dists, self.otam_lambda)
         return self._logits

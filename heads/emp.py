@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Features, FewShotHead, class_means, cosine_similarity
+from .base import Features, FewShotHead, class_means, cosine_similarity, frame_cosine
 from .otam import DEFAULT_LAMBDA, otam_bidirectional
 
 LEVELS = ("token", "patch", "frame")
@@ -335,7 +335,7 @@ class EMPNet(FewShotHead):
         for lv in self.levels:
             q = self._query_sequences(query, lv)  # (E, Q, T, D)
             s = self._prototypes[lv]  # (E, N, T, D)
-            dists = 1 - cosine_similarity(q.unsqueeze(2), s.unsqueeze(1), self.cosine_eps)
+            dists = 1 - frame_cosine(q, s, self.cosine_eps)
             scores[f"match_{lv}"] = -otam_bidirectional(dists, self.otam_lambda)  # (E, Q, N)
         self._query_text = self._episode_text_scores(query) if self.use_text else {}
         for lv, s in self._query_text.items():

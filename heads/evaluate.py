@@ -21,7 +21,7 @@ import torch
 
 from .base import FewShotHead
 from .data import SplitData
-from .episodes import Episode, EpisodeSampler
+from .episodes import EpisodeBatch, EpisodeSampler
 
 Z_95 = 1.959963984540054
 
@@ -45,7 +45,8 @@ class EvalResult:
     split: str
     head: str
     store_fingerprint: str
-    seconds: float
+    seconds: float  # all of evaluate(): load, pass over the split, episodes
+    pass_seconds: float  # load and one pass of the head over the split (the rest is episodes)
     per_episode: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
 
     def summary(self) -> str:
@@ -91,24 +92,37 @@ def auto_episodes_per_batch(features: dict[str, torch.Tensor], videos_per_episod
     return int(max(1, min(MAX_EPISODES_PER_BATCH, EPISODE_BATCH_BYTES // per_episode)))
 
 
+def row_positions(rows: np.ndarray) -> np.ndarray:
+    """Lookup table store row -> index into `rows` (-1 where absent), for gathering features."""
+    table = np.full(int(rows.max()) + 1 if len(rows) else 0, -1, dtype=np.int64)
+    table[rows] = np.arange(len(rows))
+    return table
+
+
 def score_episodes(
     head: FewShotHead,
     features: dict[str, torch.Tensor],
-    position: dict[int, int],
-    episodes: list[Episode],
+    position: np.ndarray,
+    episodes: EpisodeBatch,
     device: torch.device,
 ) -> np.ndarray:
-    """Fraction of correct queries per episode, scoring all `episodes` in one batched call."""
+    """Fraction of correct queries per episode, scoring all `episodes` in one batched call.
+
+    `features` are per-video features in the order of some rows; `position` (row_positions of
+    those rows) maps a store row to its index there."""
 
     def gather(rows: np.ndarray) -> dict[str, torch.Tensor]:
-        index = torch.as_tensor([[position[int(r)] for r in row] for row in rows], device=device)
-        return {k: v[index] for k, v in features.items()}
+        index = torch.as_tensor(position[rows].reshape(-1), device=device)
+        return {  # index_select: about twice as fast as v[index] with a 2-d index on CPU
+            k: v.index_select(0, index).reshape(*rows.shape, *v.shape[1:])
+            for k, v in features.items()
+        }
 
-    support = gather(np.stack([e.support_rows for e in episodes]))
-    query = gather(np.stack([e.query_rows for e in episodes]))
-    support_labels = torch.as_tensor(np.stack([e.support_labels for e in episodes]), device=device)
-    class_ids = torch.as_tensor(np.stack([e.class_ids for e in episodes]), device=device)
-    query_labels = torch.as_tensor(np.stack([e.query_labels for e in episodes]), device=device)
+    support = gather(episodes.support_rows)
+    query = gather(episodes.query_rows)
+    support_labels = torch.as_tensor(episodes.support_labels, device=device)
+    class_ids = torch.as_tensor(episodes.class_ids, device=device)
+    query_labels = torch.as_tensor(episodes.query_labels, device=device)
     head.process_support_set(support, support_labels, class_ids)
     with torch.no_grad():
         prediction = head(query).argmax(-1)
@@ -141,7 +155,8 @@ def evaluate(
     was_training = head.training
     head.eval()
     features = video_pass(head, data, shot, device)
-    position = {int(r): i for i, r in enumerate(data.rows)}
+    pass_seconds = time.perf_counter() - start
+    position = row_positions(data.rows)
     if episodes_per_batch is None:
         episodes_per_batch = auto_episodes_per_batch(features, way * (shot + query))
     correct = np.zeros(episodes)
@@ -150,9 +165,7 @@ def evaluate(
         torch.no_grad()
     ):  # (lastlayer --strategy novel enables grad for its own support fine-tuning)
         for first in range(0, episodes, episodes_per_batch):
-            batch = [
-                sampler.episode(i) for i in range(first, min(first + episodes_per_batch, episodes))
-            ]
+            batch = sampler.batch(range(first, min(first + episodes_per_batch, episodes)))
             correct[first : first + len(batch)] = score_episodes(
                 head, features, position, batch, device
             )
@@ -172,6 +185,7 @@ def evaluate(
         head=head.name,
         store_fingerprint=store.fingerprint(),
         seconds=time.perf_counter() - start,
+        pass_seconds=pass_seconds,
         per_episode=correct,
     )
 

@@ -8,9 +8,11 @@ over three predecessors for the first real column and for the last (pad) column
 (up-left, up, left) and over two for the middle columns (up-left, left). Column 0 stays 0.
 The score is the bottom-right cell; the bidirectional score adds OTAM of the transposed matrix.
 
-Each row's left-to-right recursion is linear in exp space, e[m] = a[m] * (b[m] + e[m-1]),
-so it is solved with one `logcumsumexp` per row instead of a loop over columns; the result is
-the same recursion (tests compare it with brute force over all paths).
+The recursion runs cell by cell in log space (C = -cost / lambda, so a soft minimum is a
+`logaddexp`), each cell one vector op over every (episode, query, class) pair at once, with the
+frames moved to the front so each cell is a contiguous slice. On CPU at evaluation shapes this is
+about twice as fast as a row-wise `logcumsumexp` formulation; tests compare it with the plain
+recursion and with brute force over all paths.
 """
 
 from __future__ import annotations
@@ -24,30 +26,29 @@ DEFAULT_LAMBDA = 0.5
 def otam_distance(dists: torch.Tensor, lbda: float = DEFAULT_LAMBDA) -> torch.Tensor:
     """One-direction OTAM cost. dists (..., Lq, Ls) -> (...,)."""
     n_rows, n_cols = dists.shape[-2], dists.shape[-1]
-    padded = F.pad(dists, (1, 1))  # (..., Lq, Ls + 2)
-    previous = torch.cumsum(padded[..., 0, :], dim=-1)  # top row: plain cumulative sum
-    zero = torch.zeros_like(padded[..., 0, :1])
+    scaled = (dists / -lbda).movedim((-2, -1), (0, 1)).contiguous()  # (Lq, Ls, ...)
+    zero = torch.zeros_like(scaled[0, 0])
+    # top row: plain cumulative sum; column 0 and the last (pad) column add nothing
+    top = list(torch.cumsum(scaled[0], dim=0).unbind(0))
+    previous = [zero, *top, top[-1]]  # columns 0 .. n_cols + 1
     for row in range(1, n_rows):
-        d = padded[..., row, :]
-        up = -previous / lbda  # exp-space log of the row above
-        log_b = torch.cat(
-            [
-                zero,  # column 0 holds 0: its "left" contribution to column 1
-                torch.logaddexp(up[..., 0:1], up[..., 1:2]),  # first real column: up-left, up
-                up[..., 1:n_cols],  # middle columns: up-left only
-                torch.logaddexp(up[..., n_cols : n_cols + 1], up[..., n_cols + 1 :]),  # last
-            ],
-            dim=-1,
-        )
-        log_a = torch.cumsum(torch.cat([zero, -d[..., 1:] / lbda], dim=-1), dim=-1)
-        log_a_before = torch.cat([zero, log_a[..., :-1]], dim=-1)
-        log_e = log_a + torch.logcumsumexp(log_b - log_a_before, dim=-1)
-        previous = -lbda * log_e
-    return previous[..., -1]
+        # first real column: up-left, up and left (column 0, which holds 0)
+        cell = torch.logaddexp(torch.logaddexp(previous[0], previous[1]), zero) + scaled[row, 0]
+        current = [zero, cell]
+        for col in range(2, n_cols + 1):  # middle columns: up-left and left
+            cell = torch.logaddexp(previous[col - 1], cell) + scaled[row, col - 1]
+            current.append(cell)
+        # last (pad) column: up-left, up and left; its distance is 0
+        current.append(torch.logaddexp(torch.logaddexp(previous[n_cols], previous[-1]), cell))
+        previous = current
+    return previous[-1] * -lbda
 
 
 def otam_bidirectional(dists: torch.Tensor, lbda: float = DEFAULT_LAMBDA) -> torch.Tensor:
     """OTAM(query -> support) + OTAM(support -> query). dists (..., Lq, Ls) -> (...,)."""
+    if dists.shape[-1] == dists.shape[-2]:  # both directions in one call: half the Python ops
+        both = otam_distance(torch.stack([dists, dists.transpose(-1, -2)]), lbda)
+        return both[0] + both[1]
     return otam_distance(dists, lbda) + otam_distance(dists.transpose(-1, -2), lbda)
 
 

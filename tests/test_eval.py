@@ -84,7 +84,9 @@ def test_cli_outputs_and_spec_refusal(pair_store: Path, tmp_path: Path) -> None:
         "head",
         "store_fingerprint",
         "seconds",
+        "pass_seconds",
     } <= set(result)
+    assert 0 < result["pass_seconds"] <= result["seconds"]
     assert len(pd.read_parquet(tmp_path / "e.parquet")) == 30
     # a store with another spec (more frames) is refused, naming the field
     other = tmp_path / "other"
