@@ -15,6 +15,7 @@ accept a leading episode axis (support (E, S, ...), labels (E, S), class_ids (E,
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any
 
 import torch
@@ -72,7 +73,7 @@ def class_means(values: torch.Tensor, labels: torch.Tensor, n_way: int) -> torch
     return means.reshape(values.shape[0], n_way, *values.shape[2:])
 
 
-class FewShotHead(nn.Module):
+class FewShotHead(nn.Module, ABC):
     """Base class: subclasses fill in `inputs`, `video_features`, `_support`, `_query`, `_loss`."""
 
     name = "base"
@@ -85,9 +86,10 @@ class FewShotHead(nn.Module):
         self._batched = True
 
     # ---------------------------------------------------------------- set-up
+    @abstractmethod
     def inputs(self, spec: dict[str, Any]) -> dict[str, str]:
         """Roles this head reads -> store tensor names (e.g. {"cls": "cls/layer12"})."""
-        raise NotImplementedError
+        ...
 
     def set_class_text(self, text: torch.Tensor) -> None:
         """Text embeddings of every store class, (C, M templates, D); indexed by class_ids."""
@@ -104,9 +106,10 @@ class FewShotHead(nn.Module):
         return dict(self._config)
 
     # ---------------------------------------------------------------- per video
+    @abstractmethod
     def video_features(self, inputs: Features) -> Features:
         """Episode-independent features of a batch of videos (B, ...)."""
-        raise NotImplementedError
+        ...
 
     def cache_features(self, features: Features, class_ids: torch.Tensor, shot: int) -> Features:
         """Evaluation only: precompute what does not depend on the episode (default: nothing).
@@ -141,14 +144,17 @@ class FewShotHead(nn.Module):
             query_labels = query_labels.unsqueeze(0)
         return self._loss(query_labels)
 
+    @abstractmethod
     def _support(self, support: Features, labels: torch.Tensor, class_ids: torch.Tensor) -> None:
-        raise NotImplementedError
+        """Build this episode batch's class representations from the support features."""
 
+    @abstractmethod
     def _query(self, query: Features) -> torch.Tensor:
-        raise NotImplementedError
+        """Logits (E, Q, N) of the queries against the representations `_support` built."""
 
+    @abstractmethod
     def _loss(self, query_labels: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Training loss of the last `_query` call, given labels (E, Q)."""
 
     # ---------------------------------------------------------------- text helpers
     def episode_text(self, class_ids: torch.Tensor) -> torch.Tensor:
