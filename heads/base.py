@@ -89,7 +89,6 @@ class FewShotHead(nn.Module, ABC):
     @abstractmethod
     def inputs(self, spec: dict[str, Any]) -> dict[str, str]:
         """Roles this head reads -> store tensor names (e.g. {"cls": "cls/layer12"})."""
-        ...
 
     def set_class_text(self, text: torch.Tensor) -> None:
         """Text embeddings of every store class, (C, M templates, D); indexed by class_ids."""
@@ -109,7 +108,6 @@ class FewShotHead(nn.Module, ABC):
     @abstractmethod
     def video_features(self, inputs: Features) -> Features:
         """Episode-independent features of a batch of videos (B, ...)."""
-        ...
 
     def cache_features(self, features: Features, class_ids: torch.Tensor, shot: int) -> Features:
         """Evaluation only: precompute what does not depend on the episode (default: nothing).
