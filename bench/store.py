@@ -10,9 +10,13 @@ of token values are measured for size, because compression depends on the values
 MB/s count uncompressed bytes (tensors as the heads receive them). Writes go through `ChunkWriter`
 (compression + checksum + file write, page cache, no fsync). Cold reads evict the store's files from
 the page cache first (see `bench.common.evict`) and check with mincore that they were evicted.
-The loader's share of a training step is `load / (load + head step)` for one 5-way 1-shot 5-query
-episode read by the training loader (`heads.data.SplitData`), without overlap: the loader prefetches
-in a background thread, so this is an upper bound.
+The loader's share of a training step, for 5-way 1-shot 5-query episodes read by the training
+loader (`heads.data.SplitData`) from a split that does not fit `--max-ram` (streamed):
+  no overlap  `load / (load + head step)` for one episode read on its own: an upper bound;
+  stall       the training loop as `fsar-train` runs it (`SplitData.episodes`, reads prefetched in a
+              background thread while the head steps): seconds the loop waits for the next
+              episode / loop seconds, over several episodes after the first (which only fills the
+              prefetch queue). This is the figure the < 5% target is for.
 """
 
 from __future__ import annotations
@@ -36,6 +40,9 @@ from bench.common import (
     vit_b16_spec,
 )
 from bench.workload import (
+    QUERY,
+    SHOT,
+    WAY,
     build_store,
     episode_rows,
     head_step,
@@ -232,12 +239,47 @@ def episodes(res: Result, stores: dict[str, Path], n_rows: int, device: str, qui
                 f"loader share of a {name} step ({mode}, no overlap)",
                 share,
                 "%",
-                target="< 5",
-                met=share < 5,
-                note=f"load {load:.3f} s, step {step:.3f} s",
+                note=f"load {load:.3f} s, step {step:.3f} s (upper bound; see the stall figure)",
             )
+        stall, per_step, n = loader_stall(s, head, roles, opt, device, episodes=2 if quick else 4)
+        res.add(
+            f"loader_stall_pct.{name}",
+            f"loader stall share of a {name} step (streamed, prefetched as fsar-train)",
+            stall,
+            "%",
+            target="< 5",
+            met=stall < 5,
+            note=f"{n} episodes after the first, {per_step:.3f} s each",
+        )
         del head, opt
         torch.set_grad_enabled(True)
+
+
+def loader_stall(
+    store: Any, head: Any, roles: dict[str, str], opt: Any, device: str, episodes: int
+) -> tuple[float, float, int]:
+    """(% of loop time waiting for the next episode, s per episode, episodes timed) of the training
+    loop over a streamed split: `SplitData.episodes` prefetching while the head steps."""
+    import time
+
+    from heads.data import SplitData
+    from heads.episodes import EpisodeSampler
+
+    m = store.manifest
+    sampler = EpisodeSampler(m[m["split"] == "train"], WAY, SHOT, QUERY, seed=2, split="train")
+    data = SplitData(store, sampler.rows, roles, max_ram_gb=0.0, views=None)
+    assert not data.in_memory
+    loop = data.episodes(sampler, range(episodes + 1), seed=2, random_view=False)
+    _, inputs = next(loop)  # fills the prefetch queue: start-up, not steady state
+    head_step(head, {k: v.to(device) for k, v in inputs.items()}, opt)
+    waited, start = 0.0, time.perf_counter()
+    for _ in range(episodes):
+        before = time.perf_counter()
+        _, inputs = next(loop)
+        waited += time.perf_counter() - before
+        head_step(head, {k: v.to(device) for k, v in inputs.items()}, opt)
+    total = time.perf_counter() - start
+    return 100 * waited / total, total / episodes, episodes
 
 
 if __name__ == "__main__":
