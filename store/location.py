@@ -19,6 +19,7 @@ import tempfile
 import threading
 import time
 import zipfile
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
@@ -77,7 +78,7 @@ def _inside(root_real: str, path: Path) -> bool:
     return real == root_real or real.startswith(root_real + os.sep)
 
 
-class Location:
+class Location(ABC):
     """Base: a store's address, its zarr store object and its plain-file reader."""
 
     kind: Literal["dir", "zip", "remote"] = "dir"
@@ -88,9 +89,9 @@ class Location:
         self.local = local  # the directory, when the store is a local directory
         self.writable = writable
 
+    @abstractmethod
     def read_file(self, rel: str) -> bytes:
         """Read a non-array file of the store; FileNotFoundError when it is absent."""
-        raise NotImplementedError
 
     def has_file(self, rel: str) -> bool:
         try:
