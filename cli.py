@@ -499,12 +499,13 @@ def eval_command(
     from pathlib import Path
 
     from heads import create
-    from heads.evaluate import evaluate, load_run, store_of_run
+    from heads.evaluate import evaluate, keep_freed_memory, load_run, store_of_run
     from heads.train import pick_device
     from store import open_store
 
     def action():
         target = pick_device(device)
+        keep_freed_memory()
         if head is not None and checkpoint is not None:
             fail("give --checkpoint or --head, not both")
         run_dir = None

@@ -39,22 +39,38 @@ def cosine_similarity(x: torch.Tensor, y: torch.Tensor, eps: float = 0.01) -> to
     return numerator / denominator
 
 
-def frame_cosine(query: torch.Tensor, support: torch.Tensor, eps: float = 0.01) -> torch.Tensor:
+def frame_cosine(
+    query: torch.Tensor,
+    support: torch.Tensor,
+    eps: float = 0.01,
+    query_norms: torch.Tensor | None = None,
+    support_norms: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Frame-to-frame cosine of every query against every support of each episode.
 
     query (..., Q, Tq, D), support (..., N, Ts, D) -> (..., Q, N, Tq, Ts); equal to
     `cosine_similarity(query.unsqueeze(-3), support.unsqueeze(-4), eps)`, but computed as one
     (Q*Tq, D) x (D, N*Ts) product per episode: the broadcast form runs Q*N tiny matmuls and is
-    most of the cost of OTAM evaluation on CPU.
+    most of the cost of OTAM evaluation on CPU. Frame norms (..., Q, Tq) and (..., N, Ts) may be
+    passed in when they were computed once per video.
     """
     *lead, n_q, t_q, dim = query.shape
     n_s, t_s = support.shape[-3], support.shape[-2]
     q = query.reshape(-1, n_q * t_q, dim)
     s = support.reshape(-1, n_s * t_s, dim)
     numerator = torch.bmm(q, s.transpose(1, 2)).reshape(*lead, n_q, t_q, n_s, t_s)
-    q_norm = query.norm(dim=-1)[..., :, None, :, None]  # (..., Q, 1, Tq, 1)
-    s_norm = support.norm(dim=-1)[..., None, :, None, :]  # (..., 1, N, 1, Ts)
-    return numerator.transpose(-3, -2) / (q_norm * s_norm + eps)
+    q_norm = query.norm(dim=-1) if query_norms is None else query_norms
+    s_norm = support.norm(dim=-1) if support_norms is None else support_norms
+    denominator = q_norm[..., :, None, :, None] * s_norm[..., None, :, None, :] + eps
+    return numerator.transpose(-3, -2) / denominator  # (..., Q, N, Tq, Ts)
+
+
+def one_video_per_class(labels: torch.Tensor, n_way: int) -> bool:
+    """Whether support labels (E, S) give every class exactly one video (a 1-shot support set)."""
+    if labels.shape[-1] != n_way:
+        return False
+    arange = torch.arange(n_way, device=labels.device)
+    return bool((labels.sort(-1).values == arange).all())
 
 
 def class_means(values: torch.Tensor, labels: torch.Tensor, n_way: int) -> torch.Tensor:

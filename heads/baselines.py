@@ -7,7 +7,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .base import Features, FewShotHead, class_means, frame_cosine, last_layer
+from .base import Features, FewShotHead, class_means, frame_cosine, last_layer, one_video_per_class
 from .otam import DEFAULT_LAMBDA, otam_bidirectional
 
 
@@ -76,12 +76,23 @@ class OTAM(_ClsHead):
     def video_features(self, inputs: Features) -> Features:
         return {"frames": inputs["cls"].float()}  # (B, T, D)
 
+    def cache_features(self, features: Features, class_ids: torch.Tensor, shot: int) -> Features:
+        return {**features, "norms": features["frames"].norm(dim=-1)}  # (B, T), once per video
+
     def _support(self, support: Features, labels: torch.Tensor, class_ids: torch.Tensor) -> None:
-        self._prototypes = class_means(
-            support["frames"], labels, class_ids.shape[1]
-        )  # (E, N, T, D)
+        n_way = class_ids.shape[1]
+        self._prototypes = class_means(support["frames"], labels, n_way)  # (E, N, T, D)
+        self._prototype_norms = None  # a mean of several videos has a norm of its own
+        if "norms" in support and one_video_per_class(labels, n_way):
+            self._prototype_norms = class_means(support["norms"], labels, n_way)
 
     def _query(self, query: Features) -> torch.Tensor:
-        dists = 1 - frame_cosine(query["frames"], self._prototypes, self.cosine_eps)  # (E,Q,N,T,T)
-        self._logits = -otam_bidirectional(dists, self.otam_lambda)
+        cosine = frame_cosine(
+            query["frames"],
+            self._prototypes,
+            self.cosine_eps,
+            query.get("norms"),
+            self._prototype_norms,
+        )
+        self._logits = -otam_bidirectional(1 - cosine, self.otam_lambda)  # from (E, Q, N, T, T)
         return self._logits

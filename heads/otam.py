@@ -8,14 +8,18 @@ over three predecessors for the first real column and for the last (pad) column
 (up-left, up, left) and over two for the middle columns (up-left, left). Column 0 stays 0.
 The score is the bottom-right cell; the bidirectional score adds OTAM of the transposed matrix.
 
-The recursion runs cell by cell in log space (C = -cost / lambda, so a soft minimum is a
-`logaddexp`), each cell one vector op over every (episode, query, class) pair at once, with the
-frames moved to the front so each cell is a contiguous slice. On CPU at evaluation shapes this is
-about twice as fast as a row-wise `logcumsumexp` formulation; tests compare it with the plain
-recursion and with brute force over all paths.
+The recursion runs cell by cell, each cell one vector op over every (episode, query, class) pair
+at once, with the frames moved to the front so each cell is a contiguous slice. It runs on
+W = exp(-cost / lambda), where a soft minimum is a plain sum and adding a distance is a product
+(two cheap ops per cell instead of a `logaddexp`), whenever the inputs bound every W inside the
+dtype's normal range (always at evaluation shapes: 1 - cosine in [0, 2], 8 frames, lambda 0.5);
+otherwise it runs the same recursion in log space. Tests compare both with the plain recursion
+and with brute force over all paths.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -23,14 +27,63 @@ import torch.nn.functional as F
 DEFAULT_LAMBDA = 0.5
 
 
-def otam_distance(dists: torch.Tensor, lbda: float = DEFAULT_LAMBDA) -> torch.Tensor:
-    """One-direction OTAM cost. dists (..., Lq, Ls) -> (...,)."""
-    n_rows, n_cols = dists.shape[-2], dists.shape[-1]
-    scaled = (dists / -lbda).movedim((-2, -1), (0, 1)).contiguous()  # (Lq, Ls, ...)
+def _frames_first(dists: torch.Tensor, lbda: float, directions: int) -> torch.Tensor:
+    """-dists / lbda laid out (Lq, Ls, [2,] ...) contiguously: one slice per recursion cell.
+
+    With `directions` 2 (square input) the transposed matrix is stacked on axis 2, so one
+    recursion scores both OTAM directions."""
+    first = dists.movedim((-2, -1), (0, 1))
+    if directions == 2:
+        out = torch.empty(
+            (*first.shape[:2], 2, *first.shape[2:]), dtype=dists.dtype, device=dists.device
+        )
+        out[:, :, 0] = first
+        out[:, :, 1] = dists.movedim((-1, -2), (0, 1))
+        return out.mul_(-1.0 / lbda)
+    return first.mul(-1.0 / lbda).contiguous()
+
+
+def _linear_space_is_safe(dists: torch.Tensor, lbda: float) -> bool:
+    """Whether every cell of exp(-cost / lbda) stays normal: a path has at most Lq + Ls cells and
+    there are at most 3^(Lq + Ls) paths, so W lies in [exp(-max d * L / lbda), 3^L exp(-min d * L / lbda)]."""
+    if dists.numel() == 0:
+        return False
+    length = dists.shape[-2] + dists.shape[-1]
+    low, high = (v.item() for v in torch.aminmax(dists.detach()))
+    limit = 0.9 * -math.log(torch.finfo(dists.dtype).tiny)  # 78 for float32, 637 for float64
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return False
+    return (
+        max(high, 0.0) * length / lbda <= limit
+        and length * math.log(3) + max(-low, 0.0) * length / lbda <= limit
+    )
+
+
+def _recursion_linear(scaled: torch.Tensor) -> torch.Tensor:
+    """The recursion on W = exp(scaled) (Lq, Ls, ...): soft minimum = sum, distance = product."""
+    n_rows, n_cols = scaled.shape[0], scaled.shape[1]
+    weights = scaled.exp()
+    one = torch.ones_like(weights[0, 0])
+    top = list(torch.cumprod(weights[0], dim=0).unbind(0))
+    previous = [one, *top, top[-1]]  # columns 0 .. n_cols + 1
+    for row in range(1, n_rows):
+        w = weights[row]
+        cell = (previous[0] + previous[1] + one) * w[0]
+        current = [one, cell]
+        for col in range(2, n_cols + 1):
+            cell = (previous[col - 1] + cell) * w[col - 1]
+            current.append(cell)
+        current.append(previous[n_cols] + previous[-1] + cell)
+        previous = current
+    return previous[-1].log()
+
+
+def _recursion_log(scaled: torch.Tensor) -> torch.Tensor:
+    """The same recursion in log space (C = -cost / lambda): soft minimum = logaddexp."""
+    n_rows, n_cols = scaled.shape[0], scaled.shape[1]
     zero = torch.zeros_like(scaled[0, 0])
-    # top row: plain cumulative sum; column 0 and the last (pad) column add nothing
     top = list(torch.cumsum(scaled[0], dim=0).unbind(0))
-    previous = [zero, *top, top[-1]]  # columns 0 .. n_cols + 1
+    previous = [zero, *top, top[-1]]
     for row in range(1, n_rows):
         # first real column: up-left, up and left (column 0, which holds 0)
         cell = torch.logaddexp(torch.logaddexp(previous[0], previous[1]), zero) + scaled[row, 0]
@@ -41,15 +94,36 @@ def otam_distance(dists: torch.Tensor, lbda: float = DEFAULT_LAMBDA) -> torch.Te
         # last (pad) column: up-left, up and left; its distance is 0
         current.append(torch.logaddexp(torch.logaddexp(previous[n_cols], previous[-1]), cell))
         previous = current
-    return previous[-1] * -lbda
+    return previous[-1]
 
 
-def otam_bidirectional(dists: torch.Tensor, lbda: float = DEFAULT_LAMBDA) -> torch.Tensor:
+def _otam(dists: torch.Tensor, lbda: float, directions: int, space: str) -> torch.Tensor:
+    if space == "auto":
+        space = "linear" if _linear_space_is_safe(dists, lbda) else "log"
+    if space not in ("linear", "log"):
+        raise ValueError(f"space must be 'auto', 'linear' or 'log' (got {space!r})")
+    scaled = _frames_first(dists, lbda, directions)
+    recursion = _recursion_linear if space == "linear" else _recursion_log
+    return recursion(scaled) * -lbda
+
+
+def otam_distance(
+    dists: torch.Tensor, lbda: float = DEFAULT_LAMBDA, space: str = "auto"
+) -> torch.Tensor:
+    """One-direction OTAM cost. dists (..., Lq, Ls) -> (...,).
+
+    `space` picks the recursion: "linear" (fast), "log" (any range) or "auto" (linear when safe)."""
+    return _otam(dists, lbda, 1, space)
+
+
+def otam_bidirectional(
+    dists: torch.Tensor, lbda: float = DEFAULT_LAMBDA, space: str = "auto"
+) -> torch.Tensor:
     """OTAM(query -> support) + OTAM(support -> query). dists (..., Lq, Ls) -> (...,)."""
-    if dists.shape[-1] == dists.shape[-2]:  # both directions in one call: half the Python ops
-        both = otam_distance(torch.stack([dists, dists.transpose(-1, -2)]), lbda)
+    if dists.shape[-1] == dists.shape[-2]:  # both directions in one recursion: half the Python ops
+        both = _otam(dists, lbda, 2, space)
         return both[0] + both[1]
-    return otam_distance(dists, lbda) + otam_distance(dists.transpose(-1, -2), lbda)
+    return otam_distance(dists, lbda, space) + otam_distance(dists.transpose(-1, -2), lbda, space)
 
 
 def otam_distance_loop(dists: torch.Tensor, lbda: float = DEFAULT_LAMBDA) -> torch.Tensor:

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 import heads
 from heads.evaluate import confidence_interval, evaluate, load_run
@@ -44,6 +45,52 @@ def test_streaming_equals_memory_and_is_deterministic(pair_store: Path) -> None:
     assert a.summary().startswith(
         f"accuracy {a.accuracy:.2f} ± {a.ci95:.2f} (95% CI, 200 episodes, 3-way 1-shot, test)"
     )
+
+
+@pytest.mark.parametrize("name,shot", [("otam", 1), ("otam", 2), ("proto", 1)])
+def test_batched_scoring_with_cached_features_equals_plain_episodes(
+    pair_store: Path, name: str, shot: int
+) -> None:
+    """score_episodes (reused gather buffers, a short last batch, OTAM's cached frame norms)
+    gives each episode's plain support/query result."""
+    from heads.data import SplitData
+    from heads.episodes import EpisodeSampler
+    from heads.evaluate import row_positions, score_episodes, video_pass
+
+    store = open_store(pair_store)
+    head = heads.create(name).eval()
+    m = store.manifest
+    sampler = EpisodeSampler(m[m["split"] == "test"], 3, shot, 1, seed=2)
+    data = SplitData(store, sampler.rows, head.inputs(store.spec), 8.0, views=1)
+    cached = video_pass(head, data, shot, torch.device("cpu"))
+    position = row_positions(data.rows)
+    buffers: dict[str, torch.Tensor] = {}
+    batched = np.concatenate(
+        [
+            score_episodes(head, cached, position, sampler.batch(r), torch.device("cpu"), buffers)
+            for r in (range(0, 8), range(8, 11))
+        ]
+    )
+    plain = []
+    for i in range(11):
+        episode = sampler.episode(i)
+        support = head.video_features(data.get(episode.support_rows))
+        query = head.video_features(data.get(episode.query_rows))
+        head.process_support_set(
+            support, torch.as_tensor(episode.support_labels), torch.as_tensor(episode.class_ids)
+        )
+        with torch.no_grad():
+            predicted = head(query).argmax(-1).numpy()
+        plain.append((predicted == episode.query_labels).mean())
+    assert np.array_equal(batched, np.array(plain, dtype=batched.dtype))
+    if name == "otam":
+        assert "norms" in cached  # per-video frame norms, computed once
+
+
+def test_keep_freed_memory_applies_on_linux() -> None:
+    from heads.evaluate import keep_freed_memory
+
+    assert keep_freed_memory() is sys.platform.startswith("linux")
 
 
 def test_cli_outputs_and_spec_refusal(pair_store: Path, tmp_path: Path) -> None:

@@ -33,15 +33,38 @@ def path_costs(d: torch.Tensor) -> list[float]:
 SHAPES = [(1, 1), (1, 4), (3, 1), (2, 2), (3, 4), (4, 3), (4, 4)]
 
 
+@pytest.mark.parametrize("space", ["linear", "log"])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_soft_otam_equals_logsumexp_over_paths(shape: tuple[int, int]) -> None:
+def test_soft_otam_equals_logsumexp_over_paths(shape: tuple[int, int], space: str) -> None:
     torch.manual_seed(sum(shape))
     d = torch.rand(*shape, dtype=torch.float64) * 2
     for lbda in (0.5, 0.1, 2.0):
         costs = torch.tensor(path_costs(d), dtype=torch.float64)
         want = -lbda * torch.logsumexp(-costs / lbda, dim=0)
-        assert otam_distance(d, lbda).item() == pytest.approx(want.item(), abs=1e-9)
+        assert otam_distance(d, lbda, space).item() == pytest.approx(want.item(), abs=1e-9)
         assert otam_distance_loop(d, lbda).item() == pytest.approx(want.item(), abs=1e-9)
+
+
+def test_linear_and_log_space_agree_and_auto_picks_a_safe_one() -> None:
+    torch.manual_seed(5)
+    d = torch.rand(4, 5, 3, 8, 8) * 2  # 1 - cosine range, evaluation shapes, float32
+    exact = otam_bidirectional(d.double(), space="log")
+    for space in ("linear", "log", "auto"):
+        got = otam_bidirectional(d, space=space)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), exact, atol=1e-5, rtol=1e-6)
+    # long sequences and a small lambda would underflow exp(-cost / lambda) in float32:
+    # auto falls back to log space and stays finite and exact
+    long = 1.5 + torch.rand(2, 64, 64) * 0.5
+    assert torch.isinf(otam_distance(long, 0.5, "linear")).any()
+    torch.testing.assert_close(
+        otam_distance(long, 0.5).double(),
+        otam_distance(long.double(), 0.5, "log"),
+        rtol=1e-5,
+        atol=1e-3,
+    )
+    with pytest.raises(ValueError, match="space must be"):
+        otam_distance(d, 0.5, "exp")
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -89,3 +112,6 @@ def test_frame_cosine_equals_the_broadcast_cosine() -> None:
     got = frame_cosine(query, support, 0.01)
     assert got.shape == (2, 3, 4, 5, 6, 7)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    # norms computed once per video give the same cosines
+    norms = frame_cosine(query, support, 0.01, query.norm(dim=-1), support.norm(dim=-1))
+    torch.testing.assert_close(norms, want, atol=1e-6, rtol=1e-5)
