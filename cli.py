@@ -427,9 +427,11 @@ def train_command(
     import json
     from pathlib import Path
 
+    from heads.allocator import keep_freed_memory
     from heads.train import TrainConfig, config_from_run, train
 
     def action():
+        keep_freed_memory()
         if resume:
             run_dir = Path(out) if out else Path("runs") / "latest"
             if not (run_dir / "config.json").exists():
@@ -499,7 +501,8 @@ def eval_command(
     from pathlib import Path
 
     from heads import create
-    from heads.evaluate import evaluate, keep_freed_memory, load_run, store_of_run
+    from heads.allocator import keep_freed_memory
+    from heads.evaluate import evaluate, load_run, store_of_run
     from heads.train import pick_device
     from store import open_store
 

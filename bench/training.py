@@ -46,6 +46,7 @@ from bench.workload import (
     make_head,
     optimizer_for,
 )
+from heads.allocator import keep_freed_memory
 
 HEADS = ("emp", "proto", "lastlayer")
 
@@ -164,6 +165,7 @@ def main(argv: list[str] | None = None) -> Path:
     online_repeat = args.online_repeat or 1
     n_videos = WAY * (SHOT + QUERY)
     res = Result("training", quick, device)
+    allocator = keep_freed_memory()  # as the fsar-train process does, for every side of the ratio
     torch.manual_seed(0)
     online = Online(model, device, frames)
     res.config = {
@@ -173,6 +175,9 @@ def main(argv: list[str] | None = None) -> Path:
         "store_episodes_timed": repeat,
         "online_episodes_timed": online_repeat,
         "loader": "heads.data.SplitData, split in RAM",
+        "allocator": "glibc heap only, freed memory kept (heads.allocator, as fsar-train)"
+        if allocator
+        else "default",
     }
     pixels = online.pixels(n_videos)
     with torch.inference_mode():

@@ -92,31 +92,6 @@ def auto_episodes_per_batch(features: dict[str, torch.Tensor], videos_per_episod
     return int(max(1, min(MAX_EPISODES_PER_BATCH, EPISODE_BATCH_BYTES // per_episode)))
 
 
-def keep_freed_memory(mmap_threshold: int = 64 << 20, trim_threshold: int = 256 << 20) -> bool:
-    """Ask glibc malloc to reuse freed blocks of up to `mmap_threshold` bytes instead of returning
-    them to the OS (process-wide; for the `fsar-eval` process, not for library callers).
-
-    Episode batches allocate and free megabyte-sized tensors thousands of times; by default glibc
-    maps and unmaps such blocks, and the page faults of touching fresh pages made the first
-    10,000 episodes on CPU about 40% slower than a second run in the same process. Returns
-    whether the setting was applied (Linux with glibc only; elsewhere nothing changes)."""
-    import ctypes
-    import ctypes.util
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
-    return bool(mallopt(m_mmap_threshold, mmap_threshold)) and bool(
-        mallopt(m_trim_threshold, trim_threshold)
-    )
-
-
 def row_positions(rows: np.ndarray) -> np.ndarray:
     """Lookup table store row -> index into `rows` (-1 where absent), for gathering features."""
     table = np.full(int(rows.max()) + 1 if len(rows) else 0, -1, dtype=np.int64)
