@@ -422,6 +422,12 @@ def train_command(
     strategy: str | None = typer.Option(None, help="lastlayer: meta | finetune | novel."),
     option: list[str] = typer.Option([], help="Other head option KEY=VALUE (repeatable)."),
     progress: bool = typer.Option(True, help="Progress bar."),
+    keep_freed_memory_: bool = typer.Option(
+        True,
+        "--keep-freed-memory/--return-freed-memory",
+        help="Reuse freed memory instead of returning it to the OS: faster steps on CPU "
+        "(no page faults), a higher peak RSS (see README Performance).",
+    ),
 ) -> None:
     """Train a head episodically from a store (never runs the CLIP encoder)."""
     import json
@@ -431,7 +437,8 @@ def train_command(
     from heads.train import TrainConfig, config_from_run, train
 
     def action():
-        keep_freed_memory()
+        if keep_freed_memory_:
+            keep_freed_memory()
         if resume:
             run_dir = Path(out) if out else Path("runs") / "latest"
             if not (run_dir / "config.json").exists():
