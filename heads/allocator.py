@@ -2,8 +2,8 @@
 
 A training step of `emp` at ViT-B/16 shapes allocates and frees tensors of tens to hundreds of
 megabytes. By default glibc serves each with a fresh `mmap` and unmaps it on free, so every step
-touches gigabytes of new pages: on the 2-core benchmark machine, 3 million page faults and a third
-of the step in the kernel. Serving them from the heap and keeping freed memory for reuse removes
+touches gigabytes of new pages: on the 2-core benchmark machine, about 3 million page faults and a
+third of the step in the kernel (counted with getrusage around one step). Serving them from the heap and keeping freed memory for reuse removes
 that. This is process-wide, so the CLI commands call it; library callers decide for themselves.
 """
 

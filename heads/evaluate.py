@@ -112,7 +112,8 @@ def score_episodes(
     `features` are per-video features in the order of some rows; `position` (row_positions of
     those rows) maps a store row to its index there. `buffers`, kept by the caller between
     calls, receive the gathered features: allocating megabytes afresh per batch costs page
-    faults that can double the time of an episode batch on CPU."""
+    faults on CPU under glibc's default settings (library callers; fsar-eval also keeps freed
+    memory, see heads.allocator)."""
 
     def gather(rows: np.ndarray, role: str) -> dict[str, torch.Tensor]:
         index = torch.as_tensor(position[rows].reshape(-1), device=device)
