@@ -1,10 +1,11 @@
-"""Keep freed memory in the process: glibc malloc settings for the `fsar-train`/`fsar-eval` processes.
+"""Keep freed memory in the process: glibc malloc settings for `fsar-train` and `fsar-eval`.
 
 A training step of `emp` at ViT-B/16 shapes allocates and frees tensors of tens to hundreds of
 megabytes. By default glibc serves each with a fresh `mmap` and unmaps it on free, so every step
-touches gigabytes of new pages: on the 2-core benchmark machine, about 3 million page faults and a
-third of the step in the kernel (counted with getrusage around one step). Serving them from the heap and keeping freed memory for reuse removes
-that. This is process-wide, so the CLI commands call it; library callers decide for themselves.
+touches gigabytes of new pages: on the 2-core benchmark machine, about 3 million page faults and
+a third of the step in the kernel (counted with getrusage around one step). Serving them from the
+heap and keeping freed memory for reuse removes that. This is process-wide, so the CLI commands
+call it; library callers decide for themselves.
 """
 
 from __future__ import annotations

@@ -31,21 +31,23 @@ def _frames_first(dists: torch.Tensor, lbda: float, directions: int) -> torch.Te
     """-dists / lbda laid out (Lq, Ls, [2,] ...) contiguously: one slice per recursion cell.
 
     With `directions` 2 (square input) the transposed matrix is stacked on axis 2, so one
-    recursion scores both OTAM directions."""
+    recursion scores both OTAM directions. One copy into a fresh tensor, then an in-place scale
+    (the caller's tensor is never written)."""
     first = dists.movedim((-2, -1), (0, 1))
+    out = torch.empty(
+        (*first.shape[:2], directions, *first.shape[2:]), dtype=dists.dtype, device=dists.device
+    )
+    out[:, :, 0] = first
     if directions == 2:
-        out = torch.empty(
-            (*first.shape[:2], 2, *first.shape[2:]), dtype=dists.dtype, device=dists.device
-        )
-        out[:, :, 0] = first
         out[:, :, 1] = dists.movedim((-1, -2), (0, 1))
-        return out.mul_(-1.0 / lbda)
-    return first.mul(-1.0 / lbda).contiguous()
+    out.mul_(-1.0 / lbda)
+    return out if directions == 2 else out[:, :, 0]
 
 
 def _linear_space_is_safe(dists: torch.Tensor, lbda: float) -> bool:
-    """Whether every cell of exp(-cost / lbda) stays normal: a path has at most Lq + Ls cells and
-    there are at most 3^(Lq + Ls) paths, so W lies in [exp(-max d * L / lbda), 3^L exp(-min d * L / lbda)]."""
+    """Whether every cell of exp(-cost / lbda) stays normal. A path has at most L = Lq + Ls cells
+    and there are at most 3^L paths, so W lies in
+    [exp(-max d * L / lbda), 3^L * exp(-min d * L / lbda)]."""
     if dists.numel() == 0:
         return False
     length = dists.shape[-2] + dists.shape[-1]
