@@ -10,7 +10,9 @@ on the weights), T=8 frames, 1 view, recipe `emp`, CPU; `--quick`: the tiny ViT,
             `--quick` runs only the full one and reports end-to-end figures.
   bare      the same FrameEncoder (same model, batch = one video's frames, torch threads = cores)
             in this process on the same videos' frames, decoded and preprocessed beforehand:
-            encoding only.
+            encoding only. This process keeps freed memory (heads.allocator), as fsar-extract's
+            workers do: with glibc's default, the loop's speed depends on the heap's history
+            (2.7-2.9 frames/s against 3.3 on the same machine, minutes apart).
   ratio     pipeline frames/s / bare frames/s; the target (>= 0.9) is for the steady state.
 Decode-only: `pipeline.video.decode_sampled` (exact sequential decode, as the pipeline runs it) in a
 process pinned to one core, on 320x240 videos of 300 frames (HMDB51/UCF101 size), textured and
@@ -31,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import Result, Scratch, parser, resolve_device, timed
+from heads.allocator import keep_freed_memory
 
 DECODE_SIZE = (320, 240)
 
@@ -142,6 +145,7 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--decode-frames", type=int, default=None, help="frames per decode video [300]")
     args = p.parse_args(argv)
     device = resolve_device(args.device)
+    allocator = keep_freed_memory()  # the bare loop gets the allocator settings of the workers
     quick = args.quick
     model = "fsar-tiny-vit" if quick else "ViT-B-16"
     frames = 4 if quick else 8
@@ -185,6 +189,9 @@ def main(argv: list[str] | None = None) -> Path:
             },
             "pipeline_summary_seconds": float(match.group(1)) if match else None,
             "bare_frames": n_bare,
+            "bare_allocator": "glibc heap only, freed memory kept (as fsar-extract's workers)"
+            if allocator
+            else "glibc default (settings not available here)",
             "decode_video": f"{DECODE_SIZE[0]}x{DECODE_SIZE[1]}, {decode_frames} frames, 25 fps",
         }
         res.add("bare_fps", "bare encoder loop (in process)", bare, "frames/s")
