@@ -148,6 +148,28 @@ def median_of(fn: Any, repeat: int, device: str) -> float:
     return statistics.median(timed(fn, device)[0] for _ in range(max(1, repeat)))
 
 
+def dropout_figures(res: Result, spec: dict[str, Any], n_videos: int, device: str) -> None:
+    """Forward time of torch's dropout and heads.dropout.ParallelDropout (what emp uses) on the
+    largest tensor emp drops in an episode: every patch token of every frame, at the store's dim."""
+    from heads.dropout import ParallelDropout
+
+    shape = (n_videos * spec["frames"] * (spec["tokens"] - 1), spec["dim"])
+    x = torch.randn(shape, device=device)
+    times = {}
+    for label, layer in (("torch", torch.nn.Dropout(0.2)), ("parallel", ParallelDropout(0.2))):
+        layer(x)  # warm-up (the thread pool starts)
+        times[label] = median_of(lambda layer=layer: layer(x), 5, device)
+    res.config["dropout_tensor"] = list(shape)
+    res.add("dropout_ms.torch", "dropout p=0.2, torch (nn.Dropout)", times["torch"] * 1e3, "ms")
+    res.add(
+        "dropout_ms.parallel",
+        "dropout p=0.2, heads.dropout (as emp trains)",
+        times["parallel"] * 1e3,
+        "ms",
+    )
+    res.add("dropout_speedup", "dropout speedup", times["torch"] / times["parallel"], "x")
+
+
 def main(argv: list[str] | None = None) -> Path:
     p = parser("training", __doc__.splitlines()[0])
     p.add_argument("--repeat", type=int, default=None, help="store episodes timed per head [3]")
@@ -184,6 +206,7 @@ def main(argv: list[str] | None = None) -> Path:
         clip_flops = count_flops(lambda: online.encoder.encode_torch(pixels[:1]), online.visual)
         trunk_flops = count_flops(lambda: trunk(online.visual, pixels[:1]), online.visual)
     res.add("clip_gflop_per_frame", f"{model} forward per frame", clip_flops / 1e9, "GFLOP")
+    dropout_figures(res, spec, n_videos, device)
     res.config["trunk_gflop_per_frame"] = trunk_flops / 1e9
 
     # warm-up: first calls allocate and pick kernels

@@ -14,6 +14,9 @@ on class prototypes, then bidirectional OTAM per level. Prediction = mean of the
 probability vectors; loss = sum of six cross-entropies applied to probabilities (the released
 double softmax) unless `temperature` is set.
 
+Dropout (attention outputs 0.2, FFN 0.05, as released) is `heads.dropout.ParallelDropout`: the same
+rates, its masks drawn on every core.
+
 Paper-text options (off by default, the released code has neither): `layer_weights` learns the
 weights of the skip-fusion sums, `score_weights` learns the weights that combine the scores.
 """
@@ -28,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import Features, FewShotHead, class_means, cosine_similarity, frame_cosine
+from .dropout import ParallelDropout
 from .otam import DEFAULT_LAMBDA, otam_bidirectional
 
 LEVELS = ("token", "patch", "frame")
@@ -43,7 +47,7 @@ class Attention(nn.Module):
         self.to_q = nn.Linear(dim, inner, bias=False)
         self.to_k = nn.Linear(dim, inner, bias=False)
         self.to_v = nn.Linear(dim, inner, bias=False)
-        self.to_out = nn.Sequential(nn.Linear(inner, dim), nn.Dropout(dropout))
+        self.to_out = nn.Sequential(nn.Linear(inner, dim), ParallelDropout(dropout))
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         def split(x: torch.Tensor) -> torch.Tensor:  # (B, n, h*d) -> (B, h, n, d)
@@ -62,9 +66,9 @@ class FeedForward(nn.Sequential):
         super().__init__(
             nn.Linear(dim, hidden),
             nn.GELU(),
-            nn.Dropout(dropout),
+            ParallelDropout(dropout),
             nn.Linear(hidden, dim),
-            nn.Dropout(dropout),
+            ParallelDropout(dropout),
         )
 
 
