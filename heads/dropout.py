@@ -3,13 +3,13 @@
 torch's CPU dropout draws one random float per element from a single generator, on one core:
 for EMP-Net at ViT-B/16 shapes (47,280 tokens x 768 per block) that is 2.4 s of a 15 s training
 episode on 2 cores, while the other core idles (`python -m bench.training` measures both).
-`ParallelDropout` draws 16 random bits per element from 64-bit words, split across one generator
-per torch thread, then keeps an element when its bits clear a threshold. The drop probability is
+`ParallelDropout` draws 16 random bits per element from 64-bit words, split across 8 generators
+run on the torch threads, then keeps an element when its bits clear a threshold. The drop probability is
 thus `p` rounded to a multiple of 1/65,536, and kept elements are scaled by 1 / (1 - that).
 
 Masks are reproducible: each call draws its generators' seeds from torch's global generator, so
-`torch.manual_seed` fixes them as it fixes `nn.Dropout`'s (the masks themselves differ from
-`nn.Dropout`'s). On CUDA tensors, and for small ones, this is plain `F.dropout`.
+`torch.manual_seed` fixes them as it fixes `nn.Dropout`'s, whatever the number of threads (the
+masks themselves differ from `nn.Dropout`'s). On CUDA tensors, and for small ones, this is plain `F.dropout`.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 PARALLEL_MIN_ELEMENTS = 1 << 20  # below this a pool round trip costs more than it saves
+MASK_PARTS = 8  # generators per mask: fixed, so masks do not depend on the number of threads
 _BITS = 16
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
@@ -41,18 +42,19 @@ def quantised_drop_probability(p: float) -> float:
     return round(p * (1 << _BITS)) / (1 << _BITS)
 
 
-def random_int16(n: int, parts: int) -> torch.Tensor:
-    """`n` uniform int16 values, drawn as 64-bit words by `parts` generators in parallel."""
+def random_int16(n: int, threads: int) -> torch.Tensor:
+    """`n` uniform int16 values, drawn as 64-bit words by MASK_PARTS generators on `threads`."""
     words = torch.empty((n + 3) // 4, dtype=torch.int64)
-    seeds = torch.randint(0, 1 << 62, (parts,)).tolist()  # from the global generator
-    chunks = words.chunk(parts)
+    seeds = torch.randint(0, 1 << 62, (MASK_PARTS,)).tolist()  # from the global generator
+    chunks = words.chunk(MASK_PARTS)
 
     def fill(i: int) -> None:
         generator = torch.Generator().manual_seed(seeds[i])
         chunks[i].random_(-(1 << 63), (1 << 63) - 1, generator=generator)  # all 64 bits
 
-    if parts == 1:
-        fill(0)
+    if threads <= 1:
+        for i in range(len(chunks)):
+            fill(i)
     else:
         list(_thread_pool().map(fill, range(len(chunks))))
     return words.view(torch.int16)[:n]
@@ -64,12 +66,14 @@ def parallel_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.
         return x
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
-    if x.device.type != "cpu" or x.numel() < PARALLEL_MIN_ELEMENTS or p == 1.0:
+    if x.device.type != "cpu" or x.numel() < PARALLEL_MIN_ELEMENTS:
         return F.dropout(x, p, True)
     p_drop = quantised_drop_probability(p)
+    if p_drop == 1.0:
+        return x * 0.0
     threshold = -(1 << (_BITS - 1)) + round(p * (1 << _BITS))  # int16 >= threshold: kept
-    parts = max(1, min(torch.get_num_threads(), os.cpu_count() or 1))
-    keep = random_int16(x.numel(), parts).view(x.shape) >= threshold
+    threads = min(torch.get_num_threads(), os.cpu_count() or 1)
+    keep = random_int16(x.numel(), threads).view(x.shape) >= threshold
     return torch.where(keep, x, 0.0).mul_(1.0 / (1.0 - p_drop))
 
 

@@ -24,8 +24,8 @@ def test_drops_the_requested_fraction_and_scales_the_rest(p: float) -> None:
     assert abs(dropped.float().mean().item() - p) < 0.002
     scale = 1.0 / (1.0 - quantised_drop_probability(p))
     torch.testing.assert_close(out[~dropped], x[~dropped] * scale)
-    # each half of the tensor comes from its own generator: both halves drop at the rate, and
-    # their masks are not copies of each other
+    # the halves come from different generators: both drop at the rate, and their masks are not
+    # copies of each other
     halves = dropped.flatten().chunk(2)
     assert all(abs(h.float().mean().item() - p) < 0.003 for h in halves)
     assert (halves[0] == halves[1]).float().mean().item() < 1 - p * (1 - p)
@@ -39,6 +39,21 @@ def test_masks_follow_torch_manual_seed_and_differ_between_calls() -> None:
     a2 = parallel_dropout(x, 0.2)
     assert torch.equal(a, a2)
     assert not torch.equal(a, b)
+
+
+def test_masks_do_not_depend_on_the_number_of_threads() -> None:
+    x = torch.ones(N)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        torch.manual_seed(5)
+        one = parallel_dropout(x, 0.2)
+        torch.set_num_threads(2)
+        torch.manual_seed(5)
+        two = parallel_dropout(x, 0.2)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
 
 
 def test_gradient_is_the_mask_times_the_scale() -> None:
@@ -60,5 +75,6 @@ def test_eval_mode_small_tensors_and_bad_probability() -> None:
     torch.manual_seed(0)
     assert torch.equal(ours, torch.nn.functional.dropout(small, 0.5, True))
     assert torch.equal(parallel_dropout(x, 1.0), torch.zeros_like(x))
+    assert torch.equal(parallel_dropout(x, 1 - 1e-7), torch.zeros_like(x))  # rounds to 1
     with pytest.raises(ValueError, match="between 0 and 1"):
         parallel_dropout(x, 1.5)
