@@ -12,7 +12,7 @@ on the weights), T=8 frames, 1 view, recipe `emp`, CPU; `--quick`: the tiny ViT,
             in this process on the same videos' frames, decoded and preprocessed beforehand:
             encoding only. This process keeps freed memory (heads.allocator), as fsar-extract's
             workers do: with glibc's default, the loop's speed depends on the heap's history
-            (2.7-2.9 frames/s against 3.3 on the same machine, minutes apart).
+            (2.5-2.9 frames/s against 3.3 on the same machine, minutes apart).
   ratio     pipeline frames/s / bare frames/s; the target (>= 0.9) is for the steady state.
 Decode-only: `pipeline.video.decode_sampled` (exact sequential decode, as the pipeline runs it) in a
 process pinned to one core, on 320x240 videos of 300 frames (HMDB51/UCF101 size), textured and

@@ -479,7 +479,7 @@ def add_text_embeddings(
 
 
 # Dask settings for the workers of our LocalCluster (`fsar-extract` without --scheduler; README,
-# "Dask", says what to set on the workers of an existing cluster). Measured on 2 CPU cores with
+# "Worker settings", says what to set on the workers of an existing cluster). Measured on 2 cores with
 # ViT-B/16: the encoder's forward took 3.6 s per 8-frame video in a default Dask worker against
 # 2.4 s in a plain loop. Dask starts workers with MALLOC_TRIM_THRESHOLD_=65536, which pins glibc's
 # mmap threshold at 128 KiB, so every activation is a fresh mmap (millions of page faults); keeping
