@@ -1,7 +1,7 @@
 """Dropout whose random mask is drawn on every CPU core, for training heads on CPU.
 
 torch's CPU dropout draws one random float per element from a single generator, on one core:
-for EMP-Net at ViT-B/16 shapes (47,280 tokens x 768 per block) that is 2.4 s of a 15 s training
+for EMP-Net at ViT-B/16 shapes (47,280 tokens x 512 per block) that is 2.4 s of a 15 s training
 episode on 2 cores, while the other core idles (`python -m bench.training` measures both).
 `ParallelDropout` draws 16 random bits per element from 64-bit words, split across 8 generators
 run on the torch threads, then keeps an element when its bits clear a threshold. The drop probability is
