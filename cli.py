@@ -409,9 +409,13 @@ def train_command(
         False, "--no-text", help="emp: no text-visual scores, no text fusion."
     ),
     no_skip_fusion: bool = typer.Option(False, "--no-skip-fusion", help="emp: layer 12 only."),
-    temperature: float | None = typer.Option(
+    loss: str | None = typer.Option(
         None,
-        help="emp: single softmax with this temperature instead of the released double softmax.",
+        help="emp: ce (cross-entropy on scores with learnable scales) or released (the released "
+        "double softmax) [ce; released with --preset].",
+    ),
+    temperature: float | None = typer.Option(
+        None, help="emp, loss ce: initial temperature of the matching scores [1]."
     ),
     layer_weights: bool = typer.Option(
         False, "--layer-weights", help="emp: learnable skip-fusion weights (paper)."
@@ -459,7 +463,7 @@ def train_command(
         values.update({k: v for k, v in cli.items() if v is not None})
         head_opts = dict(values.get("head_options", {}))
         head_opts.update(_parse_head_options(option))
-        flags = dict(levels=levels, temperature=temperature, strategy=strategy)
+        flags = dict(levels=levels, loss=loss, temperature=temperature, strategy=strategy)
         head_opts.update({k: v for k, v in flags.items() if v is not None})
         for name, on in (
             ("no_text", no_text),
@@ -488,7 +492,8 @@ def eval_command(
     store: str | None = typer.Option(None, help="Store path [the store the run's config names]."),
     checkpoint: str | None = typer.Option(None, help="Run directory [runs/latest]."),
     head: str | None = typer.Option(
-        None, help="Training-free head instead of a run: zeroshot, proto, otam."
+        None,
+        help="A head instead of a run: zeroshot, proto, otam, or an untrained emp/probe.",
     ),
     episodes: int = typer.Option(10_000, help="Test episodes."),
     way: int = typer.Option(5, help="Classes per episode."),
@@ -507,10 +512,12 @@ def eval_command(
     import json
     from pathlib import Path
 
+    import torch
+
     from heads import create
     from heads.allocator import keep_freed_memory
     from heads.evaluate import evaluate, load_run, store_of_run
-    from heads.train import pick_device
+    from heads.train import head_options, pick_device
     from store import open_store
 
     def action():
@@ -530,7 +537,8 @@ def eval_command(
         if run_dir is not None:
             model = load_run(run_dir, s, target)
         else:
-            model = create(head, **_parse_head_options(option))
+            torch.manual_seed(seed)  # an untrained trainable head: the same weights every time
+            model = create(head, **head_options(head, _parse_head_options(option), s.spec))
             model.prepare(s)
             model.to(target)
         result = evaluate(

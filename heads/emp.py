@@ -11,8 +11,10 @@ Per video (episode-independent, `video_features`):
 Per episode: text-visual probabilities for supports and queries on these levels, then text
 fusion (supports: q = feature + class text, k = v = [feature; text]; queries: self-attention)
 on class prototypes, then bidirectional OTAM per level. Prediction = mean of the six
-probability vectors; loss = sum of six cross-entropies applied to probabilities (the released
-double softmax) unless `temperature` is set.
+probability vectors; loss = sum of six cross-entropies. `loss="ce"` (default) applies them to the
+scores times a learnable scale per score (init 1/temperature); `loss="released"` applies them to
+the probabilities (the released double softmax, whose gradients are too small to escape the
+plateau a strong shared component puts it on: docs/reproducing.md).
 
 Dropout (attention outputs 0.2, FFN 0.05, as released) is `heads.dropout.ParallelDropout`: the same
 rates, its masks drawn on every core.
@@ -159,7 +161,10 @@ class EMPNet(FewShotHead):
         no_skip_fusion: bool = False,
         otam_lambda: float = DEFAULT_LAMBDA,
         cosine_eps: float = 0.01,
+        loss: str = "ce",
         temperature: float | None = None,
+        text_temperature: float = 0.07,
+        learn_temperature: bool = True,
         layer_weights: bool = False,
         score_weights: bool = False,
     ) -> None:
@@ -170,6 +175,9 @@ class EMPNet(FewShotHead):
         self.skip_fusion = not no_skip_fusion
         self.otam_lambda = otam_lambda
         self.cosine_eps = cosine_eps
+        if loss not in ("ce", "released"):
+            raise ValueError(f"loss must be ce or released (got {loss!r})")
+        self.loss_kind = loss
         self.temperature = temperature
         head_dim = head_dim or dim // 8
         ffn_dim = ffn_dim or dim // 4
@@ -177,7 +185,9 @@ class EMPNet(FewShotHead):
             dim=dim, heads=heads, head_dim=head_dim, ffn_dim=ffn_dim, attn_dropout=attn_dropout,
             ffn_dropout=ffn_dropout, levels=",".join(self.levels), no_text=no_text,
             no_skip_fusion=no_skip_fusion, otam_lambda=otam_lambda, cosine_eps=cosine_eps,
-            temperature=temperature, layer_weights=layer_weights, score_weights=score_weights,
+            loss=loss, temperature=temperature, text_temperature=text_temperature,
+            learn_temperature=learn_temperature, layer_weights=layer_weights,
+            score_weights=score_weights,
         )  # fmt: skip
         block_args = (dim, heads, head_dim, ffn_dim, attn_dropout, ffn_dropout)
         n_blocks = 3 if self.skip_fusion else 1
@@ -193,6 +203,15 @@ class EMPNet(FewShotHead):
         )
         n_scores = len(self.levels) * (2 if self.use_text else 1)
         self.score_weights = nn.Parameter(torch.zeros(n_scores)) if score_weights else None
+        # log of the scale applied to each score (match scores first, then text scores)
+        scale = [1.0 / (temperature or 1.0)] * len(self.levels)
+        scale += [1.0 / text_temperature] * (n_scores - len(self.levels))
+        log_scale = torch.tensor(scale).log()
+        if loss == "ce" and learn_temperature:
+            self.log_scale = nn.Parameter(log_scale)
+        else:
+            fixed = log_scale if loss == "ce" else torch.zeros(n_scores)
+            self.register_buffer("log_scale", fixed, persistent=False)
 
     # ---------------------------------------------------------------- per video
     def inputs(self, spec: dict[str, Any]) -> dict[str, str]:
@@ -345,10 +364,9 @@ class EMPNet(FewShotHead):
         for lv, s in self._query_text.items():
             scores[f"text_{lv}"] = s
         self._scores = scores
-        temperature = self.temperature or 1.0
-        probabilities = torch.stack(
-            [torch.softmax(s / temperature, dim=-1) for s in scores.values()]
-        )
+        scale = self.log_scale.exp()
+        self._logits = [s * scale[i] for i, s in enumerate(scores.values())]
+        probabilities = torch.stack([torch.softmax(s, dim=-1) for s in self._logits])
         if self.score_weights is not None:
             self._prediction = torch.einsum(
                 "n,neqc->eqc", torch.softmax(self.score_weights, 0), probabilities
@@ -358,19 +376,20 @@ class EMPNet(FewShotHead):
         return self._prediction
 
     def _loss(self, query_labels: torch.Tensor) -> torch.Tensor:
-        def cross_entropy(score: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-            if self.temperature is None:  # released: cross-entropy applied to probabilities
-                score = torch.softmax(score, dim=-1)
-            else:
-                score = score / self.temperature
-            return F.cross_entropy(score.flatten(0, 1), labels.flatten())
+        scale = self.log_scale.exp()
 
-        loss = sum(cross_entropy(self._scores[f"match_{lv}"], query_labels) for lv in self.levels)
+        def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            if self.loss_kind == "released":  # cross-entropy applied to probabilities
+                logits = torch.softmax(logits, dim=-1)
+            return F.cross_entropy(logits.flatten(0, 1), labels.flatten())
+
+        n_levels = len(self.levels)
+        loss = sum(cross_entropy(self._logits[i], query_labels) for i in range(n_levels))
         if self.use_text:
             labels = torch.cat([self._support_labels, query_labels], dim=1)
-            for lv in self.levels:
+            for i, lv in enumerate(self.levels):
                 both = torch.cat([self._support_text[lv], self._query_text[lv]], dim=1)
-                loss = loss + cross_entropy(both, labels)
+                loss = loss + cross_entropy(both * scale[n_levels + i], labels)
         if self.score_weights is not None:  # the learnable combination needs its own term
             log_prediction = torch.log(self._prediction.clamp_min(1e-8))
             loss = loss + F.nll_loss(log_prediction.flatten(0, 1), query_labels.flatten())

@@ -46,9 +46,11 @@ def _register_builtin() -> None:
     from .baselines import OTAM, Prototypes, ZeroShot
     from .emp import EMPNet
     from .lastlayer import LastLayer
+    from .probe import LinearProbe
 
     register("emp", EMPNet)
     register("zeroshot", ZeroShot)
     register("proto", Prototypes)
     register("otam", OTAM)
     register("lastlayer", LastLayer)
+    register("probe", LinearProbe)

@@ -60,6 +60,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# A preset reproduces the released run, so its head options are the released ones too.
+PRESET_HEAD_OPTIONS: dict[str, dict[str, Any]] = {"emp": {"loss": "released"}}
+
+
 @dataclass
 class TrainConfig:
     store: str = ""
@@ -70,12 +74,12 @@ class TrainConfig:
     shot: int = 1
     query: int = 5
     episodes: int = 2_000
-    episodes_per_step: int = 4
+    episodes_per_step: int = 1
     episodes_per_iteration: int = 1  # the per-episode loss is divided by this (released: 2 GPUs)
-    lr: float = 1e-4
+    lr: float = 1e-3
     lr_start: float = 1e-6
-    warmup_episodes: int | None = None  # default: 10% of episodes
-    decay_episodes: list[int] | None = None  # default: 40% and 60% of episodes (released shape)
+    warmup_episodes: int | None = None  # default: 5% of episodes
+    decay_episodes: list[int] | None = None  # default: 70% and 90% of episodes
     decay_factor: float = 0.1
     weight_decay: float = 1e-3
     batch_size: int = 32  # lastlayer --strategy finetune: videos per step
@@ -99,10 +103,12 @@ class TrainConfig:
             for key, value in PRESETS[cfg.preset].items():
                 if explicit is None or key not in explicit:
                     setattr(cfg, key, value)
+            for key, value in PRESET_HEAD_OPTIONS.get(cfg.head, {}).items():
+                cfg.head_options.setdefault(key, value)
         if cfg.warmup_episodes is None:
-            cfg.warmup_episodes = cfg.episodes // 10
+            cfg.warmup_episodes = cfg.episodes // 20
         if cfg.decay_episodes is None:
-            cfg.decay_episodes = [cfg.episodes * 4 // 10, cfg.episodes * 6 // 10]
+            cfg.decay_episodes = [cfg.episodes * 7 // 10, cfg.episodes * 9 // 10]
         if cfg.val_every % cfg.episodes_per_step:
             raise ConfigError(
                 f"--val-every ({cfg.val_every}) must be a multiple of --episodes-per-step ({cfg.episodes_per_step})"

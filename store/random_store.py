@@ -104,3 +104,67 @@ def write_random_store(
             [f"template {i} {{}}" for i in range(16)],
         )
     return s
+
+
+def hidden_order_store(
+    path: str | Path,
+    *,
+    classes: dict[str, int] | None = None,
+    videos_per_class: int = 12,
+    frames: int = 8,
+    patches: int = 16,
+    dim: int = 64,
+    seed: int = 0,
+    signal: float = 4.0,
+    nuisance: float = 2.0,
+) -> FeatureStore:
+    """A store whose classes differ only in the temporal order of a signal no fixed metric sees.
+
+    Classes come in time-reversal pairs: class 2k follows a path of T unit vectors in a 4-dim
+    signal subspace, class 2k+1 the same path backwards. Four fixed patches of every frame carry
+    the path (amplitude `signal`); every token (CLS and patches) also carries a per-video plus
+    per-frame nuisance in an 8-dim subspace shared by all classes (amplitude `nuisance`) and
+    isotropic noise. Cosine on raw tokens is dominated by the nuisance, so training-free heads sit
+    at chance, while a learned projection onto the signal subspace separates every class. Class
+    texts name the pair (its time-mean path) in a 4-dim text subspace of their own: they tell
+    pairs apart once a head learns to align them, never the order inside a pair.
+    """
+    classes = classes or {"train": 16, "val": 8, "test": 8}
+    if any(n % 2 for n in classes.values()):
+        raise ValueError("every split needs an even number of classes (reversal pairs)")
+    spec = random_spec(frames=frames, dim=dim, width=dim, patches=patches)
+    basis = np.linalg.qr(np.random.default_rng(seed + 1).standard_normal((dim, dim)))[0]
+    signal_basis, nuisance_basis, text_basis = basis[:, :4], basis[:, 4:12], basis[:, 12:16]
+    rng = np.random.default_rng(seed + 2)
+    n_classes = sum(classes.values())
+    paths = rng.standard_normal((n_classes // 2, frames, 4))
+    paths /= np.linalg.norm(paths, axis=-1, keepdims=True)
+    carriers = 1 + rng.choice(patches, 4, replace=False)  # token positions of the signal patches
+    names = [e["name"] for e in spec["tensors"] if e["name"].startswith("tokens/")]
+
+    def tokens(row: int, row_rng: np.random.Generator) -> dict[str, np.ndarray]:
+        label = row // videos_per_class
+        path = paths[label // 2][:: -1 if label % 2 else 1]
+        path = path + 0.2 * row_rng.standard_normal(path.shape)
+        shared = nuisance * (
+            row_rng.standard_normal((1, 1, 8)) + 0.5 * row_rng.standard_normal((frames, 1, 8))
+        )
+        carried = np.zeros((frames, 1 + patches, 4))
+        carried[:, carriers] = signal * path[:, None]
+        carried[:, 0] = signal * path * len(carriers) / patches  # CLS: the patches' mean signal
+        clean = shared @ nuisance_basis.T + carried @ signal_basis.T
+        return {
+            n: (clean + 0.3 * row_rng.standard_normal(clean.shape))[None].astype(np.float16)
+            for n in names
+        }
+
+    store = write_random_store(
+        path, spec, classes, videos_per_class, seed=seed, tokens_fn=tokens, text=False
+    )
+    pair_text = paths.mean(1) @ text_basis.T
+    pair_text /= np.linalg.norm(pair_text, axis=-1, keepdims=True)
+    text = np.repeat(pair_text, 2, axis=0)[:, None] + 0.3 / np.sqrt(dim) * rng.standard_normal(
+        (n_classes, 16, dim)
+    )
+    store.write_text("emp16", text.astype(np.float32), [f"template {i} {{}}" for i in range(16)])
+    return store

@@ -28,8 +28,13 @@ def scores(head, inputs, support_idx, labels, class_ids, query_idx):
 
 
 def test_parameter_count_matches_released_model() -> None:
-    head = heads.create("emp", dim=512)
-    assert sum(p.numel() for p in head.parameters() if p.requires_grad) == 7_495_296
+    def count(head) -> int:
+        return sum(p.numel() for p in head.parameters() if p.requires_grad)
+
+    assert count(heads.create("emp", dim=512, loss="released")) == 7_495_296
+    # the default loss adds one learnable scale per score: 3 matching + 3 text-visual
+    assert count(heads.create("emp", dim=512)) == 7_495_296 + 6
+    assert count(heads.create("emp", dim=512, learn_temperature=False)) == 7_495_296
 
 
 def test_ablations_change_the_architecture() -> None:
@@ -112,8 +117,7 @@ def test_loss_trains_every_parameter_and_options() -> None:
     loss.backward()
     assert torch.allclose(prediction.sum(-1), torch.ones(3))
     assert all(p.grad is not None for p in head.parameters())
-    # the released double softmax bounds each cross-entropy by log(N) + 1; six terms
-    assert 0 < loss.item() < 6 * (torch.log(torch.tensor(3.0)).item() + 1)
+    assert head.log_scale.grad is not None and head.log_scale.grad.abs().min() > 0
     options = make(temperature=0.1, layer_weights=True, score_weights=True).train()
     feats = options.video_features(inputs)
     options.process_support_set(
@@ -130,3 +134,63 @@ def test_no_text_head_needs_no_text() -> None:
     inputs = random_inputs(head, 4, dim=DIM)
     out = scores(head, inputs, [0, 1], [0, 1], [0, 1], [2, 3])
     assert out.shape == (2, 2) and not head.uses_text
+
+
+def test_released_loss_is_cross_entropy_of_probabilities() -> None:
+    """Worked example: the released loss is F.cross_entropy applied to softmax outputs, six terms."""
+    head = make(loss="released").train()
+    inputs = random_inputs(head, 6, dim=DIM)
+    torch.manual_seed(1)
+    feats = head.video_features(inputs)
+    head.process_support_set(
+        take(feats, [0, 1, 2]), torch.tensor([0, 1, 2]), torch.tensor([3, 5, 7])
+    )
+    prediction = head(take(feats, [3, 4, 5]))
+    labels = torch.tensor([0, 1, 2])
+    loss = head.loss(labels)
+    scores = list(head._scores.values())  # three matching, then three text-visual (E, V, N)
+    both = torch.tensor([[0, 1, 2, 0, 1, 2]])
+    expected = sum(
+        torch.nn.functional.cross_entropy(torch.softmax(s[0], -1), labels) for s in scores[:3]
+    ) + sum(
+        torch.nn.functional.cross_entropy(
+            torch.softmax(torch.cat([head._support_text[lv], head._query_text[lv]], 1)[0], -1),
+            both[0],
+        )
+        for lv in head.levels
+    )
+    assert torch.allclose(loss, expected, atol=1e-6)
+    assert torch.allclose(
+        prediction, torch.stack([torch.softmax(s, -1) for s in scores[:6]]).mean(0)[0], atol=1e-6
+    )
+    # each term is bounded by log(N) + 1: the plateau the released loss trains on
+    assert 0 < loss.item() < 6 * (torch.log(torch.tensor(3.0)).item() + 1)
+
+
+def test_ce_loss_scales_each_score_by_its_learnable_temperature() -> None:
+    head = make(temperature=0.5, text_temperature=0.1).train()
+    assert torch.allclose(head.log_scale.exp(), torch.tensor([2.0, 2.0, 2.0, 10.0, 10.0, 10.0]))
+    inputs = random_inputs(head, 6, dim=DIM)
+    feats = head.video_features(inputs)
+    head.process_support_set(
+        take(feats, [0, 1, 2]), torch.tensor([0, 1, 2]), torch.tensor([3, 5, 7])
+    )
+    prediction = head(take(feats, [3, 4, 5]))
+    labels = torch.tensor([0, 1, 2])
+    scores = list(head._scores.values())
+    expected = sum(
+        torch.nn.functional.cross_entropy(2.0 * s[0], labels) for s in scores[:3]
+    ) + sum(
+        torch.nn.functional.cross_entropy(
+            10.0 * torch.cat([head._support_text[lv], head._query_text[lv]], 1)[0],
+            torch.tensor([0, 1, 2, 0, 1, 2]),
+        )
+        for lv in head.levels
+    )
+    assert torch.allclose(head.loss(labels), expected, atol=1e-5)
+    scaled = [2.0 * s for s in scores[:3]] + [10.0 * s for s in scores[3:]]
+    assert torch.allclose(
+        prediction, torch.stack([torch.softmax(s, -1) for s in scaled]).mean(0)[0], atol=1e-6
+    )
+    with pytest.raises(ValueError, match="loss"):
+        heads.create("emp", dim=DIM, loss="focal")

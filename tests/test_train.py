@@ -36,31 +36,6 @@ def small_config(store: Path, out: Path, **kw) -> TrainConfig:
     return TrainConfig(**base).resolved()
 
 
-def test_emp_learns_time_reversal_pairs(pair_store: Path, tmp_path: Path) -> None:
-    cfg = small_config(
-        pair_store,
-        tmp_path / "run",
-        episodes=60,
-        episodes_per_step=4,
-        val_every=20,
-        val_episodes=100,
-    )
-    run = train(cfg)
-    store = open_store(pair_store)
-    emp = heads.create("emp", dim=32)
-    emp.prepare(store)
-    from heads.checkpoint import load_model
-
-    load_model(run / "best.safetensors", emp)
-    trained = evaluate(emp, store, "val", 5, 1, 1, 500, seed=123)
-    proto = evaluate(heads.create("proto"), store, "val", 5, 1, 1, 500, seed=123)
-    assert trained.accuracy >= 20 + 20, trained.summary()
-    assert trained.accuracy >= proto.accuracy + 10, (trained.summary(), proto.summary())
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["episode"] for r in records] == [20, 40, 60]
-    assert all(0 <= r["val_accuracy"] <= 100 and r["loss"] > 0 for r in records)
-
-
 def test_resume_equals_uninterrupted(pair_store: Path, tmp_path: Path) -> None:
     full = train(small_config(pair_store, tmp_path / "full"))
     part = small_config(pair_store, tmp_path / "part")
@@ -170,3 +145,15 @@ def test_lastlayer_novel_fine_tunes_per_episode(last_store: Path) -> None:
     assert 0 <= result.accuracy <= 100
     with pytest.raises(ValueError, match="strategy"):
         heads.create("lastlayer", strategy="adapters")
+
+
+def test_presets_train_the_released_loss_and_defaults_the_short_run() -> None:
+    assert TrainConfig(store="x", preset="ucf101").resolved().head_options == {"loss": "released"}
+    chosen = TrainConfig(store="x", preset="ucf101", head_options={"loss": "ce"}).resolved()
+    assert chosen.head_options == {"loss": "ce"}
+    assert TrainConfig(store="x", head="lastlayer", preset="ucf101").resolved().head_options == {}
+    short = TrainConfig(store="x", episodes=300, lr=3e-3).resolved()
+    assert short.head_options == {} and short.episodes_per_step == 1
+    assert (short.warmup_episodes, short.decay_episodes) == (15, [210, 270])
+    lr = [learning_rate(short, e) for e in (0, 15, 209, 210, 269, 270, 299)]
+    assert lr == pytest.approx([1e-6, 3e-3, 3e-3, 3e-4, 3e-4, 3e-5, 3e-5])
