@@ -392,6 +392,9 @@ def train_command(
         None, help="Episodes per optimiser step (gradient accumulation) [4]."
     ),
     lr: float | None = typer.Option(None, help="Peak learning rate [1e-4]."),
+    decay_groups: str | None = typer.Option(
+        None, help="Weight decay on: matrices (not norms, biases, scalars) | released [matrices]."
+    ),
     val_every: int | None = typer.Option(None, help="Validate every N episodes [500]."),
     val_episodes: int | None = typer.Option(None, help="Validation episodes [1000]."),
     val_way: int | None = typer.Option(None, help="Classes per validation episode [--way]."),
@@ -452,7 +455,8 @@ def train_command(
         values = json.loads(Path(config).read_text()) if config else {}
         cli = dict(
             store=store, preset=preset, head=head, way=way, shot=shot, query=query, episodes=episodes,
-            episodes_per_step=episodes_per_step, lr=lr, val_every=val_every, val_episodes=val_episodes,
+            episodes_per_step=episodes_per_step, lr=lr, decay_groups=decay_groups, val_every=val_every,
+            val_episodes=val_episodes,
             val_way=val_way,
             out=out, seed=seed, device=device, max_ram=max_ram,
         )  # fmt: skip
