@@ -274,7 +274,10 @@ def extract_command(
         help="open_clip tag, none (random init) or a weights file (default openai, or the store's).",
     ),
     frames: int = typer.Option(8, help="Frames per view (T), one per TSN segment."),
-    views: int = typer.Option(1, help="Views per video (V): centres, then seeded random offsets."),
+    views: int = typer.Option(
+        1,
+        help="Views per video (V): centre frames, then seeded random frames (emp: train augmented).",
+    ),
     recipe: str = typer.Option("emp", help="emp (layers 4/8/12) or emp+last (+ last block input)."),
     preprocess: str = typer.Option("openclip", help="openclip (the model's) or emp (EMP-Net's)."),
     splits: str | None = typer.Option(None, help="Only these splits, e.g. train,val."),

@@ -6,6 +6,7 @@ released formulas are re-implemented here from that source; no released file is 
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,6 +19,14 @@ from heads.train import (
     learning_rate,
     make_optimizer,
 )
+from pipeline.preprocess import (
+    Augment,
+    augment_params,
+    build_transform,
+    preprocess_spec,
+    transform_video,
+)
+from pipeline.video import sample_frame_indices
 
 # ------------------------------------------------------------------------------ schedule and presets
 
@@ -166,3 +175,155 @@ def test_released_decay_is_adams_l2_on_the_gradient() -> None:
         p.grad = torch.zeros_like(p)
     optimizer.step()  # zero loss gradient: only decay moves the bias, by lr * sign (first Adam step)
     assert torch.allclose(bias, torch.full_like(bias, 2.0 - 1e-2), atol=1e-6)
+
+
+# ------------------------------------------------------------------------------ frames and pixels
+
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+def released_clip(
+    frames: np.ndarray,
+    flip: bool = False,
+    corner: tuple[float, float] | None = None,
+    scale: int = 256,
+    crop: int = 224,
+) -> np.ndarray:
+    """datasets/base/ssv2_few_shot.py:528-534 (train: ToTensorVideo, RandomHorizontalFlipVideo,
+    KineticsResizedCropFewshot) and :622-637 (test, centre crop), the crop as in
+    datasets/utils/transformations.py:676-737, NormalizeVideo, then `.permute(1, 0, 2, 3)` (:434).
+    `corner`: the two `random.uniform(0, x_max)` draws of a random crop, None for the test crop."""
+    clip = torch.from_numpy(frames).float().permute(3, 0, 1, 2) / 255.0  # to_tensor
+    if flip:
+        clip = clip.flip(-1)  # _functional_video.hflip
+    new_clip = torch.nn.functional.interpolate(clip, size=(scale, scale), mode="bilinear")
+    x_max = y_max = int(scale - crop)
+    x, y = (int(corner[0]), int(corner[1])) if corner else (x_max // 2, y_max // 2)
+    clip = new_clip[:, :, y : y + crop, x : x + crop]
+    mean, std = torch.as_tensor(CLIP_MEAN), torch.as_tensor(CLIP_STD)
+    clip = clip.sub_(mean[:, None, None, None]).div_(std[:, None, None, None])
+    return clip.permute(1, 0, 2, 3).numpy()
+
+
+def emp_spec(size: int = 224) -> dict:
+    return preprocess_spec("emp", {"size": size, "mean": (0.5,) * 3, "std": (0.5,) * 3})
+
+
+def test_emp_test_transform_worked_example_on_a_2x4_frame() -> None:
+    """A 2x4 frame, model size 7: squashed to 8x8 (256/224 x 7), crop 7 at offset (8 - 7) // 2 = 0.
+
+    Bilinear without align_corners samples source x = 0.5 * col - 0.25 (clamped at 0) and source
+    y = 0.25 * row - 0.375, so channel 0 (columns 0, 85, 170, 255) reads 0, 21.25, 63.75, 106.25,
+    148.75, 191.25, 233.75 and channel 1 (rows 0, 255) reads 0, 0, 31.875, 95.625, 159.375, 223.125, 255.
+    """
+    frame = np.zeros((1, 2, 4, 3), dtype=np.uint8)
+    frame[0, :, :, 0] = [0, 85, 170, 255]
+    frame[0, 1, :, 1] = 255
+    spec = emp_spec(7)
+    assert (spec["resize"], spec["crop"]) == (8, 7)
+    out = build_transform(spec)(frame)
+    assert out.shape == (1, 3, 7, 7)
+    columns = np.array([0, 21.25, 63.75, 106.25, 148.75, 191.25, 233.75]) / 255
+    rows = np.array([0, 0, 31.875, 95.625, 159.375, 223.125, 255]) / 255
+    np.testing.assert_allclose(
+        out[0, 0], np.tile((columns - CLIP_MEAN[0]) / CLIP_STD[0], (7, 1)), rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        out[0, 1],
+        np.tile((rows[:, None] - CLIP_MEAN[1]) / CLIP_STD[1], (1, 7)),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    np.testing.assert_array_equal(out, released_clip(frame, scale=8, crop=7))
+
+
+@pytest.mark.parametrize("height,width", [(240, 320), (256, 340), (300, 180), (72, 96)])
+def test_emp_test_transform_equals_the_released_one(height: int, width: int) -> None:
+    frames = np.random.default_rng(height).integers(0, 256, (3, height, width, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(build_transform(emp_spec())(frames), released_clip(frames))
+
+
+def test_emp_training_augmentation_equals_the_released_one() -> None:
+    frames = np.random.default_rng(1).integers(0, 256, (2, 240, 320, 3), dtype=np.uint8)
+    transform = build_transform(emp_spec())
+    for flip, x, y in ((True, 15, 7), (False, 0, 31), (True, 31, 0)):
+        ours = transform(frames, Augment(flip, x, y))
+        np.testing.assert_array_equal(ours, released_clip(frames, flip, (x + 0.5, y + 0.5)))
+
+
+def test_training_flip_and_crop_are_seeded_per_video_and_drawn_as_released() -> None:
+    spec = emp_spec()
+    assert [augment_params(spec, "videos/brush_hair/x", v) for v in (1, 2, 3)] == [
+        Augment(True, 15, 7), Augment(False, 20, 18), Augment(True, 31, 4),
+    ]  # fmt: skip
+    draws = [augment_params(spec, f"video{i}", 1) for i in range(4000)]
+    assert 0.46 < np.mean([d.flip for d in draws]) < 0.54  # RandomHorizontalFlipVideo p = 0.5
+    # int(random.uniform(0, 32)): every offset 0..31 about equally often, never 32
+    for offsets in ([d.x for d in draws], [d.y for d in draws]):
+        counts = np.bincount(offsets, minlength=33)
+        assert counts[32] == 0 and counts[:32].min() > 80
+
+
+def test_random_views_take_the_released_segments() -> None:
+    """base_dataset.py:505-509 (SAMPLING_RATE 50 > 40): interval = n // T, then
+    randint(i * interval, i * interval + interval - 1) per segment; the last n % T frames are never used."""
+    for n_frames in (8, 9, 57, 100, 301):
+        interval = n_frames // 8
+        seen = set()
+        for i in range(300):
+            for view in sample_frame_indices(n_frames, 8, 3, f"v{i}")[1:]:
+                for segment, index in enumerate(view):
+                    assert interval * segment <= index < interval * (segment + 1)
+                    seen.add(index)
+        assert seen == set(range(8 * interval)), n_frames  # every frame of every segment occurs
+
+
+def test_views_of_train_videos_are_augmented_and_other_videos_are_not() -> None:
+    spec = emp_spec()
+    transform = build_transform(spec)
+    pixels = np.random.default_rng(2).integers(0, 256, (3, 2, 60, 80, 3), dtype=np.uint8)
+    train = transform_video(spec, transform, pixels, "vid", train=True)
+    test = transform_video(spec, transform, pixels, "vid", train=False)
+    assert train.shape == test.shape == (3, 2, 3, 224, 224)
+    for v in range(3):
+        np.testing.assert_array_equal(test[v], released_clip(pixels[v]))
+    np.testing.assert_array_equal(train[0], test[0])  # view 0: centre frames, test transform
+    for v in (1, 2):
+        a = augment_params(spec, "vid", v)
+        np.testing.assert_array_equal(train[v], released_clip(pixels[v], a.flip, (a.x, a.y)))
+    # openclip has no training augmentation: every view gets its eval transform
+    clip_spec = preprocess_spec("openclip", {"size": 64, "mean": CLIP_MEAN, "std": CLIP_STD})
+    clip_transform = build_transform(clip_spec)
+    np.testing.assert_array_equal(
+        transform_video(clip_spec, clip_transform, pixels, "vid", train=True),
+        transform_video(clip_spec, clip_transform, pixels, "vid", train=False),
+    )
+
+
+def test_extraction_augments_views_of_train_videos(tmp_path) -> None:
+    from pipeline.extract import EncoderConfig, decode_task
+    from pipeline.synth import write_video
+    from pipeline.video import DecodeRequest, close_decoders, decode_sampled
+    from tests.bad_videos import moving_square_frames
+
+    path = tmp_path / "clip.mp4"
+    write_video(path, moving_square_frames(40), 25)
+    spec = emp_spec(32)
+    config = EncoderConfig(
+        model="m", pretrained="none", weights_sha256="", recipe="emp", layers=(1, 2, 3),
+        device="cpu", precision="fp32", torch_threads=1, batch_frames=8, batch_across_videos=False,
+    )  # fmt: skip
+    try:
+        train, test = (
+            decode_task(DecodeRequest(str(path), "clip", 4, 2), spec, config, 60.0, train=t)
+            for t in (True, False)
+        )
+    finally:
+        close_decoders()
+    frames = decode_sampled(path, 4, 2, "clip").frames
+    transform = build_transform(spec)
+    a = augment_params(spec, "clip", 1)
+    np.testing.assert_array_equal(train.pixels[1], transform(frames[1], a))
+    np.testing.assert_array_equal(test.pixels[1], transform(frames[1]))
+    np.testing.assert_array_equal(train.pixels[0], test.pixels[0])
