@@ -502,6 +502,9 @@ def eval_command(
     shot: int = typer.Option(1, help="Support videos per class."),
     query: int = typer.Option(1, help="Query videos per class."),
     split: str = typer.Option("test", help="Split to evaluate."),
+    view: str = typer.Option(
+        "centre", help="centre (view 0), random (one of views 1..V-1 per video per episode) or N."
+    ),
     seed: int = typer.Option(0, help="Episode seed (same seed, same episodes, any machine)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda ..."),
     max_ram: float = typer.Option(8.0, help="GB the split may take in RAM; larger splits stream."),
@@ -541,8 +544,9 @@ def eval_command(
             model.prepare(s)
             model.to(target)
         result = evaluate(
-            model, s, split, way, shot, query, episodes, seed, target, max_ram, progress=progress
-        )
+            model, s, split, way, shot, query, episodes, seed, target, max_ram, progress=progress,
+            view=view,
+        )  # fmt: skip
         typer.echo(result.summary())
         if json_out is not None:
             Path(json_out).write_text(json.dumps(result.to_json(), indent=2))

@@ -6,11 +6,17 @@ released formulas are re-implemented here from that source; no released file is 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
 
 import heads
+from cli import app
+from heads.episodes import EpisodeSampler
+from heads.evaluate import evaluate, with_random_views
 from heads.train import (
     PRESETS,
     RELEASED_NO_DECAY,
@@ -27,6 +33,8 @@ from pipeline.preprocess import (
     transform_video,
 )
 from pipeline.video import sample_frame_indices
+from store import open_store
+from tests.heads_fixtures import reversal_pair_store
 
 # ------------------------------------------------------------------------------ schedule and presets
 
@@ -327,3 +335,85 @@ def test_extraction_augments_views_of_train_videos(tmp_path) -> None:
     np.testing.assert_array_equal(train.pixels[1], transform(frames[1], a))
     np.testing.assert_array_equal(test.pixels[1], transform(frames[1]))
     np.testing.assert_array_equal(train.pixels[0], test.pixels[0])
+
+
+# ------------------------------------------------------------------------------ test-time views
+
+
+@pytest.fixture(scope="module")
+def three_view_store(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("views") / "store"
+    classes = {"train": 4, "val": 4, "test": 6}
+    reversal_pair_store(path, frames=4, views=3, classes=classes, videos_per_class=4).close()
+    return path
+
+
+def test_eval_random_view_draws_one_of_views_1_to_v_minus_1_per_video_and_episode(
+    three_view_store: Path,
+) -> None:
+    store = open_store(three_view_store)
+    head = heads.create("otam")
+    result = evaluate(head, store, "test", 3, 1, 1, 60, seed=5, view="random")
+    again = evaluate(
+        head,
+        store,
+        "test",
+        3,
+        1,
+        1,
+        60,
+        seed=5,
+        view="random",
+        max_ram_gb=0.0,
+        episodes_per_batch=7,
+    )
+    assert np.array_equal(
+        result.per_episode, again.per_episode
+    )  # any batching, memory or streaming
+    assert result.summary().endswith("(95% CI, 60 episodes, 3-way 1-shot, test, view random)")
+    sampler = EpisodeSampler(store.manifest[store.manifest["split"] == "test"], 3, 1, 1, 5, 60)
+    batch = sampler.batch(range(60))
+    drawn = with_random_views(batch, 5, 2)
+    views = np.concatenate([drawn.support_rows % 2, drawn.query_rows % 2], 1) + 1
+    assert set(np.unique(views)) == {1, 2}  # view 0 (the centre frames) is never drawn
+    ((role, name),) = head.inputs(store.spec).items()
+
+    def accuracy(i: int, views_i: np.ndarray) -> float:
+        rows = np.concatenate([batch.support_rows[i], batch.query_rows[i]])
+        tokens = store.read(rows, [name])[name][np.arange(len(rows)), views_i]
+        with torch.no_grad():
+            feats = head.video_features({role: torch.from_numpy(tokens)})
+            head.process_support_set(
+                {k: v[:3] for k, v in feats.items()},
+                torch.as_tensor(batch.support_labels[i]),
+                torch.as_tensor(batch.class_ids[i]),
+            )
+            scores = head({k: v[3:] for k, v in feats.items()})
+        return float((scores.argmax(-1).numpy() == batch.query_labels[i]).mean())
+
+    # each episode is scored on exactly the drawn views of its videos (the other views score differently)
+    drawn_acc = [accuracy(i, views[i]) for i in range(60)]
+    other_acc = [accuracy(i, 3 - views[i]) for i in range(60)]
+    np.testing.assert_allclose(drawn_acc, result.per_episode, rtol=1e-6)
+    assert not np.allclose(other_acc, result.per_episode, rtol=1e-6)
+    centre = evaluate(head, store, "test", 3, 1, 1, 60, seed=5)
+    assert centre.view == "centre" and np.array_equal(
+        evaluate(head, store, "test", 3, 1, 1, 60, seed=5, view=0).per_episode, centre.per_episode
+    )
+
+
+def test_eval_view_errors_are_one_line(three_view_store: Path, tmp_path: Path) -> None:
+    store = open_store(three_view_store)
+    with pytest.raises(ValueError, match=r"--view 3: the store has views 0..2"):
+        evaluate(heads.create("proto"), store, "test", 3, 1, 1, 5, view=3)
+    with pytest.raises(ValueError, match="--view 'middle': use centre, random or a view number"):
+        evaluate(heads.create("proto"), store, "test", 3, 1, 1, 5, view="middle")
+    one = tmp_path / "one"
+    reversal_pair_store(one, frames=4, views=1, classes={"train": 2, "val": 2, "test": 4}).close()
+    result = CliRunner().invoke(
+        app, ["eval", "--store", str(one), "--head", "proto", "--view", "random", "--no-progress"]
+    )
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert (
+        "--view random draws among views 1..V-1: extract the store with --views 2" in result.output
+    )
