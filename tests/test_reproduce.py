@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 
 import heads
 from cli import app
-from heads.episodes import EpisodeSampler
+from heads.emp import released_text_ids
+from heads.episodes import EpisodeSampler, draw_keys
 from heads.evaluate import evaluate, with_random_views
 from heads.train import (
     PRESETS,
@@ -417,3 +418,92 @@ def test_eval_view_errors_are_one_line(three_view_store: Path, tmp_path: Path) -
     assert (
         "--view random draws among views 1..V-1: extract the store with --views 2" in result.output
     )
+
+
+# ------------------------------------------------------------------------------ 5-shot text quirk
+
+
+def released_real_unique_labels(support_labels, support_real_class, first_class: int) -> list[int]:
+    """models/base/few_shot.py:1368-1373 (torch.zeros(5): id 0 is the split's first class)."""
+    real_unique_labels = [first_class] * 5
+    for i in range(5):
+        for j in range(5):
+            if i == support_labels[j]:
+                real_unique_labels[int(i)] = support_real_class[int(j)]
+                continue
+    return real_unique_labels
+
+
+def test_released_5shot_text_ids_follow_the_released_loop_on_shuffled_supports() -> None:
+    rng = np.random.default_rng(0)
+    labels = torch.arange(5).repeat_interleave(5).expand(4000, -1)  # fsar: class-major supports
+    class_ids = torch.as_tensor(
+        np.stack([rng.choice(np.arange(11, 41), 5, replace=False) for _ in range(4000)])
+    )
+    fallback = torch.full((4000,), 10)
+    ids = released_text_ids(labels, class_ids, fallback)
+    # the shuffle it stands for: the slots ordered by a hash of the episode's class ids
+    keys = draw_keys(draw_keys(*class_ids.numpy().astype(np.uint64).T)[:, None], np.arange(25))
+    for e in range(0, 4000, 97):
+        order = np.argsort(keys[e], kind="stable")
+        real = class_ids[e][labels[e]].tolist()
+        want = released_real_unique_labels(labels[e][order].tolist(), [real[j] for j in order], 10)
+        assert ids[e].tolist() == want
+    # with shuffled supports, P(the first five cover all five classes) = 5^5 * 5! / (25*24*23*22*21)
+    lost = (ids != class_ids).any(1).float().mean().item()
+    assert lost == pytest.approx(1 - 5**5 * 120 / (25 * 24 * 23 * 22 * 21), abs=0.01)  # 0.941
+    one_shot = released_text_ids(torch.arange(5).expand(50, -1), class_ids[:50], fallback[:50])
+    assert torch.equal(one_shot, class_ids[:50])  # 1-shot 5-way: every class among the five
+
+
+def test_emp_released_5shot_text_option_scores_missing_classes_against_the_first_class(
+    tmp_path: Path,
+) -> None:
+    classes = {"train": 2, "val": 2, "test": 6}
+    reversal_pair_store(
+        tmp_path / "s", frames=4, views=1, classes=classes, videos_per_class=6
+    ).close()
+    store = open_store(tmp_path / "s")
+    torch.manual_seed(0)
+    quirk = heads.create("emp", dim=32, released_5shot_text=True)
+    plain = heads.create("emp", dim=32)
+    plain.load_state_dict(quirk.state_dict())
+    for head in (quirk, plain):
+        head.prepare(store)
+        head.eval()
+    # classes: train 0-1, val 2-3, test 4-9; index 0 of the released test texts is class 4
+    assert quirk.split_first.tolist() == [0, 0, 2, 2] + [4] * 6
+    assert quirk.config()["released_5shot_text"] and "released_5shot_text" not in plain.config()
+    sampler = EpisodeSampler(store.manifest[store.manifest["split"] == "test"], 5, 5, 1, 0, 400)
+    every = sampler.batch(range(400))
+    every_ids = released_text_ids(
+        torch.as_tensor(every.support_labels),
+        torch.as_tensor(every.class_ids),
+        torch.full((400,), 4),
+    )
+    complete = (every_ids == torch.as_tensor(every.class_ids)).all(1).numpy()
+    picked = np.concatenate([np.flatnonzero(complete)[:3], np.flatnonzero(~complete)[:3]])
+    batch = sampler.batch(picked)
+    rows = np.concatenate([batch.support_rows, batch.query_rows], 1)
+    roles = quirk.inputs(store.spec)
+    data = store.read(rows.reshape(-1), list(roles.values()))
+    inputs = {role: torch.from_numpy(data[name][:, 0]) for role, name in roles.items()}
+    labels, class_ids = torch.as_tensor(batch.support_labels), torch.as_tensor(batch.class_ids)
+    text_ids = released_text_ids(labels, class_ids, torch.full((6,), 4))
+    lost = (text_ids != class_ids).any(1)
+    assert lost.tolist() == [False] * 3 + [True] * 3
+    with torch.no_grad():
+        feats = plain.video_features(inputs)
+        feats = {k: v.reshape(6, 30, *v.shape[1:]) for k, v in feats.items()}
+        support = {k: v[:, :25] for k, v in feats.items()}
+        query = {k: v[:, 25:] for k, v in feats.items()}
+        quirk.process_support_set(support, labels, class_ids)
+        quirked = quirk(query)
+        plain.process_support_set(support, labels, class_ids)
+        right = plain(query)
+        texts = plain.class_text.mean(1)[text_ids].unsqueeze(1)  # (E, 1, N, D), template mean
+        for level, scores in quirk._support_text.items():  # the quirk moves only the text scores
+            want = plain._text_scores({level: support[level]}, texts)[level]
+            torch.testing.assert_close(scores, want)
+    torch.testing.assert_close(quirked[~lost], right[~lost])  # all five texts: the same prediction
+    assert not torch.allclose(quirked[lost], right[lost])
