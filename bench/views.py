@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     from heads.allocator import keep_freed_memory
 
     keep_freed_memory()
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     views = [int(v) for v in args.views.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
@@ -100,8 +101,8 @@ def main(argv: list[str] | None = None) -> None:
         for i, path in enumerate(videos):
             textured_video(path, 100, seed=i)
         print(
-            f"{args.model}, CPU seconds per video (1 torch thread), "
-            f"(median of {args.videos}), 320x240 x 100 frames, T=8, --preprocess emp, train video:"
+            f"{args.model}, CPU seconds per video (1 torch thread, median of {args.videos}), "
+            "320x240 x 100 frames, T=8, --preprocess emp, train video:"
         )
         measured = seconds_per_video(args.model, views, videos)
         first = measured[views[0]]["total"]
@@ -110,6 +111,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"  V={v}: decode {t['decode']:.3f}  preprocess {t['preprocess']:.3f}  "
                 f"encode {t['encode']:.3f}  total {t['total']:.3f} s ({t['total'] / first:.2f}x V={views[0]})"
             )
+    torch.set_num_threads(threads)
     print("ViT-B/16 store, uncompressed bytes per video and per benchmark (train+val+test videos):")
     for v in views:
         per_video = store_bytes(v)

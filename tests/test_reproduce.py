@@ -507,3 +507,14 @@ def test_emp_released_5shot_text_option_scores_missing_classes_against_the_first
             torch.testing.assert_close(scores, want)
     torch.testing.assert_close(quirked[~lost], right[~lost])  # all five texts: the same prediction
     assert not torch.allclose(quirked[lost], right[lost])
+
+
+def test_views_cost_command_prints_the_figures_docs_quote(capsys) -> None:
+    from bench import views
+
+    assert views.store_bytes(1) == 4_866_048 and views.store_bytes(4) == 4 * 4_866_048
+    assert views.split_videos("hmdb51") == 4280 + 1194 + 1292
+    views.main(["--videos", "1", "--views", "1,2"])
+    out = capsys.readouterr().out
+    assert "CPU seconds per video" in out and "  V=2: decode " in out
+    assert "V=1: 4.87 MB per video; hmdb51 33 GB" in out
