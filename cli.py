@@ -274,7 +274,10 @@ def extract_command(
         help="open_clip tag, none (random init) or a weights file (default openai, or the store's).",
     ),
     frames: int = typer.Option(8, help="Frames per view (T), one per TSN segment."),
-    views: int = typer.Option(1, help="Views per video (V): centres, then seeded random offsets."),
+    views: int = typer.Option(
+        1,
+        help="Views per video (V): centre frames, then seeded random frames (emp: train augmented).",
+    ),
     recipe: str = typer.Option("emp", help="emp (layers 4/8/12) or emp+last (+ last block input)."),
     preprocess: str = typer.Option("openclip", help="openclip (the model's) or emp (EMP-Net's)."),
     splits: str | None = typer.Option(None, help="Only these splits, e.g. train,val."),
@@ -392,6 +395,9 @@ def train_command(
         None, help="Episodes per optimiser step (gradient accumulation) [4]."
     ),
     lr: float | None = typer.Option(None, help="Peak learning rate [1e-4]."),
+    decay_groups: str | None = typer.Option(
+        None, help="Weight decay on: matrices (not norms, biases, scalars) | released [matrices]."
+    ),
     val_every: int | None = typer.Option(None, help="Validate every N episodes [500]."),
     val_episodes: int | None = typer.Option(None, help="Validation episodes [1000]."),
     val_way: int | None = typer.Option(None, help="Classes per validation episode [--way]."),
@@ -456,7 +462,8 @@ def train_command(
         values = json.loads(Path(config).read_text()) if config else {}
         cli = dict(
             store=store, preset=preset, head=head, way=way, shot=shot, query=query, episodes=episodes,
-            episodes_per_step=episodes_per_step, lr=lr, val_every=val_every, val_episodes=val_episodes,
+            episodes_per_step=episodes_per_step, lr=lr, decay_groups=decay_groups, val_every=val_every,
+            val_episodes=val_episodes,
             val_way=val_way,
             out=out, seed=seed, device=device, max_ram=max_ram,
         )  # fmt: skip
@@ -500,6 +507,9 @@ def eval_command(
     shot: int = typer.Option(1, help="Support videos per class."),
     query: int = typer.Option(1, help="Query videos per class."),
     split: str = typer.Option("test", help="Split to evaluate."),
+    view: str = typer.Option(
+        "centre", help="centre (view 0), random (one of views 1..V-1 per video per episode) or N."
+    ),
     seed: int = typer.Option(0, help="Episode seed (same seed, same episodes, any machine)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda ..."),
     max_ram: float = typer.Option(8.0, help="GB the split may take in RAM; larger splits stream."),
@@ -542,8 +552,9 @@ def eval_command(
             model.prepare(s)
             model.to(target)
         result = evaluate(
-            model, s, split, way, shot, query, episodes, seed, target, max_ram, progress=progress
-        )
+            model, s, split, way, shot, query, episodes, seed, target, max_ram, progress=progress,
+            view=view,
+        )  # fmt: skip
         typer.echo(result.summary())
         if json_out is not None:
             Path(json_out).write_text(json.dumps(result.to_json(), indent=2))

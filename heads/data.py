@@ -4,7 +4,8 @@
 fit in `max_ram_gb`; otherwise every request reads just its rows' chunks from the store. Both
 `batches` (a pass over the split) and `episodes` (training episodes) prefetch the next item in a
 background thread with a queue of bounded size, so memory stays bounded when streaming.
-Training draws a random view per video per episode (seeded by the episode); evaluation uses view 0.
+Training draws a random view per video per episode (seeded by the episode); evaluation uses view 0
+(or, with `fsar-eval --view random`, one of views 1..V-1 per video per episode).
 """
 
 from __future__ import annotations
@@ -120,10 +121,10 @@ class SplitData:
             for role, n in self.roles.items()
         }
 
-    def batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, Inputs]]:
-        """(rows, view-0 tensors) over the whole split, prefetched."""
+    def batches(self, batch_size: int, view: int = 0) -> Iterator[tuple[np.ndarray, Inputs]]:
+        """(rows, tensors of `view`) over the whole split, prefetched."""
         chunks = [self.rows[i : i + batch_size] for i in range(0, len(self.rows), batch_size)]
-        return prefetch(((rows, self.get(rows, 0)) for rows in chunks), depth=2)
+        return prefetch(((rows, self.get(rows, view)) for rows in chunks), depth=2)
 
     def episodes(
         self, sampler: EpisodeSampler, indices: range, seed: int, random_view: bool

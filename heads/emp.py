@@ -21,6 +21,8 @@ rates, its masks drawn on every core.
 
 Paper-text options (off by default, the released code has neither): `layer_weights` learns the
 weights of the skip-fusion sums, `score_weights` learns the weights that combine the scores.
+`released_5shot_text` reproduces a quirk of the released code (off by default): the class texts
+of the text-visual scores come from the first five (shuffled) supports only, see `released_text_ids`.
 """
 
 from __future__ import annotations
@@ -28,15 +30,41 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .base import Features, FewShotHead, class_means, cosine_similarity, frame_cosine
 from .dropout import ParallelDropout
+from .episodes import draw_keys
 from .otam import DEFAULT_LAMBDA, otam_bidirectional
 
 LEVELS = ("token", "patch", "frame")
+RELEASED_TEXT_SLOTS = 5  # models/base/few_shot.py:1369-1370: `for i in range(5): for j in range(5)`
+
+
+def released_text_ids(
+    labels: torch.Tensor, class_ids: torch.Tensor, fallback: torch.Tensor
+) -> torch.Tensor:
+    """The class ids whose texts the released code scores against (models/base/few_shot.py:1368-1379).
+
+    It fills `real_unique_labels[i]` (zeros, i < 5) from supports j < 5 only, after shuffling the
+    supports (datasets/base/ssv2_few_shot.py:262-264); a class with none of its supports among the
+    first five keeps id 0, the first class of the split (`fallback`, (E,)). With 1-shot 5-way every
+    class is there; with 5 shots 94% of episodes lose at least one. fsar's supports are class-major,
+    so the first five are drawn here: the five slots with the smallest hash of the episode's class
+    ids and the slot (deterministic, so evaluation stays reproducible). labels (E, S), class_ids (E, N).
+    """
+    n_way = class_ids.shape[1]
+    slots = np.arange(labels.shape[1])
+    episode = draw_keys(*class_ids.cpu().numpy().astype(np.uint64).T)  # (E,): one key per class set
+    keys = draw_keys(episode[:, None], slots)  # (E, S)
+    first = np.argsort(keys, axis=1, kind="stable")[:, :RELEASED_TEXT_SLOTS]
+    chosen = torch.as_tensor(first, device=labels.device)
+    present = F.one_hot(labels.gather(1, chosen), n_way).amax(1).bool()  # (E, N)
+    present[:, RELEASED_TEXT_SLOTS:] = False  # labels i >= 5 are never filled
+    return torch.where(present, class_ids, fallback.unsqueeze(1))
 
 
 class Attention(nn.Module):
@@ -167,8 +195,11 @@ class EMPNet(FewShotHead):
         learn_temperature: bool = True,
         layer_weights: bool = False,
         score_weights: bool = False,
+        released_5shot_text: bool = False,
     ) -> None:
         super().__init__()
+        self.released_5shot_text = released_5shot_text
+        self.register_buffer("split_first", torch.zeros(0, dtype=torch.long), persistent=False)
         self.levels = parse_levels(levels)
         self.dim = dim
         self.use_text = self.uses_text = not no_text
@@ -189,6 +220,8 @@ class EMPNet(FewShotHead):
             learn_temperature=learn_temperature, layer_weights=layer_weights,
             score_weights=score_weights,
         )  # fmt: skip
+        if released_5shot_text:
+            self._config["released_5shot_text"] = True
         block_args = (dim, heads, head_dim, ffn_dim, attn_dropout, ffn_dropout)
         n_blocks = 3 if self.skip_fusion else 1
         self.spatiotemporal = nn.ModuleList(
@@ -212,6 +245,16 @@ class EMPNet(FewShotHead):
         else:
             fixed = log_scale if loss == "ce" else torch.zeros(n_scores)
             self.register_buffer("log_scale", fixed, persistent=False)
+
+    def prepare(self, store: Any) -> None:
+        super().prepare(store)
+        # the first class of each class's split: the released text index 0 (released_5shot_text)
+        split_of = dict(zip(store.manifest["label"], store.manifest["split"], strict=True))
+        first: dict[str, int] = {}
+        for label in sorted(split_of):
+            first.setdefault(split_of[label], int(label))
+        table = [first.get(split_of.get(c, ""), 0) for c in range(len(store.classes))]
+        self.split_first = torch.tensor(table, dtype=torch.long, device=self.class_text.device)
 
     # ---------------------------------------------------------------- per video
     def inputs(self, spec: dict[str, Any]) -> dict[str, str]:
@@ -314,12 +357,12 @@ class EMPNet(FewShotHead):
     # ---------------------------------------------------------------- per episode
     def _episode_text_scores(self, feats: Features) -> dict[str, torch.Tensor]:
         """(E, V, N) video-text scores: gathered from cached all-class scores or computed."""
-        class_ids = self._class_ids
+        class_ids = self._text_ids
         if f"text_{self.levels[0]}" in feats:
             n_videos = feats[f"text_{self.levels[0]}"].shape[1]
             index = class_ids.unsqueeze(1).expand(-1, n_videos, -1)
             return {lv: feats[f"text_{lv}"].gather(-1, index) for lv in self.levels}
-        text = self._text if self._text is not None else self.episode_text(class_ids)
+        text = self._score_text if self._score_text is not None else self.episode_text(class_ids)
         return self._text_scores({lv: feats[lv] for lv in self.levels}, text.unsqueeze(1))
 
     def _support(self, support: Features, labels: torch.Tensor, class_ids: torch.Tensor) -> None:
@@ -328,11 +371,19 @@ class EMPNet(FewShotHead):
         self._class_ids = class_ids
         counts = F.one_hot(labels, n_way).sum(1)
         one_per_class = bool((counts == 1).all())
-        self._text = None
+        self._text = self._score_text = None
+        self._text_ids = class_ids
         self._support_text = {}
         if self.use_text:
             # one template for the whole episode (random in training, the mean at test)
-            self._text = self.episode_text(class_ids)
+            if self.released_5shot_text:
+                fallback = self.split_first[class_ids[:, 0]] if self.split_first.numel() else 0
+                fallback = torch.as_tensor(fallback, device=class_ids.device).expand(len(class_ids))
+                self._text_ids = released_text_ids(labels, class_ids, fallback)
+                both = self.episode_text(torch.cat([class_ids, self._text_ids], 1))
+                self._text, self._score_text = both.split(n_way, 1)
+            else:
+                self._text = self._score_text = self.episode_text(class_ids)
             self._support_text = self._episode_text_scores(support)
         self._prototypes = {}
         for lv in self.levels:

@@ -4,7 +4,10 @@
     print(result.summary())   # accuracy 76.81 ± 0.35 (95% CI, 10000 episodes, 5-way 1-shot, test)
 
 Per-video work (`video_features`, then `cache_features`) runs once per video on view 0; episodes
-are then scored in batches from those cached features.
+are then scored in batches from those cached features. `view="random"` runs it once per video on
+each of views 1..V-1 and gives every video of every episode one of them, drawn from (seed, episode,
+slot): the released test draws a random frame per segment for every episode, which these cached
+random views approximate.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +24,7 @@ import torch
 
 from .base import FewShotHead
 from .data import SplitData
-from .episodes import EpisodeBatch, EpisodeSampler
+from .episodes import EpisodeBatch, EpisodeSampler, draw_keys
 
 Z_95 = 1.959963984540054
 
@@ -48,11 +51,15 @@ class EvalResult:
     seconds: float  # all of evaluate(): load, pass over the split, episodes
     pass_seconds: float  # load and one pass of the head over the split (the rest is episodes)
     per_episode: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
+    view: str = (
+        "centre"  # centre (view 0), random (one of views 1..V-1 per episode) or a view number
+    )
 
     def summary(self) -> str:
+        views = "" if self.view == "centre" else f", view {self.view}"
         return (
             f"accuracy {self.accuracy:.2f} ± {self.ci95:.2f} (95% CI, {self.episodes} episodes, "
-            f"{self.way}-way {self.shot}-shot, {self.split})"
+            f"{self.way}-way {self.shot}-shot, {self.split}{views})"
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -62,13 +69,18 @@ class EvalResult:
 
 
 def video_pass(
-    head: FewShotHead, data: SplitData, shot: int, device: torch.device, batch_size: int = 16
+    head: FewShotHead,
+    data: SplitData,
+    shot: int,
+    device: torch.device,
+    batch_size: int = 16,
+    view: int = 0,
 ) -> dict[str, torch.Tensor]:
     """Per-video features of every row in `data` (order of data.rows), cached for episodes."""
     labels = data.store.manifest["label"].to_numpy()
     parts: list[dict[str, torch.Tensor]] = []
     with torch.no_grad():
-        for rows, inputs in data.batches(batch_size):
+        for rows, inputs in data.batches(batch_size, view):
             inputs = {k: v.to(device) for k, v in inputs.items()}
             feats = head.video_features(inputs)
             own = torch.as_tensor(labels[rows], device=device)
@@ -97,6 +109,42 @@ def row_positions(rows: np.ndarray) -> np.ndarray:
     table = np.full(int(rows.max()) + 1 if len(rows) else 0, -1, dtype=np.int64)
     table[rows] = np.arange(len(rows))
     return table
+
+
+VIEW_STREAM = 1 << 62  # draw_keys counter of the view draws, apart from the sampler's streams
+
+
+def parse_view(view: str | int, n_views: int) -> int | None:
+    """`centre` -> 0, `random` -> None, a view number -> itself (checked against the store's V)."""
+    if view in ("centre", "center"):
+        return 0
+    if view == "random":
+        if n_views < 2:
+            raise ValueError(
+                "--view random draws among views 1..V-1: extract the store with --views 2 or more"
+            )
+        return None
+    try:
+        number = int(view)
+    except ValueError:
+        raise ValueError(f"--view {view!r}: use centre, random or a view number") from None
+    if not 0 <= number < n_views:
+        raise ValueError(f"--view {number}: the store has views 0..{n_views - 1}")
+    return number
+
+
+def with_random_views(episodes: EpisodeBatch, seed: int, n_random: int) -> EpisodeBatch:
+    """`episodes` with every row r replaced by r * n_random + w, w its drawn view among 1..V-1 (minus 1)."""
+    n_support = episodes.support_rows.shape[1]
+    n_query = episodes.query_rows.shape[1]
+    slots = np.arange(n_support + n_query)
+    keys = draw_keys(seed, episodes.indices[:, None].astype(np.uint64), VIEW_STREAM, slots)
+    drawn = (keys % np.uint64(n_random)).astype(np.int64)
+    return replace(
+        episodes,
+        support_rows=episodes.support_rows * n_random + drawn[:, :n_support],
+        query_rows=episodes.query_rows * n_random + drawn[:, n_support:],
+    )
 
 
 def score_episodes(
@@ -155,20 +203,33 @@ def evaluate(
     episodes_per_batch: int | None = None,
     data: SplitData | None = None,
     progress: bool = False,
+    view: str | int = "centre",
 ) -> EvalResult:
-    """Accuracy ± 95% CI of `head` on `episodes` episodes of `split` (view 0, deterministic)."""
+    """Accuracy ± 95% CI of `head` on `episodes` episodes of `split` (deterministic).
+
+    `view`: `centre` (view 0), `random` (one of views 1..V-1 per video and episode) or a view number."""
     start = time.perf_counter()
     device = torch.device(device)
+    fixed = parse_view(view, int(store.spec["views"]))
     sampler = EpisodeSampler(
         store.manifest[store.manifest["split"] == split], way, shot, query, seed, episodes, split
     )
     if data is None:
-        data = SplitData(store, sampler.rows, head.inputs(store.spec), max_ram_gb, views=1)
+        views = 1 if fixed == 0 else None
+        data = SplitData(store, sampler.rows, head.inputs(store.spec), max_ram_gb, views=views)
     was_training = head.training
     head.eval()
-    features = video_pass(head, data, shot, device)
+    n_random = int(store.spec["views"]) - 1
+    if (
+        fixed is None
+    ):  # features of views 1..V-1, video-major: row position p, view w -> p * n + w - 1
+        parts = [video_pass(head, data, shot, device, view=w) for w in range(1, n_random + 1)]
+        features = {k: torch.stack([p[k] for p in parts], 1).flatten(0, 1) for k in parts[0]}
+        position = row_positions((data.rows[:, None] * n_random + np.arange(n_random)).reshape(-1))
+    else:
+        features = video_pass(head, data, shot, device, view=fixed)
+        position = row_positions(data.rows)
     pass_seconds = time.perf_counter() - start
-    position = row_positions(data.rows)
     if episodes_per_batch is None:
         episodes_per_batch = auto_episodes_per_batch(features, way * (shot + query))
     correct = np.zeros(episodes)
@@ -179,6 +240,8 @@ def evaluate(
     ):  # (lastlayer --strategy novel enables grad for its own support fine-tuning)
         for first in range(0, episodes, episodes_per_batch):
             batch = sampler.batch(range(first, min(first + episodes_per_batch, episodes)))
+            if fixed is None:
+                batch = with_random_views(batch, seed, n_random)
             correct[first : first + len(batch)] = score_episodes(
                 head, features, position, batch, device, buffers
             )
@@ -200,6 +263,7 @@ def evaluate(
         seconds=time.perf_counter() - start,
         pass_seconds=pass_seconds,
         per_episode=correct,
+        view=str(view if fixed != 0 else "centre"),
     )
 
 

@@ -39,25 +39,36 @@ class ConfigError(ValueError):
     """A training option users can fix (one-line message)."""
 
 
-# The released schedules as they actually run (EMP-Net / CLIP-FSAR configs). One iteration = 2
-# episodes (2 GPUs, gradients averaged), an optimiser step every 4 iterations; the released code
-# counts epochs twice as fast as its config says, so in iterations: linear warm-up from 1e-6 over
-# STEPS_ITER/2, full lr until 2*STEPS_ITER, x0.1 until 3*STEPS_ITER, x0.01 after.
-def _released(lr: float, iterations: int, steps_iter: int, val_every_iter: int) -> dict[str, Any]:
+# The released schedules as they actually run (EMP-Net configs, read with the released config loader;
+# docs/reproducing.md lists every line). One iteration = 2 episodes (2 GPUs, gradients averaged), an
+# optimiser step every 4 iterations. The released epoch counter `cur_iter // STEPS_ITER + cur_iter /
+# STEPS_ITER` stays below 1 for the whole first STEPS_ITER and reaches the decay epochs 4 and 6 at
+# 2 and 3 x STEPS_ITER, so in iterations: linear warm-up from WARMUP_START_LR over STEPS_ITER, full
+# lr until 2 x STEPS_ITER, x0.1 until 3 x STEPS_ITER, x0.01 after. Weight decay is OPTIMIZER.WEIGHT_DECAY
+# (1e-3; the configs' SOLVER.WEIGHT_DECAY 5e-5 is never read) on every parameter whose name has no "norm".
+def _released(
+    lr: float, iterations: int, steps_iter: int, val_every_iter: int, warmup_start: float
+) -> dict[str, Any]:
     return dict(
-        lr=lr, episodes=2 * iterations, episodes_per_iteration=2, episodes_per_step=8,
-        warmup_episodes=steps_iter, decay_episodes=[4 * steps_iter, 6 * steps_iter],
-        weight_decay=1e-3, query=5, val_query=1, val_every=2 * val_every_iter,
+        lr=lr, lr_start=warmup_start, episodes=2 * iterations, episodes_per_iteration=2,
+        episodes_per_step=8, warmup_episodes=2 * steps_iter, decay_episodes=[4 * steps_iter, 6 * steps_iter],
+        decay_factor=0.1, weight_decay=1e-3, decay_groups="released", query=5, val_query=1,
+        val_every=2 * val_every_iter,
     )  # fmt: skip
 
 
+# The 1-shot and 5-shot configs of each benchmark differ only in SHOT, MERGE_BEFORE (what `emp` does
+# for K > 1 anyway) and the unused USE_CLASSIFICATION_VALUE: one preset per benchmark, --shot picks.
 PRESETS: dict[str, dict[str, Any]] = {
-    "hmdb51": _released(1e-4, 5_000, 1_000, 500),
-    "ucf101": _released(1e-4, 5_000, 1_000, 500),
-    "kinetics100": _released(1e-4, 5_000, 1_000, 500),
-    "ssv2_small": _released(1e-3, 10_000, 2_000, 1_000),
-    "ssv2_full": _released(1e-3, 40_000, 8_000, 1_000),
+    "hmdb51": _released(1e-4, 5_000, 1_000, 500, 1e-6),
+    "ucf101": _released(1e-4, 5_000, 1_000, 500, 1e-6),
+    "kinetics100": _released(1e-4, 5_000, 1_000, 500, 1e-6),
+    "ssv2_small": _released(1e-3, 10_000, 2_000, 1_000, 1e-5),
+    "ssv2_full": _released(1e-3, 40_000, 8_000, 1_000, 1e-5),
 }
+DECAY_GROUPS = ("matrices", "released")
+# models/utils/optimizer.py: names with these substrings get weight decay 0 (BN.WEIGHT_DECAY is 0.0)
+RELEASED_NO_DECAY = ("embd", "cls_token", "bn", "norm")
 
 
 # A preset reproduces the released run, so its head options are the released ones too.
@@ -82,6 +93,7 @@ class TrainConfig:
     decay_episodes: list[int] | None = None  # default: 70% and 90% of episodes
     decay_factor: float = 0.1
     weight_decay: float = 1e-3
+    decay_groups: str = "matrices"  # or "released": by name, as models/utils/optimizer.py
     batch_size: int = 32  # lastlayer --strategy finetune: videos per step
     val_every: int = 500
     val_episodes: int = 1_000
@@ -109,6 +121,10 @@ class TrainConfig:
             cfg.warmup_episodes = cfg.episodes // 20
         if cfg.decay_episodes is None:
             cfg.decay_episodes = [cfg.episodes * 7 // 10, cfg.episodes * 9 // 10]
+        if cfg.decay_groups not in DECAY_GROUPS:
+            raise ConfigError(
+                f"--decay-groups {cfg.decay_groups!r}: use {' or '.join(DECAY_GROUPS)}"
+            )
         if cfg.val_every % cfg.episodes_per_step:
             raise ConfigError(
                 f"--val-every ({cfg.val_every}) must be a multiple of --episodes-per-step ({cfg.episodes_per_step})"
@@ -120,8 +136,8 @@ def learning_rate(cfg: TrainConfig, episode: int) -> float:
     """Linear warm-up from lr_start, then step decay (the schedule is counted in iterations)."""
     it = episode // cfg.episodes_per_iteration
     warmup = (cfg.warmup_episodes or 0) // cfg.episodes_per_iteration
-    if it < warmup:
-        return cfg.lr_start + (cfg.lr - cfg.lr_start) * it / warmup
+    if it < warmup:  # the released arithmetic: epoch * (lr - lr_start) + lr_start
+        return it / warmup * (cfg.lr - cfg.lr_start) + cfg.lr_start
     drops = sum(it >= d // cfg.episodes_per_iteration for d in cfg.decay_episodes or [])
     return cfg.lr * cfg.decay_factor**drops
 
@@ -132,10 +148,18 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def decays(name: str, parameter: torch.Tensor, groups: str) -> bool:
+    """Whether `parameter` gets weight decay: `released` by name, `matrices` by shape."""
+    if groups == "released":
+        return not any(part in name for part in RELEASED_NO_DECAY)
+    return parameter.dim() >= 2
+
+
 def make_optimizer(head: FewShotHead, cfg: TrainConfig) -> torch.optim.Adam:
-    """Adam; weight decay on matrices only (no decay on norms, biases and scalars)."""
-    decay = [p for p in head.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in head.parameters() if p.requires_grad and p.dim() < 2]
+    """Adam (L2 weight decay, as released); `cfg.decay_groups` picks the parameters decayed."""
+    named = [(n, p) for n, p in head.named_parameters() if p.requires_grad]
+    decay = [p for n, p in named if decays(n, p, cfg.decay_groups)]
+    no_decay = [p for n, p in named if not decays(n, p, cfg.decay_groups)]
     groups = [
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},

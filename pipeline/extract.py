@@ -185,13 +185,18 @@ def _set_torch_threads(count: int) -> None:
 
 
 def decode_task(
-    request: DecodeRequest, preprocess: dict[str, Any], config: EncoderConfig, timeout: float
+    request: DecodeRequest,
+    preprocess: dict[str, Any],
+    config: EncoderConfig,
+    timeout: float,
+    train: bool = False,
 ) -> DecodeOutcome:
     """Dask task: decode one video in this worker thread's decode child, then preprocess it.
 
-    Returns the outcome with `pixels` replaced by the model input `(V, T, 3, S, S)` float32.
+    Returns the outcome with `pixels` replaced by the model input `(V, T, 3, S, S)` float32; views
+    1.. of a `train` video get the preprocessing's training augmentation.
     """
-    from pipeline.preprocess import build_transform
+    from pipeline.preprocess import build_transform, transform_video
 
     outcome = decode_in_child(request, timeout)
     if outcome.error is not None:
@@ -201,14 +206,15 @@ def decode_task(
     transform = _transforms.get(key)
     if transform is None:
         transform = _transforms[key] = build_transform(preprocess)
-    views, frames = outcome.pixels.shape[:2]
     try:
-        model_input = transform(outcome.pixels.reshape(-1, *outcome.pixels.shape[2:]))
+        model_input = transform_video(
+            preprocess, transform, outcome.pixels, request.video_id, train
+        )
     except Exception as error:  # e.g. a frame too small for the crop
         outcome.error = f"preprocess error: {type(error).__name__}: {error}"[:240]
         outcome.pixels = None
         return outcome
-    outcome.pixels = model_input.reshape(views, frames, *model_input.shape[1:])
+    outcome.pixels = model_input
     return outcome
 
 
@@ -690,6 +696,7 @@ def _run_tasks(
                     spec["preprocess"],
                     config,
                     options.timeout,
+                    bool(manifest.at[row, "split"] == "train"),
                     pure=False,
                     retries=TASK_RETRIES,
                 )

@@ -15,10 +15,11 @@ when the decoder drains before the container's packet count is reached, `NextFra
 `SeekAccurate` and returns frames from the seek, and (3) it is slower per core (`decode_fps`).
 `tests/test_video.py` runs it in a subprocess to show (1).
 
-Sampling (`sample_frame_indices`): TSN segments. View 0 takes each segment's centre frame; views 1..V-1
-take a random frame in each segment, seeded from a stable hash of `video_id` and the view number.
-Videos shorter than `frames` repeat frames; a 1-frame video is therefore `ok` with its single frame
-repeated T times.
+Sampling (`sample_frame_indices`): View 0 takes the centre frame of each of T equal segments; views
+1..V-1 take a random frame per segment as the released EMP-Net code does (T segments of `n // T`
+frames from frame 0, the last `n % T` frames never used), seeded from a stable hash of `video_id` and
+the view number. Videos shorter than `frames` repeat frames; a 1-frame video is therefore `ok` with
+its single frame repeated T times.
 
 Failure reasons (short strings stored in the manifest's `error`): `missing`, `empty`, `unreadable`,
 `not a video`, `no video stream`, `truncated` (decodes to < 90% of the frames its container declares),
@@ -66,10 +67,13 @@ class VideoError(Exception):
 
 
 def sample_frame_indices(n_frames: int, frames: int, views: int, video_id: str) -> list[list[int]]:
-    """TSN frame indices: `views` lists of `frames` indices in `[0, n_frames)`, non-decreasing.
+    """Frame indices: `views` lists of `frames` indices in `[0, n_frames)`, non-decreasing.
 
-    View 0: centre of each of `frames` equal segments. Views 1..: one uniformly random frame per segment,
-    from a generator seeded by `stable_hash(video_id)` and the view number (same on every machine).
+    View 0: centre of each of `frames` equal segments. Views 1..: one uniformly random frame per
+    segment of `n_frames // frames` frames (EMP-Net's `_interval_based_sampling` with SAMPLING_RATE > 40:
+    `randint(i * interval, i * interval + interval - 1)`), from a generator seeded by
+    `stable_hash(video_id)` and the view number (same on every machine). Videos shorter than `frames`
+    (where the released code fails) draw from equal fractional segments instead, repeating frames.
     """
     if n_frames < 1:
         raise ValueError("n_frames must be at least 1")
@@ -79,12 +83,16 @@ def sample_frame_indices(n_frames: int, frames: int, views: int, video_id: str) 
     starts = [segment * i for i in range(frames)]
     result = [[min(n_frames - 1, int(start + segment / 2)) for start in starts]]
     seed = stable_hash(video_id)
+    interval = n_frames // frames
     for view in range(1, views):
         rng = np.random.default_rng([seed, view])
         indices = []
-        for start in starts:
-            low = int(start)
-            high = max(low + 1, int(start + segment))
+        for i, start in enumerate(starts):
+            if interval >= 1:
+                low, high = i * interval, (i + 1) * interval
+            else:
+                low = int(start)
+                high = max(low + 1, int(start + segment))
             indices.append(min(n_frames - 1, int(rng.integers(low, high))))
         result.append(indices)
     return result

@@ -88,8 +88,8 @@ def test_presets_and_schedule() -> None:
     )  # fmt: skip
     # released schedule in iterations (2 episodes each), STEPS_ITER 1000
     lr = lambda it: learning_rate(hmdb, 2 * it)  # noqa: E731
-    assert lr(0) == pytest.approx(1e-6) and lr(250) == pytest.approx(1e-6 + (1e-4 - 1e-6) / 2)
-    assert lr(500) == lr(1999) == pytest.approx(1e-4)
+    assert lr(0) == pytest.approx(1e-6) and lr(500) == pytest.approx(1e-6 + (1e-4 - 1e-6) / 2)
+    assert lr(1000) == lr(1999) == pytest.approx(1e-4)
     assert lr(2000) == lr(2999) == pytest.approx(1e-5) and lr(3000) == lr(4999) == pytest.approx(
         1e-6
     )
