@@ -178,9 +178,7 @@ def test_ce_loss_scales_each_score_by_its_learnable_temperature() -> None:
     prediction = head(take(feats, [3, 4, 5]))
     labels = torch.tensor([0, 1, 2])
     scores = list(head._scores.values())
-    expected = sum(
-        torch.nn.functional.cross_entropy(2.0 * s[0], labels) for s in scores[:3]
-    ) + sum(
+    expected = sum(torch.nn.functional.cross_entropy(2.0 * s[0], labels) for s in scores[:3]) + sum(
         torch.nn.functional.cross_entropy(
             10.0 * torch.cat([head._support_text[lv], head._query_text[lv]], 1)[0],
             torch.tensor([0, 1, 2, 0, 1, 2]),
