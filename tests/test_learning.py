@@ -60,3 +60,24 @@ def test_trained_emp_beats_untrained_and_training_free_heads(
     validations = [r for r in records if "val_accuracy" in r]
     assert [r["episode"] for r in validations] == [150, 300]
     assert all(0 <= r["val_accuracy"] <= 100 and r["loss"] > 0 for r in validations)
+
+
+def test_every_head_evaluates_untrained_at_the_store_dim(hidden_store: Path) -> None:
+    """`fsar-eval --head NAME` builds a trainable head untrained at the store's dim (64, not 512)."""
+    from typer.testing import CliRunner
+
+    from cli import eval_app
+
+    runner = CliRunner()
+    args = ["--store", str(hidden_store), "--episodes", "20", "--no-progress"]
+    for name in ("zeroshot", "proto", "otam", "emp", "probe"):
+        result = runner.invoke(eval_app, [*args, "--head", name])
+        assert result.exit_code == 0, (name, result.output)
+        assert "(95% CI, 20 episodes, 5-way 1-shot, test)" in result.output
+    # the same seed gives the same untrained weights, so the same accuracy
+    first, second = (runner.invoke(eval_app, [*args, "--head", "emp"]).output for _ in range(2))
+    assert first == second
+    # lastlayer needs the exported last block: one line naming what to do, exit 2
+    result = runner.invoke(eval_app, [*args, "--head", "lastlayer"])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "weights/lastblock.safetensors" in result.output and "--recipe emp+last" in result.output
