@@ -156,8 +156,12 @@ def head_step(
 
 
 def optimizer_for(head: Any) -> torch.optim.Optimizer | None:
-    params = [p for p in head.parameters() if p.requires_grad]
-    return torch.optim.Adam(params, lr=1e-5) if params else None
+    """The optimiser `fsar-train` builds (lr 1e-5), or None for a head without parameters."""
+    from heads.train import TrainConfig, make_optimizer
+
+    if not any(p.requires_grad for p in head.parameters()):
+        return None
+    return make_optimizer(head, TrainConfig(lr=1e-5))
 
 
 def episode_rows(

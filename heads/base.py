@@ -39,6 +39,16 @@ def cosine_similarity(x: torch.Tensor, y: torch.Tensor, eps: float = 0.01) -> to
     return numerator / denominator
 
 
+def cosine_matrix(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """`F.cosine_similarity` of every x (..., n, D) with every y (..., m, D) -> (..., n, m).
+
+    Normalised as torch's (each norm clamped at `eps`), then one batched product instead of the
+    broadcast (..., n, m, D) elementwise product (equal up to float rounding)."""
+    x = x / x.norm(dim=-1, keepdim=True).clamp_min(eps)
+    y = y / y.norm(dim=-1, keepdim=True).clamp_min(eps)
+    return x @ y.transpose(-1, -2)
+
+
 def frame_cosine(
     query: torch.Tensor,
     support: torch.Tensor,
@@ -73,6 +83,17 @@ def one_video_per_class(labels: torch.Tensor, n_way: int) -> bool:
     return bool((labels.sort(-1).values == arange).all())
 
 
+def table_class_means(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Means of rows of `table` (V, ...) over the last axis of `index` (E, N, K) -> (E, N, ...).
+
+    One `embedding_bag` (each row read once, none copied out): evaluation forms K-shot prototypes
+    from its per-video feature table with it, and `class_means` uses the same kernel on gathered
+    supports, so both give the same bits."""
+    flat = table.reshape(table.shape[0], -1)
+    means = torch.nn.functional.embedding_bag(index.reshape(-1, index.shape[-1]), flat, mode="mean")
+    return means.reshape(*index.shape[:-1], *table.shape[1:])
+
+
 def class_means(values: torch.Tensor, labels: torch.Tensor, n_way: int) -> torch.Tensor:
     """Per-class mean over the support axis: values (E, S, ...), labels (E, S) -> (E, N, ...)."""
     n_support = values.shape[1]
@@ -80,8 +101,11 @@ def class_means(values: torch.Tensor, labels: torch.Tensor, n_way: int) -> torch
         shot = n_support // n_way
         ordered = torch.arange(n_way, device=labels.device).repeat_interleave(shot)
         if torch.equal(labels, ordered.expand_as(labels)):
-            grouped = values.reshape(values.shape[0], n_way, shot, *values.shape[2:])
-            return grouped[:, :, 0] if shot == 1 else grouped.mean(2)
+            if shot == 1:
+                return values.reshape(values.shape[0], n_way, *values.shape[2:])
+            index = torch.arange(values.shape[0] * n_support, device=values.device)
+            means = table_class_means(values.flatten(0, 1), index.view(-1, n_way, shot))
+            return means.reshape(values.shape[0], n_way, *values.shape[2:])
     one_hot = torch.nn.functional.one_hot(labels, n_way).to(values.dtype)  # (E, S, N)
     counts = one_hot.sum(1).clamp_min(1.0)  # (E, N)
     flat = values.reshape(values.shape[0], values.shape[1], -1)
@@ -132,6 +156,15 @@ class FewShotHead(nn.Module, ABC):
         single video (shot 1), which lets support-side work be done per video.
         """
         return features
+
+    def support_means(self, shot: int) -> tuple[str, ...] | None:
+        """Evaluation only: the features this head reads from K-shot supports, if it reads them
+        only through `class_means` (default None: it needs every support as it is).
+
+        For such heads evaluation forms the per-class means from its per-video feature table
+        (`table_class_means`, no copy of each support) and passes them as a support set of one
+        video per class, labels 0..N-1; that gives the same result as the supports themselves."""
+        return None
 
     # ---------------------------------------------------------------- per episode
     def process_support_set(

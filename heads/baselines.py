@@ -7,7 +7,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .base import Features, FewShotHead, class_means, frame_cosine, last_layer, one_video_per_class
+from .base import (
+    Features,
+    FewShotHead,
+    class_means,
+    cosine_matrix,
+    frame_cosine,
+    last_layer,
+    one_video_per_class,
+)
 from .otam import DEFAULT_LAMBDA, otam_bidirectional
 
 
@@ -34,13 +42,14 @@ class ZeroShot(_ClsHead):
     def video_features(self, inputs: Features) -> Features:
         return {"video": inputs["cls"].float().mean(1)}  # (B, D)
 
+    def support_means(self, shot: int) -> tuple[str, ...]:
+        return ()  # the support is not read
+
     def _support(self, support: Features, labels: torch.Tensor, class_ids: torch.Tensor) -> None:
         self._text = self.class_text.mean(1)[class_ids]  # (E, N, D)
 
     def _query(self, query: Features) -> torch.Tensor:
-        self._logits = F.cosine_similarity(
-            query["video"].unsqueeze(2), self._text.unsqueeze(1), dim=-1
-        )
+        self._logits = cosine_matrix(query["video"], self._text)
         return self._logits
 
 
@@ -52,13 +61,14 @@ class Prototypes(_ClsHead):
     def video_features(self, inputs: Features) -> Features:
         return {"video": inputs["cls"].float().mean(1)}
 
+    def support_means(self, shot: int) -> tuple[str, ...]:
+        return ("video",)
+
     def _support(self, support: Features, labels: torch.Tensor, class_ids: torch.Tensor) -> None:
         self._prototypes = class_means(support["video"], labels, class_ids.shape[1])  # (E, N, D)
 
     def _query(self, query: Features) -> torch.Tensor:
-        self._logits = F.cosine_similarity(
-            query["video"].unsqueeze(2), self._prototypes.unsqueeze(1), dim=-1
-        )
+        self._logits = cosine_matrix(query["video"], self._prototypes)
         return self._logits
 
 
@@ -78,6 +88,9 @@ class OTAM(_ClsHead):
 
     def cache_features(self, features: Features, class_ids: torch.Tensor, shot: int) -> Features:
         return {**features, "norms": features["frames"].norm(dim=-1)}  # (B, T), once per video
+
+    def support_means(self, shot: int) -> tuple[str, ...]:
+        return ("frames",)  # a prototype's frame norms are its own, not the supports' "norms"
 
     def _support(self, support: Features, labels: torch.Tensor, class_ids: torch.Tensor) -> None:
         n_way = class_ids.shape[1]

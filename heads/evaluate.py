@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .base import FewShotHead
+from .base import FewShotHead, table_class_means
 from .data import SplitData
 from .episodes import EpisodeBatch, EpisodeSampler, draw_keys
 
@@ -178,15 +178,30 @@ def score_episodes(
             out[k] = gathered.reshape(*rows.shape, *v.shape[1:])
         return out
 
-    support = gather(episodes.support_rows, "support")
-    query = gather(episodes.query_rows, "query")
-    support_labels = torch.as_tensor(episodes.support_labels, device=device)
     class_ids = torch.as_tensor(episodes.class_ids, device=device)
+    n_episodes, n_way = episodes.class_ids.shape
+    shot = episodes.support_rows.shape[1] // n_way
+    means = head.support_means(shot) if shot > 1 else None
+    if means is not None and class_major(episodes.support_labels, n_way, shot):
+        # K-shot prototypes straight from the feature table: one video per class, labels 0..N-1
+        index = torch.as_tensor(position[episodes.support_rows], device=device)
+        index = index.view(n_episodes, n_way, shot)
+        support = {k: table_class_means(features[k], index) for k in means}
+        support_labels = torch.arange(n_way, device=device).expand(n_episodes, n_way)
+    else:
+        support = gather(episodes.support_rows, "support")
+        support_labels = torch.as_tensor(episodes.support_labels, device=device)
+    query = gather(episodes.query_rows, "query")
     query_labels = torch.as_tensor(episodes.query_labels, device=device)
     head.process_support_set(support, support_labels, class_ids)
     with torch.no_grad():
         prediction = head(query).argmax(-1)
     return (prediction == query_labels).float().mean(-1).cpu().numpy()
+
+
+def class_major(labels: np.ndarray, n_way: int, shot: int) -> bool:
+    """Whether support labels (E, N*K) are the sampler's class-major 0,..,0,1,..,1,... order."""
+    return bool((labels == np.repeat(np.arange(n_way), shot)).all())
 
 
 def evaluate(

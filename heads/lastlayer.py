@@ -116,6 +116,9 @@ class LastLayer(FewShotHead):
         cos = F.cosine_similarity(query.unsqueeze(2), prototypes.unsqueeze(1), dim=-1)
         return self.logit_scale.exp() * cos
 
+    def support_means(self, shot: int) -> tuple[str, ...] | None:
+        return None if self.strategy == "novel" else ("video",)
+
     def _support(self, support: Features, labels: torch.Tensor, class_ids: torch.Tensor) -> None:
         n_way = class_ids.shape[1]
         if self.strategy != "novel":

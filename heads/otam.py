@@ -20,6 +20,7 @@ and with brute force over all paths.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -34,13 +35,8 @@ def _frames_first(dists: torch.Tensor, lbda: float, directions: int) -> torch.Te
     recursion scores both OTAM directions. One copy into a fresh tensor, then an in-place scale
     (the caller's tensor is never written)."""
     first = dists.movedim((-2, -1), (0, 1))
-    out = torch.empty(
-        (*first.shape[:2], directions, *first.shape[2:]), dtype=dists.dtype, device=dists.device
-    )
-    out[:, :, 0] = first
-    if directions == 2:
-        out[:, :, 1] = dists.movedim((-1, -2), (0, 1))
-    out.mul_(-1.0 / lbda)
+    parts = [first] if directions == 1 else [first, dists.movedim((-1, -2), (0, 1))]
+    out = torch.stack(parts, 2).mul_(-1.0 / lbda)
     return out if directions == 2 else out[:, :, 0]
 
 
@@ -61,23 +57,90 @@ def _linear_space_is_safe(dists: torch.Tensor, lbda: float) -> bool:
     )
 
 
-def _recursion_linear(scaled: torch.Tensor) -> torch.Tensor:
-    """The recursion on W = exp(scaled) (Lq, Ls, ...): soft minimum = sum, distance = product."""
-    n_rows, n_cols = scaled.shape[0], scaled.shape[1]
-    weights = scaled.exp()
+def _cells_linear(weights: torch.Tensor) -> list[list[torch.Tensor]]:
+    """Every cell of the recursion on W (Lq, Ls, ...): rows of columns 0 .. Ls + 1."""
+    n_rows, n_cols = weights.shape[0], weights.shape[1]
     one = torch.ones_like(weights[0, 0])
     top = list(torch.cumprod(weights[0], dim=0).unbind(0))
-    previous = [one, *top, top[-1]]  # columns 0 .. n_cols + 1
+    rows = [[one, *top, top[-1]]]  # columns 0 .. n_cols + 1
     for row in range(1, n_rows):
-        w = weights[row]
+        previous, w = rows[-1], weights[row]
         cell = (previous[0] + previous[1] + one) * w[0]
         current = [one, cell]
         for col in range(2, n_cols + 1):
             cell = (previous[col - 1] + cell) * w[col - 1]
             current.append(cell)
         current.append(previous[n_cols] + previous[-1] + cell)
-        previous = current
-    return previous[-1].log()
+        rows.append(current)
+    return rows
+
+
+class _RecursionLinear(torch.autograd.Function):
+    """log of the bottom-right cell of the recursion on W = exp(scaled) (Lq, Ls, ...), with the
+    adjoint recursion as backward: autograd through hundreds of per-cell ops on small tensors
+    (each select allocating a full-size gradient) costs several times the forward."""
+
+    @staticmethod
+    def forward(ctx: Any, scaled: torch.Tensor) -> torch.Tensor:
+        weights = scaled.exp()
+        rows = _cells_linear(weights)
+        ctx.save_for_backward(weights)
+        ctx.rows = rows
+        return rows[-1][-1].log()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        (weights,) = ctx.saved_tensors
+        rows = ctx.rows
+        n_rows, n_cols = weights.shape[0], weights.shape[1]
+        grad_w = torch.empty_like(weights)
+        # adjoint of each cell of the current row (None: zero); columns 0 .. n_cols + 1
+        adj: list[torch.Tensor | None] = [None] * (n_cols + 2)
+        adj[-1] = grad / rows[-1][-1]
+        for row in range(n_rows - 1, 0, -1):
+            cells, previous, w = rows[row], rows[row - 1], weights[row]
+            above: list[torch.Tensor | None] = [None] * (n_cols + 2)
+            a = adj[-1]  # last (pad) column: up-left + up + left
+            if a is not None:
+                above[n_cols] = above[-1] = a
+                adj[n_cols] = a if adj[n_cols] is None else adj[n_cols] + a
+            for col in range(n_cols, 1, -1):  # middle columns: (up-left + left) * w
+                a = adj[col]
+                if a is None:
+                    grad_w[row, col - 1] = 0.0
+                    continue
+                grad_w[row, col - 1] = a * (previous[col - 1] + cells[col - 1])
+                t = a * w[col - 1]
+                above[col - 1] = t if above[col - 1] is None else above[col - 1] + t
+                adj[col - 1] = t if adj[col - 1] is None else adj[col - 1] + t
+            a = adj[1]  # first real column: (up-left + up + left) * w, up-left and left are 1
+            if a is None:
+                grad_w[row, 0] = 0.0
+            else:
+                grad_w[row, 0] = a * (previous[1] + 2.0)
+                t = a * w[0]
+                above[1] = t if above[1] is None else above[1] + t
+            adj = above
+        top = rows[0]  # top row: a cumulative product; its pad column copies the last one
+        if adj[-1] is not None:
+            adj[n_cols] = adj[-1] if adj[n_cols] is None else adj[n_cols] + adj[-1]
+        for col in range(n_cols, 0, -1):
+            a = adj[col]
+            if a is None:
+                grad_w[0, col - 1] = 0.0
+                continue
+            grad_w[0, col - 1] = a * top[col - 1]
+            if col > 1:
+                t = a * weights[0, col - 1]
+                adj[col - 1] = t if adj[col - 1] is None else adj[col - 1] + t
+        return grad_w.mul_(weights)  # d W / d scaled = W
+
+
+def _recursion_linear(scaled: torch.Tensor) -> torch.Tensor:
+    """The recursion on W = exp(scaled) (Lq, Ls, ...): soft minimum = sum, distance = product."""
+    if torch.is_grad_enabled() and scaled.requires_grad:
+        return _RecursionLinear.apply(scaled)
+    return _cells_linear(scaled.exp())[-1][-1].log()
 
 
 def _recursion_log(scaled: torch.Tensor) -> torch.Tensor:

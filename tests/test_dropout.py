@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from heads.dropout import (
+    MIN_ELEMENTS,
     PARALLEL_MIN_ELEMENTS,
     ParallelDropout,
     parallel_dropout,
@@ -62,6 +63,24 @@ def test_gradient_is_the_mask_times_the_scale() -> None:
     out = ParallelDropout(0.2)(x)
     out.sum().backward()
     torch.testing.assert_close(x.grad, (out.detach() != 0).float() / (1 - 0.2))
+
+
+def test_mid_size_tensors_draw_on_one_generator_at_the_same_rate() -> None:
+    """Below PARALLEL_MIN_ELEMENTS (EMP-Net's tensors at small store dims) the masks come from one
+    generator on the calling thread: same rate, scale, gradient and reproducibility."""
+    n = 64 * MIN_ELEMENTS
+    assert n < PARALLEL_MIN_ELEMENTS
+    x = (torch.rand(n, generator=torch.Generator().manual_seed(0)) + 1.0).requires_grad_(True)
+    torch.manual_seed(0)
+    out = parallel_dropout(x, 0.2)
+    dropped = out == 0
+    assert abs(dropped.float().mean().item() - 0.2) < 0.003
+    scale = 1.0 / (1.0 - quantised_drop_probability(0.2))
+    torch.testing.assert_close(out[~dropped], x[~dropped] * scale)
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, (~dropped).float() * scale)
+    torch.manual_seed(0)
+    assert torch.equal(parallel_dropout(x.detach(), 0.2), out.detach())
 
 
 def test_eval_mode_small_tensors_and_bad_probability() -> None:

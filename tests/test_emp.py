@@ -192,3 +192,40 @@ def test_ce_loss_scales_each_score_by_its_learnable_temperature() -> None:
     )
     with pytest.raises(ValueError, match="loss"):
         heads.create("emp", dim=DIM, loss="focal")
+
+
+def test_short_row_softmax_and_attention_equal_torch() -> None:
+    """The CPU paths for short rows (frames, classes) equal torch's softmax and SDPA, gradients too."""
+    import torch.nn.functional as F
+
+    from heads.emp import attention, softmax
+
+    torch.manual_seed(0)
+    for shape in [(7, 3, 5), (4, 9), (2, 4, 8, 8), (3, 20)]:
+        x = (torch.randn(*shape) * 3).requires_grad_(True)
+        ours, want = softmax(x), torch.softmax(x, dim=-1)
+        torch.testing.assert_close(ours, want)
+        g = torch.randn(*shape)
+        (ga,) = torch.autograd.grad(ours, x, g)
+        (gb,) = torch.autograd.grad(want, x, g)
+        torch.testing.assert_close(ga, gb)
+    for n in (8, 17, 80):  # 80: longer than SHORT_SEQUENCE, SDPA itself
+        q, k, v = (torch.randn(6, 4, n, 8, requires_grad=True) for _ in range(3))
+        ours, want = attention(q, k, v), F.scaled_dot_product_attention(q, k, v)
+        torch.testing.assert_close(ours, want, atol=1e-6, rtol=1e-5)
+        grads = torch.autograd.grad(ours.sum(), (q, k, v))
+        for a, b in zip(grads, torch.autograd.grad(want.sum(), (q, k, v)), strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_text_fusion_per_text_equals_the_layer_on_the_concatenated_tokens() -> None:
+    """fuse_text projects each text once for the sequences sharing it (patch positions): the
+    same as the released call layer(x + t, [x; t]) with t repeated per sequence."""
+    from heads.emp import TransformerLayer
+
+    torch.manual_seed(0)
+    layer = TransformerLayer(DIM, 4, DIM // 8, DIM // 4, 0.2, 0.05).eval()
+    x, text = torch.randn(12, 5, DIM), torch.randn(3, DIM)  # 3 texts, 4 sequences each
+    t = text.repeat_interleave(4, 0).unsqueeze(1)
+    want = layer(x + t, torch.cat([x, t], dim=1))
+    torch.testing.assert_close(layer.fuse_text(x, text), want, atol=1e-5, rtol=1e-5)

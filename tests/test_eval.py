@@ -47,18 +47,26 @@ def test_streaming_equals_memory_and_is_deterministic(pair_store: Path) -> None:
     )
 
 
-@pytest.mark.parametrize("name,shot", [("otam", 1), ("otam", 2), ("proto", 1)])
+@pytest.mark.parametrize(
+    "name,shot",
+    [("otam", 1), ("otam", 2), ("otam", 3), ("proto", 1), ("proto", 3), ("zeroshot", 2)]
+    + [("emp", 1), ("emp", 2)],
+)
 def test_batched_scoring_with_cached_features_equals_plain_episodes(
     pair_store: Path, name: str, shot: int
 ) -> None:
-    """score_episodes (reused gather buffers, a short last batch, OTAM's cached frame norms)
-    gives each episode's plain support/query result."""
+    """score_episodes (reused gather buffers, a short last batch, OTAM's cached frame norms,
+    K-shot prototypes formed from the feature table, emp's cached query fusion) gives each
+    episode's plain support/query result."""
     from heads.data import SplitData
     from heads.episodes import EpisodeSampler
     from heads.evaluate import row_positions, score_episodes, video_pass
 
     store = open_store(pair_store)
-    head = heads.create(name).eval()
+    torch.manual_seed(0)
+    head = heads.create(name, **({"dim": int(store.spec["dim"])} if name == "emp" else {}))
+    head.prepare(store)
+    head.eval()
     m = store.manifest
     sampler = EpisodeSampler(m[m["split"] == "test"], 3, shot, 1, seed=2)
     data = SplitData(store, sampler.rows, head.inputs(store.spec), 8.0, views=1)
@@ -76,15 +84,33 @@ def test_batched_scoring_with_cached_features_equals_plain_episodes(
         episode = sampler.episode(i)
         support = head.video_features(data.get(episode.support_rows))
         query = head.video_features(data.get(episode.query_rows))
-        head.process_support_set(
-            support, torch.as_tensor(episode.support_labels), torch.as_tensor(episode.class_ids)
-        )
         with torch.no_grad():
+            head.process_support_set(
+                support, torch.as_tensor(episode.support_labels), torch.as_tensor(episode.class_ids)
+            )
             predicted = head(query).argmax(-1).numpy()
         plain.append((predicted == episode.query_labels).mean())
     assert np.array_equal(batched, np.array(plain, dtype=batched.dtype))
     if name == "otam":
         assert "norms" in cached  # per-video frame norms, computed once
+    if shot > 1 and head.support_means(shot) is not None:
+        assert buffers.keys() == {f"query/{k}" for k in cached}  # no support was gathered
+
+
+def test_table_class_means_equal_class_means_of_gathered_supports() -> None:
+    """K-shot prototypes from the feature table are the bits `class_means` gives on the gathered
+    supports, whatever the number of episodes in the batch."""
+    from heads.base import class_means, table_class_means
+
+    torch.manual_seed(0)
+    table = torch.randn(40, 3, 8)
+    index = torch.randint(0, 40, (6, 5, 4))  # 6 episodes, 5 classes, 4 shots (class-major)
+    labels = torch.arange(5).repeat_interleave(4).expand(6, 20)
+    gathered = table[index.reshape(6, 20)]
+    want = class_means(gathered, labels, 5)
+    assert torch.equal(table_class_means(table, index), want)
+    assert torch.equal(table_class_means(table, index[2:3]), want[2:3])
+    torch.testing.assert_close(want, gathered.reshape(6, 5, 4, 3, 8).mean(2))
 
 
 def test_keep_freed_memory_reuses_freed_blocks() -> None:

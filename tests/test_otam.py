@@ -115,3 +115,15 @@ def test_frame_cosine_equals_the_broadcast_cosine() -> None:
     # norms computed once per video give the same cosines
     norms = frame_cosine(query, support, 0.01, query.norm(dim=-1), support.norm(dim=-1))
     torch.testing.assert_close(norms, want, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(1, 3), (3, 1), (4, 4), (8, 8), (5, 7)])
+def test_linear_recursion_gradient_equals_autograd_through_the_loop(shape) -> None:
+    """The linear recursion's hand-written backward gives the released loop's gradients."""
+    torch.manual_seed(sum(shape))
+    d = (torch.rand(2, 3, *shape, dtype=torch.float64) * 2).requires_grad_(True)
+    (ours,) = torch.autograd.grad(otam_bidirectional(d, space="linear").sum(), d)
+    loop = otam_distance_loop(d) + otam_distance_loop(d.transpose(-1, -2))
+    (want,) = torch.autograd.grad(loop.sum(), d)
+    torch.testing.assert_close(ours, want, atol=1e-10, rtol=1e-8)
+    assert torch.autograd.gradcheck(lambda x: otam_distance(x, space="linear"), (d[0, 0],))
