@@ -6,9 +6,14 @@ never imports the CLIP encoder. Errors users can fix exit with code 2 and one li
 
 from __future__ import annotations
 
+import os
 import sys
 
 import typer
+
+# torch's OpenMP threads sleep between parallel regions instead of spinning: on a busy machine
+# spinning threads made training several times slower (docs/performance.md). Read when torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 app = typer.Typer(
     help="fsar: offline CLIP feature store for few-shot action recognition.", no_args_is_help=True

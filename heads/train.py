@@ -33,6 +33,7 @@ from .checkpoint import load_model, load_training_state, read_metadata, save_che
 from .data import SplitData
 from .episodes import EpisodeSampler
 from .evaluate import evaluate
+from .threads import restores_threads, step_threads
 
 
 class ConfigError(ValueError):
@@ -213,6 +214,7 @@ def run_metadata(cfg: TrainConfig, store: Any) -> dict[str, Any]:
     }
 
 
+@restores_threads
 def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) -> Path:
     """Train; returns the run directory. `stop_at` ends early (as an interruption would)."""
     from store import open_store
@@ -260,6 +262,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
         train_manifest, way, shot, query, cfg.seed, cfg.episodes, "train"
     )
     train_data = SplitData(store, train_sampler.rows, head.inputs(store.spec), cfg.max_ram)
+    roles = list(head.inputs(store.spec).values())
+    torch.set_num_threads(step_threads(store.spec, roles, way * (shot + query)))
     val_rows = EpisodeSampler(
         manifest[manifest["split"] == cfg.val_split],
         cfg.val_way or cfg.way,

@@ -9,6 +9,7 @@ import socket
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as cli.py: no spinning threads on a busy CI
 
 _real_connect = socket.socket.connect
 
