@@ -123,6 +123,17 @@ def median_time(fn: Callable[[], Any], repeat: int, warmup: int = 1, device: str
     return statistics.median(timed(fn, device)[0] for _ in range(max(1, repeat)))
 
 
+def matmul_peak(device: str = "cpu", repeat: int = 5) -> float:
+    """GFLOP/s of a square fp32 matmul (2048^2 on CPU at torch's thread count, 8192^2 on CUDA),
+    median of `repeat` after a warm-up: the rate a FLOP count is set against."""
+    import torch
+
+    n = 8192 if device.startswith("cuda") else 2048
+    a, b = (torch.randn(n, n, device=device) for _ in range(2))
+    seconds = median_time(lambda: a @ b, repeat, warmup=1, device=device)
+    return 2 * n**3 / seconds / 1e9
+
+
 @dataclass
 class Result:
     """Figures of one benchmark, written as JSON and shown as table rows."""

@@ -117,6 +117,9 @@ class Attention(nn.Module):
         self.to_out = nn.Sequential(nn.Linear(inner, dim), ParallelDropout(dropout))
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if q is k and k is v:  # self-attention: one product with the three weights stacked
+            w = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])
+            return self.attend(*F.linear(q, w).chunk(3, dim=-1))
         return self.attend(self.to_q(q), self.to_k(k), self.to_v(v))
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
