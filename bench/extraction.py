@@ -35,6 +35,16 @@ import numpy as np
 from bench.common import Result, Scratch, parser, resolve_device, timed
 from heads.allocator import keep_freed_memory
 
+# `python -m bench.run_all --report` puts this above the figures in docs/performance.md
+HOW_TO_READ = """
+Frames per second of `fsar-extract` against the same encoder run bare in a loop on frames
+decoded beforehand. The steady-state ratio (the marginal rate of two runs of different sizes, so
+start-up cancels) carries the target: at 0.9 or more, decoding, Dask and store writes cost under a
+tenth of the encoder's time. Decode rates are per core: on a GPU they say how many cores keep the
+encoder fed.
+"""
+
+
 DECODE_SIZE = (320, 240)
 
 

@@ -17,6 +17,14 @@ import torch
 
 from bench.common import Result, Scratch, parser
 
+# `python -m bench.run_all --report` puts this above the figures in docs/performance.md
+HOW_TO_READ = """
+Test accuracy (5-way 1-shot, 500 episodes) of each training recipe next to the untrained and
+training-free heads, on a store whose signal no fixed metric sees: training must lift emp far above
+the rest; the recipes differ in loss and learning rate only.
+"""
+
+
 RECIPES: dict[str, dict] = {
     "emp, ce loss, short run (lr 3e-3)": dict(head="emp", lr=3e-3),
     "emp, released loss, short run (lr 3e-3)": dict(

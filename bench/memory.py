@@ -24,6 +24,12 @@ from bench.common import (
 )
 from bench.workload import build_store
 
+# `python -m bench.run_all --report` puts this above the figures in docs/performance.md
+HOW_TO_READ = """
+Peak RSS of the same `fsar-train` run with the split streamed from the store and loaded into
+RAM: streaming must save memory; the baseline is what Python, torch and fsar cost before any data.
+"""
+
 
 def cli(name: str) -> list[str]:
     script = Path(sys.executable).parent / f"fsar-{name}"

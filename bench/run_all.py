@@ -3,23 +3,32 @@
     python -m bench.run_all                 # make bench: ViT-B/16 shapes on CPU (tens of minutes)
     python -m bench.run_all --quick         # make bench-quick: tiny sizes, for CI (figures meaningless)
     python -m bench.run_all --device cuda   # the same on a GPU
-    python -m bench.run_all --report        # only print the table of bench/results/*.json
+    python -m bench.run_all --report        # write docs/performance.md from bench/results/*.json
 
 Results: bench/results/<name>.json (schema in bench/common.py) and bench/results/summary.md.
+`--report` also reads bench/results/gpu/*.json (written by `bash bench/gpu.sh`) when present, and
+rewrites the headline block of README.md ("Performance") from the same figures.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import json
+import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from bench.common import RESULTS_DIR, markdown_table
+from bench.common import REPO_ROOT, RESULTS_DIR, format_value, markdown_table
 
 BENCHMARKS = ("extraction", "training", "evaluation", "store", "memory", "learning")
+DOC = REPO_ROOT / "docs" / "performance.md"
+README = REPO_ROOT / "README.md"
+HEADLINE_BEGIN = "<!-- performance headline: written by python -m bench.run_all --report -->"
+HEADLINE_END = "<!-- end of performance headline -->"
 
 
 def machine_line(results: list[dict]) -> str:
@@ -34,16 +43,175 @@ def machine_line(results: list[dict]) -> str:
     )
 
 
+def load(out: Path, names: list[str] | tuple[str, ...]) -> list[dict]:
+    """The results present in `out`, in the order of `names`."""
+    return [
+        json.loads((out / f"{n}.json").read_text()) for n in names if (out / f"{n}.json").exists()
+    ]
+
+
 def report(out: Path, names: list[str]) -> str:
-    results = []
-    for name in names:
-        path = out / f"{name}.json"
-        if path.exists():
-            results.append(json.loads(path.read_text()))
+    results = load(out, names)
     lines = [markdown_table(results), "", machine_line(results)]
     for res in results:
         lines += [f"- {res['name']}: {note}" for note in res["notes"]]
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ docs/performance.md
+def how_to_read(name: str) -> str:
+    """The module's HOW_TO_READ constant (read from its source, not imported)."""
+    source = (Path(__file__).parent / f"{name}.py").read_text()
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == "HOW_TO_READ" for t in node.targets
+        ):
+            return " ".join(ast.literal_eval(node.value).split())
+    return ast.get_docstring(ast.parse(source)).split("\n\n")[0]
+
+
+def _figure(results: list[dict], benches: str, pick: Callable[[list[dict]], dict | None]):
+    """The picked figure of the first of `benches` ("a|b") that has it."""
+    for bench in benches.split("|"):
+        res = next((r for r in results if r["name"] == bench), None)
+        fig = None if res is None else pick(res["figures"])
+        if fig is not None:
+            return fig
+    return None
+
+
+def _key(key: str) -> Callable[[list[dict]], dict | None]:
+    return lambda figures: next((f for f in figures if f["key"] == key), None)
+
+
+def _worst_ratio(figures: list[dict]) -> dict | None:
+    ratios = [f for f in figures if f["key"].startswith("ratio.")]
+    return max(ratios, key=lambda f: f["value"]) if ratios else None
+
+
+def _share_of_ceiling(figures: list[dict]) -> dict | None:
+    speedup = _key("speedup.emp.vs_online")(figures)
+    ceiling = _key("ceiling.emp.vs_online")(figures)
+    if speedup is None or ceiling is None:
+        return None
+    value = 100 * speedup["value"] / ceiling["value"]
+    label = f"{format_value(speedup['value'])}x of a {format_value(ceiling['value'])}x ceiling"
+    return {"value": value, "unit": "%", "label": label, "met": value >= 80}
+
+
+# (what, benchmark, figure, target); the figure's own `met` says whether the target is met
+HEADLINES: list[tuple[str, str, Callable[[list[dict]], dict | None], str]] = [
+    ("Extraction: pipeline / bare encoder, steady state", "extraction", _key("ratio_steady"), ">= 0.9"),
+    ("Training emp from the store: speedup vs frozen CLIP online, % of its FLOP ceiling", "training", _share_of_ceiling, ">= 80%"),
+    ("Evaluation: 10,000 episodes / one pass over the split, worst head and shot", "evaluation", _worst_ratio, "<= 2"),
+    ("Small head: emp at store dim 64, ms per training episode", "training", _key("small.episode_ms"), "< 50 ms"),
+    ("Loader stall share of an emp step (streamed split)", "store|training", _key("loader_stall_pct.emp"), "< 5%"),
+]  # fmt: skip
+
+
+def _at_least(key: str, bound: float) -> Callable[[list[dict]], dict | None]:
+    def pick(figures: list[dict]) -> dict | None:
+        fig = _key(key)(figures)
+        return None if fig is None else {**fig, "met": fig["value"] >= bound}
+
+    return pick
+
+
+# on a GPU the extraction rate has a target of its own, and the small head is not measured
+GPU_HEADLINES = [
+    HEADLINES[0],
+    ("Extraction: fsar-extract frames/s, steady state", "extraction", _at_least("pipeline_fps_steady", 10_000), ">= 10,000"),
+    *HEADLINES[1:3],
+    HEADLINES[4],
+]  # fmt: skip
+
+
+def headline_rows(results: list[dict], headlines: list | None = None) -> list[str]:
+    rows = ["| figure | value | target | met |", "|---|---:|---|---|"]
+    for what, bench, pick, target in headlines or HEADLINES:
+        fig = _figure(results, bench, pick)
+        if fig is None:
+            rows.append(f"| {what} | not measured | {target} | |")
+            continue
+        value = f"{format_value(fig['value'])} {fig['unit']}".replace(" x", "x")
+        if fig.get("label") and fig["unit"] == "%":
+            value += f" ({fig['label']})"
+        met = {True: "yes", False: "no", None: ""}[fig.get("met")]
+        rows.append(f"| {what} | {value} | {target} | {met} |")
+    return rows
+
+
+def section(res: dict) -> list[str]:
+    name = res["name"]
+    mode = " (quick mode: tiny sizes, figures meaningless)" if res["quick"] else ""
+    lines = [
+        f"### {name}",
+        "",
+        f"How to read it: {how_to_read(name)}",
+        "",
+        f"Command: `{res['command']}`{mode}, {res['seconds'] / 60:.0f} min. {machine_line([res])}",
+        "",
+        markdown_table([res]),
+    ]
+    if res["notes"]:
+        lines += [""] + [f"- {note}" for note in res["notes"]]
+    return lines + [""]
+
+
+def performance_doc(out: Path, gpu_out: Path) -> str:
+    cpu = load(out, BENCHMARKS)
+    gpu = load(gpu_out, BENCHMARKS)
+    lines = [
+        "# Performance",
+        "",
+        "Generated by `python -m bench.run_all --report` from `bench/results/*.json` (`make bench`)",
+        "and `bench/results/gpu/*.json` (`bash bench/gpu.sh` on a GPU machine); do not edit by hand.",
+        "Every ratio is measured side by side in one run; each benchmark's module docstring",
+        "(`bench/<name>.py`) says exactly what is timed.",
+        "",
+        "## Headline figures",
+        "",
+        *headline_rows(cpu),
+        "",
+        "## CPU",
+        "",
+    ]
+    for res in cpu:
+        lines += section(res)
+    if not cpu:
+        lines += ["No CPU results yet: run `make bench`.", ""]
+    lines += ["## GPU", ""]
+    if gpu:
+        card = gpu[0]["machine"].get("gpu", gpu[0]["machine"]["device"])
+        lines += [f"Card: {card}.", "", *headline_rows(gpu, GPU_HEADLINES), ""]
+        for res in gpu:
+            lines += section(res)
+    else:
+        lines += [
+            "No GPU figures yet: `bash bench/gpu.sh` (under 8 minutes on one H100-class card)",
+            "measures extraction vs the bare encoder, emp training from the store vs frozen CLIP",
+            "online, emp 1-shot and 5-shot evaluation over 10,000 episodes and the loader stall",
+            "share; then rerun `python -m bench.run_all --report`.",
+            "",
+        ]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def readme_headline(out: Path) -> str:
+    rows = headline_rows(load(out, BENCHMARKS))
+    return "\n".join(
+        [HEADLINE_BEGIN, *rows, "", "Every figure, how to read it, and the GPU run: "
+         "[docs/performance.md](docs/performance.md).", HEADLINE_END]
+    )  # fmt: skip
+
+
+def write_docs(out: Path, gpu_out: Path, doc: Path = DOC, readme: Path | None = README) -> None:
+    doc.write_text(performance_doc(out, gpu_out))
+    if readme is not None and readme.exists():
+        text = readme.read_text()
+        pattern = re.compile(re.escape(HEADLINE_BEGIN) + ".*?" + re.escape(HEADLINE_END), re.S)
+        if pattern.search(text):
+            readme.write_text(pattern.sub(lambda _: readme_headline(out), text))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,7 +220,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=str(RESULTS_DIR))
     p.add_argument("--only", default=",".join(BENCHMARKS), help="comma-separated benchmarks")
-    p.add_argument("--report", action="store_true", help="print the table of existing results")
+    p.add_argument(
+        "--report",
+        action="store_true",
+        help="no runs: print the table of existing results and write docs/performance.md",
+    )
+    p.add_argument("--print-only", action="store_true", help="with --report: write no file")
     args = p.parse_args(argv)
     out = Path(args.out)
     names = [n for n in args.only.split(",") if n]
@@ -86,6 +259,12 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if not args.report:
         (out / "summary.md").write_text(f"Command: `{command}`\n\n{table}\n")
+    elif not args.print_only:
+        if any(r["quick"] for r in load(out, BENCHMARKS)):
+            print("quick results: docs/performance.md not written (it holds full runs only)")
+        else:
+            write_docs(out, out / "gpu")
+            print(f"wrote {DOC.relative_to(REPO_ROOT)} and the headline block of README.md")
     print(f"\n{table}")
     if failed:
         print(f"\nfailed: {', '.join(failed)}", file=sys.stderr)

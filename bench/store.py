@@ -51,6 +51,14 @@ from bench.workload import (
     random_pool,
 )
 
+# `python -m bench.run_all --report` puts this above the figures in docs/performance.md
+HOW_TO_READ = """
+Bytes per video and MB/s per codec, then the loader's share of a training step. The stall share
+(reads prefetched while the head steps, as `fsar-train` runs) carries the < 5% target; the
+no-overlap shares are upper bounds.
+"""
+
+
 CODECS: dict[str, dict[str, Any]] = {
     "zstd": {"name": "zstd", "level": 3},
     "blosc-zstd": {"name": "blosc-zstd", "level": 5, "shuffle": "shuffle"},

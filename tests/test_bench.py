@@ -69,3 +69,68 @@ def test_table_formats_every_figure() -> None:
     table = markdown_table([res]).splitlines()
     assert table[2] == "| x | a | 1,234 | s | <= 2 ✗ |"
     assert table[3] == "| x | b | 0.0012 | x |  |"
+
+
+@pytest.mark.slow
+def test_gpu_script_runs_every_step_on_cpu(tmp_path: Path) -> None:
+    """bench/gpu.sh --device cpu --quick: extraction, emp training with the loader stall, emp
+    1-shot and 5-shot evaluation, each writing its figures, then the table (no GPU here)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = ["bash", str(root / "bench" / "gpu.sh"), "--device", "cpu", "--quick"]
+    proc = subprocess.run(
+        [*cmd, "--out", str(tmp_path)], capture_output=True, text=True, timeout=1200
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    figures = {}
+    for name in ("extraction", "training", "evaluation"):
+        data = json.loads((tmp_path / f"{name}.json").read_text())
+        assert data["quick"] is True and data["machine"]["device"] == "cpu"
+        figures[name] = {f["key"] for f in data["figures"]}
+    assert {"ratio_e2e", "bare_fps", "pipeline_fps_e2e"} <= figures["extraction"]
+    assert {"speedup.emp.vs_online", "ceiling.emp.vs_online", "episodes_per_s.store.emp"} <= (
+        figures["training"]
+    )
+    assert "loader_stall_pct.emp" in figures["training"]
+    assert {"ratio.emp.1shot", "ratio.emp.5shot", "flop_floor.emp.5shot"} <= figures["evaluation"]
+    assert "| evaluation | emp 5-shot: ratio eval / pass |" in proc.stdout
+    rc = subprocess.run([*cmd, "--bogus"], capture_output=True, text=True).returncode
+    assert rc == 2
+
+
+def test_report_writes_the_performance_doc_and_the_readme_headline(tmp_path: Path) -> None:
+    """The doc holds one section per benchmark with its how-to-read text and table; the README
+    block between the markers is replaced by the headline table, the rest kept."""
+    from bench.run_all import HEADLINE_BEGIN, HEADLINE_END, write_docs
+
+    out = tmp_path / "results"
+    out.mkdir()
+    fig = {"target": None, "met": None, "note": ""}
+    machine = {"cores": 2, "cpu_model": "x", "memory_gib": 1, "torch": "t", "torch_threads": 2}
+    machine |= {"device": "cpu", "load_average_at_start": [1.0, 1.0, 1.0]}
+    evaluation = {
+        "name": "evaluation", "quick": False, "command": "python -m bench.evaluation",
+        "machine": machine, "seconds": 60.0, "notes": [],
+        "figures": [
+            {**fig, "key": "ratio.otam.5shot", "label": "otam 5-shot: ratio", "value": 1.5,
+             "unit": "x", "target": "<= 2", "met": True},
+            {**fig, "key": "ratio.emp.5shot", "label": "emp 5-shot: ratio", "value": 7.25,
+             "unit": "x", "target": "<= 2", "met": False},
+        ],
+    }  # fmt: skip
+    (out / "evaluation.json").write_text(json.dumps(evaluation))
+    doc, readme = tmp_path / "performance.md", tmp_path / "README.md"
+    readme.write_text(f"# x\n\n## Performance\n\n{HEADLINE_BEGIN}\nold\n{HEADLINE_END}\n\nafter\n")
+    write_docs(out, out / "gpu", doc, readme)
+    text = doc.read_text()
+    assert "### evaluation" in text and "How to read it: `fsar-eval` seconds" in text
+    assert "| evaluation | emp 5-shot: ratio | 7.25 | x | <= 2 ✗ |" in text
+    assert "No GPU figures yet" in text
+    new = readme.read_text()
+    assert "old" not in new and new.endswith("\n\nafter\n")
+    assert (
+        "| Evaluation: 10,000 episodes / one pass over the split, worst head and shot | 7.25x |"
+        in new
+    )
+    assert "| Extraction: pipeline / bare encoder, steady state | not measured |" in new
