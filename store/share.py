@@ -23,6 +23,7 @@ from .errors import CorruptStoreError, NotAStoreError, SpecMismatchError, StoreE
 from .featurestore import ChunkWriter, FeatureStore, create_store, open_store
 from .layout import LOCK_FILE, checksum_column, spec_differences
 from .location import check_zip_members, one_line, resolve
+from .lock import StoreLock
 
 SPLIT_ORDER = ("train", "val", "test")
 COSINE_SAME = 0.999  # below this, two copies of a video are different features, not fp16 rounding
@@ -37,6 +38,7 @@ _STANDARD_ATTRS = {
     "created_at",
     "text",
     "weights",
+    "written_on",
 }
 _COPIED_COLUMNS = ("n_frames", "fps", "frame_indices", "decoder", "extracted_at", "error")
 
@@ -59,8 +61,7 @@ def pack(src: str | Path, out: str | Path) -> int:
             "(fsar-store subset it to a directory first)"
         )
     root = location.local
-    if (root / LOCK_FILE).exists():
-        raise StoreError(f"{src} is being written ({LOCK_FILE} present): pack it when the run ends")
+    StoreLock(root / LOCK_FILE).check_free()  # a lock left by a killed run does not count
     with open_store(root) as s:  # validates the store before anything is written
         s.verify([])  # text and weights checksums only; rows are checked by `fsar-store verify`
     out = Path(out)
@@ -95,8 +96,10 @@ def pack(src: str | Path, out: str | Path) -> int:
 def unpack(file: str | Path, dest: str | Path) -> FeatureStore:
     """Restore a packed store into directory `dest`; nothing is ever written outside `dest`.
 
-    Members with absolute names, `..`, drive letters or link modes are refused before anything is
-    written; files are created exclusively (an existing file or link is never followed).
+    Members with absolute names, `..`, drive letters, link modes or compression are refused before
+    anything is written; files are created exclusively (an existing file or link is never followed).
+    The result is verified (every row, text array and weights file); if anything fails, `dest` is
+    left as it was.
     """
     file, dest = Path(file), Path(dest)
     if not file.is_file():
@@ -134,7 +137,18 @@ def unpack(file: str | Path, dest: str | Path) -> FeatureStore:
         except BaseException:
             _remove_partial(dest, created)
             raise
-    return open_store(dest)
+    try:  # every row, text array and weights file against its checksum before anyone uses it
+        restored = open_store(dest, verify=True)
+        problems = restored.verify()
+    except BaseException:
+        _remove_partial(dest, created)
+        raise
+    if problems:
+        _remove_partial(dest, created)
+        raise CorruptStoreError(
+            f"{file}: {problems[0]} ({len(problems)} problem(s)); nothing was unpacked"
+        )
+    return restored
 
 
 def _remove_partial(dest: Path, created: bool) -> None:
@@ -281,6 +295,7 @@ def _write_store(
         videos,
         dataset=first.dataset,
         split_source=str(first.attrs.get("split_source", "")),
+        written_here=False,  # rows from elsewhere: reads keep checking checksums
     )
     try:
         names = dest.row_tensors
@@ -304,7 +319,7 @@ def _write_store(
             step = _batch_rows(store, names)
             for start in range(0, len(items), step):
                 batch = items[start : start + step]
-                data = store.read([src.row for _, src in batch], names)
+                data = store.read([src.row for _, src in batch], names, verify=False)
                 for i, (out_row, src) in enumerate(batch):
                     sums = writer.write_row(out_row, {n: data[n][i] for n in names})
                     for n in names:
