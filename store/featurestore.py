@@ -50,7 +50,7 @@ from .layout import (
     row_tensors,
     spec_field,
 )
-from .location import HINT, DirLocation, Location, one_line, resolve
+from .location import HINT, DirLocation, Location, one_line, resolve, safe_member
 from .lock import StoreLock
 from .manifest import manifest_to_bytes, new_manifest, read_manifest
 from .safety import check_array, check_spec
@@ -570,9 +570,18 @@ class FeatureStore:
         return problems
 
     def verify(self, rows: Sequence[int] | None = None, progress: bool = False) -> list[Problem]:
-        """Re-hash every `ok` row of every per-row tensor, the text arrays and the weights file."""
+        """Re-hash every `ok` row of every per-row tensor, the text arrays and the weights file;
+        report video paths that would leave a data root (absolute, `..`)."""
         todo = self.select(status="ok") if rows is None else np.asarray(rows, dtype=np.int64)
         problems = self.find_corrupt(todo, progress=progress)
+        m = self.manifest
+        for r in todo if rows is not None else range(self.n_rows):
+            if not safe_member(str(m["relpath"].iat[int(r)])):
+                problems.append(
+                    Problem(
+                        int(r), str(m["video_id"].iat[int(r)]), "relpath", "leaves the data root"
+                    )
+                )
         for name in self.attrs.get("text", {}):
             try:
                 self.text(name, verify=True)

@@ -254,6 +254,8 @@ def test_resume_never_reads_paths_the_store_names(tmp_path: Path) -> None:
             s.commit([{"row": 2, "relpath": evil}])
         line = one_line_error(cli.extract_app, "--dataset", "folder", "--data-root", data, "--store", store, *TINY)  # fmt: skip
         assert f"{store}: row 2 names video file {evil!r}" in line
+        code, out = run(cli.store_app, "verify", store)  # and verify says so
+        assert code == 1 and "BAD row 2 (val/c/v0) relpath: leaves the data root" in out
     from pipeline.datasets import DatasetError, video_path
 
     for evil in (str(secret), "../secret.mp4", "a/../../secret.mp4", "C:/x.mp4", "a\\..\\b"):
