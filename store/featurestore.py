@@ -104,8 +104,14 @@ def _now() -> pd.Timestamp:
 def _open_group(location: Location, mode: Literal["r", "r+"]) -> zarr.Group:
     try:
         return zarr.open_group(location.zarr_store, mode=mode, zarr_format=3)
+    except StoreError:
+        raise
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError, KeyError) as exc:
         raise NotAStoreError(f"not a store: {location.describe()} {HINT}") from exc
+    except Exception as exc:  # metadata zarr cannot parse (wrong types, unknown fields)
+        raise CorruptStoreError(
+            f"{location.describe()}: zarr.json is damaged ({one_line(exc)})"
+        ) from exc
 
 
 def written_here(location: Location, attrs: Mapping[str, Any]) -> bool:
@@ -261,9 +267,12 @@ class FeatureStore:
                 self._arrays[name] = zarr.open_array(
                     self.location.zarr_store, path=name, mode="r" if self.mode == "r" else "r+"
                 )
-            except (FileNotFoundError, KeyError, ValueError) as exc:
+            except StoreError:
+                raise
+            except Exception as exc:  # absent, or metadata zarr cannot parse
                 raise CorruptStoreError(
-                    f"{self.location.describe()}: array {name} is missing or unreadable ({exc})"
+                    f"{self.location.describe()}: array {name} is missing or unreadable "
+                    f"({one_line(exc)})"
                 ) from exc
             check_array(self._arrays[name], name, self.location.describe())
             self.location.limits.register(name, self._arrays[name])

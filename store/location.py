@@ -260,6 +260,18 @@ def _dir_size(path: Path) -> int:
 
 
 # ---------------------------------------------------------------------- packed zip file
+# What zipfile raises for a damaged archive (headers, offsets, CRCs, sizes, odd flags), and
+# with reads from disk as well.
+ZIP_FORMAT_DAMAGE = (
+    zipfile.BadZipFile,
+    zipfile.LargeZipFile,
+    EOFError,
+    ValueError,
+    NotImplementedError,
+)
+ZIP_DAMAGE = (*ZIP_FORMAT_DAMAGE, OSError)
+
+
 def check_zip_members(zf: zipfile.ZipFile, where: str) -> None:
     """Refuse members that would land outside a directory when unpacked, links, compressed members
     (a few MB could inflate to gigabytes) and a name used both as a file and as a directory."""
@@ -300,15 +312,20 @@ class SafeZipStore(zarr.storage.ZipStore):
         prototype: BufferPrototype,
         byte_range: ByteRequest | None = None,
     ) -> Buffer | None:
-        if not self._is_open:
-            self._sync_open()
         try:
-            info = self._zf.getinfo(key)
-        except KeyError:
-            info = None
-        if info is not None and byte_range is None:
-            self.limits.too_large(key, info.file_size)
-        data = super()._get(key, prototype, byte_range)
+            if not self._is_open:
+                self._sync_open()
+            try:
+                info = self._zf.getinfo(key)
+            except KeyError:
+                info = None
+            if info is not None and byte_range is None:
+                self.limits.too_large(key, info.file_size)
+            data = super()._get(key, prototype, byte_range)
+        except ZIP_DAMAGE as exc:
+            raise CorruptStoreError(
+                f"{self.limits.where}: member {key} is damaged ({one_line(exc)})"
+            ) from exc
         if byte_range is None:
             self.limits.check(key, None if data is None else data.to_bytes())
         return data
@@ -322,7 +339,7 @@ class ZipLocation(Location):
             with zipfile.ZipFile(path) as zf:
                 check_zip_members(zf, uri)
                 names = set(zf.namelist())
-        except zipfile.BadZipFile as exc:
+        except ZIP_DAMAGE as exc:
             raise NotAStoreError(f"not a store: {uri} (damaged zip: {one_line(exc)})") from exc
         if "zarr.json" not in names:
             raise NotAStoreError(f"not a store: {uri} {HINT}")
@@ -341,8 +358,10 @@ class ZipLocation(Location):
                 return zf.read(info)
             except KeyError:
                 raise FileNotFoundError(rel) from None
-            except (zipfile.BadZipFile, OSError, ValueError) as exc:
-                raise CorruptStoreError(f"{self.uri}: member {rel} is damaged ({exc})") from exc
+            except ZIP_DAMAGE as exc:
+                raise CorruptStoreError(
+                    f"{self.uri}: member {rel} is damaged ({one_line(exc)})"
+                ) from exc
 
     def sizes(self, row_tensors: Sequence[str]) -> tuple[int | None, int | None]:
         prefixes = tuple(f"{name}/c/" for name in row_tensors)

@@ -117,7 +117,12 @@ def read_manifest(
             raise CorruptStoreError(
                 f"manifest of {where}: column {name} is {have}, expected {want.field(name).type}"
             )
-    df = table.to_pandas()
+    try:
+        df = table.to_pandas()
+    except Exception as exc:  # damaged pandas metadata in the file's key-value metadata
+        raise CorruptStoreError(f"manifest of {where} is unreadable ({one_line(exc)})") from exc
+    if list(df.columns) != table.column_names:
+        raise CorruptStoreError(f"manifest of {where} has damaged column metadata")
     if not (df["row"].to_numpy() == range(len(df))).all():
         raise CorruptStoreError(f"manifest of {where} has rows out of order")
     for name in ("video_id", "relpath", "class_name", "split", "status", "label"):

@@ -22,7 +22,7 @@ import pandas as pd
 from .errors import CorruptStoreError, NotAStoreError, SpecMismatchError, StoreError
 from .featurestore import ChunkWriter, FeatureStore, create_store, open_store
 from .layout import LOCK_FILE, checksum_column, spec_differences
-from .location import check_zip_members, one_line, resolve
+from .location import ZIP_DAMAGE, ZIP_FORMAT_DAMAGE, check_zip_members, one_line, resolve
 from .lock import StoreLock
 
 SPLIT_ORDER = ("train", "val", "test")
@@ -108,7 +108,11 @@ def unpack(file: str | Path, dest: str | Path) -> FeatureStore:
         raise NotAStoreError(f"not a packed store: {file} (fsar-store pack writes one)")
     if dest.is_symlink() or (dest.exists() and (not dest.is_dir() or any(dest.iterdir()))):
         raise StoreError(f"{dest} exists and is not an empty directory: choose another")
-    with zipfile.ZipFile(file) as zf:
+    try:
+        archive = zipfile.ZipFile(file)
+    except ZIP_DAMAGE as exc:
+        raise NotAStoreError(f"not a packed store: {file} (damaged zip: {one_line(exc)})") from exc
+    with archive as zf:
         check_zip_members(zf, str(file))
         if "zarr.json" not in zf.namelist():
             raise NotAStoreError(f"not a packed store: {file} (no zarr.json inside)")
@@ -131,7 +135,7 @@ def unpack(file: str | Path, dest: str | Path) -> FeatureStore:
                 )
                 with os.fdopen(fd, "wb") as fh, zf.open(info) as src:
                     shutil.copyfileobj(src, fh, 1 << 20)
-        except zipfile.BadZipFile as exc:
+        except ZIP_FORMAT_DAMAGE as exc:
             _remove_partial(dest, created)
             raise CorruptStoreError(f"{file} is damaged ({one_line(exc)})") from exc
         except BaseException:
