@@ -473,6 +473,9 @@ def _check_new_run_dir(run_dir: Path, overwrite: bool) -> None:
             f"--out {run_dir} already holds a run: continue it with --resume, replace it with "
             "--overwrite, or choose another --out"
         )
+    existing = next(p for p in (run_dir, *run_dir.absolute().parents) if p.exists())
+    if not os.access(existing, os.W_OK):
+        raise ConfigError(f"--out {run_dir}: cannot write in {existing} (permission denied)")
 
 
 def _check_resumable(run_dir: Path, cfg: TrainConfig, fingerprint: str) -> None:

@@ -323,3 +323,16 @@ def test_help_texts_are_shown_whole(app, option: str, text: str) -> None:  # typ
     assert result.exit_code == 0
     flat = " ".join(result.output.split())
     assert re.search(re.escape(option) + r"\b.*?" + re.escape(text), flat), flat
+
+
+# ---------------------------------------------------------------------- first contact (README)
+def test_readme_first_steps_hold() -> None:
+    from pipeline.synth import split_pairs
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert "source .venv/bin/activate" in readme  # the fsar-* commands are in .venv/bin
+    example = re.search(r"fsar-synth --out data/synth --classes (\d+)", readme)
+    assert example is not None
+    val_classes = 2 * len(split_pairs(int(example.group(1)) // 2)["val"])
+    assert f"--val-way {val_classes}" in readme and val_classes < 5  # default --way is 5
+    assert "docs/threat-model.md" in readme
