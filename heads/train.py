@@ -212,8 +212,10 @@ def config_values(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{where}: unknown training option(s) {', '.join(unknown)}")
     for name, value in values.items():
         kinds = [k.strip() for k in annotations[name].split("|")]
-        if value is None and "None" in kinds:
-            continue
+        if (value is None and "None" in kinds) or any(
+            k not in _TYPES and k != "None" for k in kinds
+        ):
+            continue  # (a type this check does not know: the option's own validation decides)
         allowed = tuple(t for k in kinds for t in _TYPES.get(k, ()))
         wrong_bool = isinstance(value, bool) and bool not in allowed
         if not isinstance(value, allowed) or wrong_bool:
