@@ -103,6 +103,16 @@ def test_changed_chunk_values_are_refused_not_evaluated(good: Path, tmp_path: Pa
         assert code == 0 and "accuracy" in out
 
 
+def test_changed_chunk_over_http_is_refused(good: Path, tmp_path: Path) -> None:
+    root = tmp_path / "www"
+    served = copy_store(good, root / "s")
+    row = int(open_store(served).select(split="test")[0])
+    _rewrite_chunk(chunk_file(open_store(served), "cls/layer12", row), lambda v: -v)
+    with serve(root) as (base, _faults):
+        code, out = _eval(base + "/s")
+    assert code == 2 and f"row {row} (" in out and "cls/layer12 fails its checksum" in out
+
+
 def test_missing_chunk_is_an_error_never_zeros(good: Path, tmp_path: Path) -> None:
     evil = copy_store(good, tmp_path / "evil")
     s = open_store(evil)
