@@ -10,14 +10,22 @@ import sys
 
 import typer
 
+# Help texts are plain text: rich markup would swallow defaults written as [runs/latest].
+PLAIN = dict(rich_markup_mode=None)
 app = typer.Typer(
-    help="fsar: offline CLIP feature store for few-shot action recognition.", no_args_is_help=True
+    help="fsar: offline CLIP feature store for few-shot action recognition.",
+    no_args_is_help=True,
+    **PLAIN,
 )
-store_app = typer.Typer(help="Inspect, verify and share feature stores.", no_args_is_help=True)
-extract_app = typer.Typer(help="Stage 1: extract CLIP features from videos into a store.")
-train_app = typer.Typer(help="Stage 2: train a reasoning head from a store.")
-eval_app = typer.Typer(help="Stage 2: evaluate a head on few-shot episodes from a store.")
-synth_app = typer.Typer(help="Generate a synthetic video dataset (time-reversal class pairs).")
+store_app = typer.Typer(
+    help="Inspect, verify and share feature stores.", no_args_is_help=True, **PLAIN
+)
+extract_app = typer.Typer(help="Stage 1: extract CLIP features from videos into a store.", **PLAIN)
+train_app = typer.Typer(help="Stage 2: train a reasoning head from a store.", **PLAIN)
+eval_app = typer.Typer(help="Stage 2: evaluate a head on few-shot episodes from a store.", **PLAIN)
+synth_app = typer.Typer(
+    help="Generate a synthetic video dataset (time-reversal class pairs).", **PLAIN
+)
 app.add_typer(store_app, name="store")
 
 
@@ -25,6 +33,28 @@ def fail(message: str, code: int = 2) -> None:
     """Print a one-line error and exit (no traceback)."""
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
+
+
+def check_output_file(option: str, path: str) -> None:
+    """Refuse an output path that cannot be written, before any long work starts."""
+    import os
+    from pathlib import Path
+
+    target = Path(path)
+    parent = target.parent if str(target.parent) else Path(".")
+    if target.is_dir():
+        fail(f"{option} {path} is a directory; give a file name")
+    if not parent.is_dir():
+        fail(f"{option} {path}: directory {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        fail(f"{option} {path} cannot be written (permission denied)")
+
+
+def check_counts(**counts: float | None) -> None:
+    """Options that count episodes, classes or videos must be positive."""
+    for name, value in counts.items():
+        if value is not None and value < 1:
+            fail(f"--{name.replace('_', '-')} {value}: use a positive number")
 
 
 # ---------------------------------------------------------------- store (issue 2, 5)
@@ -242,17 +272,26 @@ def synth_command(
     seed: int = typer.Option(0, help="Random seed (same seed, same dataset)."),
 ) -> None:
     """Write a synthetic `folder` dataset of moving shapes whose classes are time-reversal pairs."""
+    import shlex
+    from pathlib import Path
+
     from pipeline.synth import make_synthetic_dataset
 
     if classes % 2 or not 6 <= classes <= 24:
         fail(f"--classes {classes}: use an even number from 6 to 24 (reversal pairs)")
     if videos_per_class < 1:
         fail(f"--videos-per-class {videos_per_class}: use at least 1")
+    target = Path(out)
+    if target.exists() and not target.is_dir():
+        fail(f"--out {out} is a file; give a new directory")
+    if target.is_dir() and any(target.iterdir()):
+        fail(f"--out {out} exists and is not empty; give a new directory (datasets are not mixed)")
     description = make_synthetic_dataset(out, classes, videos_per_class, seed)
     counts = ", ".join(f"{len(v)} {k}" for k, v in description["classes"].items())
     typer.echo(
         f"wrote {description['videos']} videos of {classes} classes ({counts}) to {out}; "
-        f"extract with: make extract DATASET=folder DATA_ROOT={out}"
+        f"extract with: make extract DATASET=folder DATA_ROOT={shlex.quote(out)} "
+        'ARGS="--model fsar-tiny-vit --pretrained none"'
     )
 
 
@@ -297,6 +336,11 @@ def extract_command(
     ),
     templates: str | None = typer.Option(None, help="Template file (one per line, with {})."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    allow_torchscript: bool = typer.Option(
+        False,
+        "--allow-torchscript",
+        help="Accept a TorchScript --pretrained file (loading one runs its code: trusted files only).",
+    ),
 ) -> None:
     """Extract CLIP features of a dataset's videos into a feature store (resumable)."""
     from pipeline.datasets import DatasetError
@@ -308,7 +352,9 @@ def extract_command(
         if text_only or templates:
             if not (text_only and templates):
                 fail("--text-only and --templates FILE go together")
-            name, shape = add_text_embeddings(store, templates, model, pretrained, device)
+            name, shape = add_text_embeddings(
+                store, templates, model, pretrained, device, allow_torchscript
+            )
             typer.echo(f"{store}: wrote text/{name} {shape}")
             return
         if dataset is None or data_root is None:
@@ -332,6 +378,7 @@ def extract_command(
             timeout=timeout,
             retry_failed=retry_failed,
             progress=progress,
+            allow_torchscript=allow_torchscript,
         )
         summary = run_extraction(options)
     except (DatasetError, ExtractError, StoreError, EncoderError) as error:
@@ -410,6 +457,9 @@ def train_command(
     resume: bool = typer.Option(
         False, "--resume", help="Continue the run in --out (default runs/latest)."
     ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Start afresh in an --out that holds a run (replaces it)."
+    ),
     levels: str | None = typer.Option(None, help="emp: token | token,patch | token,patch,frame."),
     no_text: bool = typer.Option(
         False, "--no-text", help="emp: no text-visual scores, no text fusion."
@@ -440,15 +490,16 @@ def train_command(
     ),
 ) -> None:
     """Train a head episodically from a store (never runs the CLIP encoder)."""
-    import json
     from pathlib import Path
 
     from heads.allocator import keep_freed_memory
-    from heads.train import TrainConfig, config_from_run, train
+    from heads.train import TrainConfig, config_from_run, config_values, train
 
     def action():
         if keep_freed_memory_:
             keep_freed_memory()
+        if resume and overwrite:
+            fail("give --resume or --overwrite, not both")
         if resume:
             run_dir = Path(out) if out else Path("runs") / "latest"
             if not (run_dir / "config.json").exists():
@@ -459,7 +510,7 @@ def train_command(
                 cfg.episodes = episodes
             cfg.progress = progress
             return train(cfg, resume=True)
-        values = json.loads(Path(config).read_text()) if config else {}
+        values = config_values(config) if config else {}
         cli = dict(
             store=store, preset=preset, head=head, way=way, shot=shot, query=query, episodes=episodes,
             episodes_per_step=episodes_per_step, lr=lr, decay_groups=decay_groups, val_every=val_every,
@@ -488,7 +539,7 @@ def train_command(
         if unknown:
             fail(f"unknown training option(s): {', '.join(sorted(unknown))}")
         cfg = TrainConfig(**values).resolved(explicit=set(values))
-        return train(cfg)
+        return train(cfg, overwrite=overwrite)
 
     run_dir = _heads_user_errors(action)
     typer.echo(f"run: {run_dir}")
@@ -531,6 +582,12 @@ def eval_command(
     from store import open_store
 
     def action():
+        check_counts(episodes=episodes, way=way, shot=shot, query=query)
+        if max_ram < 0:
+            fail(f"--max-ram {max_ram}: use a number of GB >= 0")
+        for option_name, path in (("--json", json_out), ("--per-episode", per_episode)):
+            if path is not None:
+                check_output_file(option_name, path)
         target = pick_device(device)
         keep_freed_memory()
         if head is not None and checkpoint is not None:
@@ -546,8 +603,8 @@ def eval_command(
         s = open_store(store_path)
         if run_dir is not None:
             model = load_run(run_dir, s, target)
-        else:
-            torch.manual_seed(seed)  # an untrained trainable head: the same weights every time
+        else:  # untrained: built at the store's dim, the same weights every time
+            torch.manual_seed(seed)
             model = create(head, **head_options(head, _parse_head_options(option), s.spec))
             model.prepare(s)
             model.to(target)

@@ -276,10 +276,14 @@ def _progress(total: int, enabled: bool):
 
 
 def load_run(run_dir: str | Path, store: Any, device: str | torch.device = "cpu") -> FewShotHead:
-    """The head of a training run (best.safetensors, else last), refusing a store with another spec."""
+    """The head of a training run (best.safetensors, else last), refusing a store with another spec.
+
+    The run's files are checked before a model is built: the head config must build (on the meta
+    device, allocating nothing) a head whose weight names and shapes are the checkpoint's.
+    """
     from store import SpecMismatchError, spec_differences
 
-    from .checkpoint import load_model, read_metadata
+    from .checkpoint import CheckpointError, check_fits, load_model, read_metadata
     from .registry import create
 
     run_dir = Path(run_dir)
@@ -287,14 +291,29 @@ def load_run(run_dir: str | Path, store: Any, device: str | torch.device = "cpu"
     if not checkpoint.exists():
         checkpoint = run_dir / "last.safetensors"
     if not checkpoint.exists():
-        raise FileNotFoundError(f"no checkpoint in {run_dir} (expected best.safetensors)")
+        raise CheckpointError(
+            f"no checkpoint in {run_dir} (expected best.safetensors or last.safetensors)"
+        )
     saved = read_metadata(checkpoint)
-    differences = spec_differences(saved["meta"]["store_spec"], store.spec)
+    spec = saved["meta"].get("store_spec")
+    if not isinstance(spec, dict):
+        raise CheckpointError(f"checkpoint {checkpoint} does not name the store spec it needs")
+    differences = spec_differences(spec, store.spec)
     if differences:
         raise SpecMismatchError(
             f"checkpoint {checkpoint} was trained on a store with another spec: "
             + "; ".join(differences)
         )
+    try:
+        with torch.device("meta"):
+            probe = create(saved["head"], **saved["head_config"])
+    except Exception as exc:  # unknown head, bad option values
+        text = " ".join(str(exc).split())[:160]
+        raise CheckpointError(
+            f"checkpoint {checkpoint}: head {saved['head']!r} with its saved config does not build "
+            f"({type(exc).__name__}: {text})"
+        ) from None
+    check_fits(checkpoint, probe)
     head = create(saved["head"], **saved["head_config"])
     head.prepare(store)
     load_model(checkpoint, head)
@@ -303,5 +322,17 @@ def load_run(run_dir: str | Path, store: Any, device: str | torch.device = "cpu"
 
 def store_of_run(run_dir: str | Path) -> str:
     """The store path a run's config.json names."""
-    config = json.loads((Path(run_dir) / "config.json").read_text())
-    return str(config["store"]["path"])
+    from .checkpoint import CheckpointError
+
+    path = Path(run_dir) / "config.json"
+    try:
+        path_in_config = json.loads(path.read_text())["store"]["path"]
+    except FileNotFoundError:
+        raise CheckpointError(f"no run at {run_dir}: {path} does not exist") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(
+            f"{path} is not a run's config ({type(exc).__name__}): pass --store"
+        ) from None
+    if not isinstance(path_in_config, str) or not path_in_config:
+        raise CheckpointError(f"{path} names no store: pass --store")
+    return path_in_config

@@ -6,8 +6,10 @@
 Loop: sample episode -> per-video features -> support set -> query scores -> loss -> backward;
 an Adam step every `episodes_per_step` episodes (gradient accumulation); validation on the **val**
 split every `val_every` episodes; `best.safetensors` (best val accuracy) and `last.safetensors`
-(with optimizer and RNG state, for `--resume`) in the run directory, next to `config.json`,
-`metrics.jsonl` and `curves.png`; `runs/latest` points to the newest run.
+(with optimizer and RNG state, for `--resume`; also written after the first optimiser steps, so an
+early kill loses little) in the run directory, next to `config.json`, `metrics.jsonl` and `curves.png`;
+`runs/latest` points to the newest run. Every option is checked, and the store and episodes are
+loaded, before the run directory is touched; an existing run is never overwritten unless asked.
 """
 
 from __future__ import annotations
@@ -29,14 +31,30 @@ import torch.nn.functional as F
 
 from . import registry
 from .base import FewShotHead
-from .checkpoint import load_model, load_training_state, read_metadata, save_checkpoint
+from .checkpoint import (
+    CheckpointError,
+    load_model,
+    load_training_state,
+    read_metadata,
+    save_checkpoint,
+)
 from .data import SplitData
-from .episodes import EpisodeSampler
+from .episodes import EpisodeError, EpisodeSampler
 from .evaluate import evaluate
 
 
 class ConfigError(ValueError):
     """A training option users can fix (one-line message)."""
+
+
+RUN_FILES = ("config.json", "metrics.jsonl", "best.safetensors", "last.safetensors", "curves.png")
+CHECKPOINT_EVERY_S = 600.0  # between validations, last.safetensors at least this often
+# Options that count something: (option, smallest value). None-able ones are checked when set.
+_COUNTS = (
+    ("way", 1), ("shot", 1), ("query", 1), ("episodes", 1), ("episodes_per_step", 1),
+    ("episodes_per_iteration", 1), ("batch_size", 1), ("val_every", 1), ("val_episodes", 1),
+    ("val_query", 1), ("val_way", 1), ("warmup_episodes", 0),
+)  # fmt: skip
 
 
 # The released schedules as they actually run (EMP-Net configs, read with the released config loader;
@@ -106,8 +124,38 @@ class TrainConfig:
     max_ram: float = 8.0  # GB
     progress: bool = True
 
+    def validate(self) -> None:
+        """Refuse values no run can use, naming the option (ConfigError, one line)."""
+        for name, smallest in _COUNTS:
+            value = getattr(self, name)
+            if value is None and name in ("val_way", "warmup_episodes"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < smallest:
+                what = "a positive whole number" if smallest else "a whole number >= 0"
+                raise ConfigError(f"--{name.replace('_', '-')} {value!r}: use {what}")
+        for name, low, strict in (("lr", 0.0, True), ("lr_start", 0.0, False),
+                                  ("decay_factor", 0.0, True), ("weight_decay", 0.0, False),
+                                  ("max_ram", 0.0, False)):  # fmt: skip
+            value = getattr(self, name)
+            bad = isinstance(value, bool) or not isinstance(value, int | float)
+            if bad or not math.isfinite(value) or value < low or (strict and value == low):
+                sign = "positive" if strict else "non-negative"
+                raise ConfigError(f"--{name.replace('_', '-')} {value!r}: use a {sign} number")
+        if self.decay_episodes is not None and not (
+            isinstance(self.decay_episodes, list)
+            and all(isinstance(d, int) and not isinstance(d, bool) for d in self.decay_episodes)
+        ):
+            raise ConfigError(f"decay_episodes {self.decay_episodes!r}: use a list of episodes")
+        if not isinstance(self.head_options, dict):
+            raise ConfigError(f"head_options {self.head_options!r}: use a JSON object")
+        for name in ("store", "head", "val_split", "device"):
+            if not isinstance(getattr(self, name), str):
+                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: use text")
+        pick_device(self.device)
+
     def resolved(self, explicit: set[str] | None = None) -> TrainConfig:
-        """Apply the preset (explicit options win) and fill schedule defaults."""
+        """Apply the preset (explicit options win), fill schedule defaults and validate."""
+        self.validate()
         cfg = TrainConfig(**asdict(self))
         if cfg.preset is not None:
             if cfg.preset not in PRESETS:
@@ -115,8 +163,9 @@ class TrainConfig:
             for key, value in PRESETS[cfg.preset].items():
                 if explicit is None or key not in explicit:
                     setattr(cfg, key, value)
-            for key, value in PRESET_HEAD_OPTIONS.get(cfg.head, {}).items():
-                cfg.head_options.setdefault(key, value)
+            if isinstance(cfg.head_options, dict):  # (anything else: validate() says so)
+                for key, value in PRESET_HEAD_OPTIONS.get(cfg.head, {}).items():
+                    cfg.head_options.setdefault(key, value)
         if cfg.warmup_episodes is None:
             cfg.warmup_episodes = cfg.episodes // 20
         if cfg.decay_episodes is None:
@@ -125,6 +174,7 @@ class TrainConfig:
             raise ConfigError(
                 f"--decay-groups {cfg.decay_groups!r}: use {' or '.join(DECAY_GROUPS)}"
             )
+        cfg.validate()
         if cfg.val_every % cfg.episodes_per_step:
             raise ConfigError(
                 f"--val-every ({cfg.val_every}) must be a multiple of --episodes-per-step ({cfg.episodes_per_step})"
@@ -143,8 +193,18 @@ def learning_rate(cfg: TrainConfig, episode: int) -> float:
 
 
 def pick_device(name: str) -> torch.device:
+    """auto, cpu, cuda or cuda:N, refused (ConfigError naming --device) when not usable here."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    kind, _, index = str(name).partition(":")
+    if kind not in ("cpu", "cuda") or (index and (kind == "cpu" or not index.isdigit())):
+        raise ConfigError(f"--device {name!r}: use auto, cpu, cuda or cuda:N")
+    if kind == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"--device {name}: no CUDA GPU is visible to torch; use --device cpu")
+        if index and int(index) >= count:
+            raise ConfigError(f"--device {name}: this machine has {count} CUDA GPU(s)")
     return torch.device(name)
 
 
@@ -153,6 +213,45 @@ def decays(name: str, parameter: torch.Tensor, groups: str) -> bool:
     if groups == "released":
         return not any(part in name for part in RELEASED_NO_DECAY)
     return parameter.dim() >= 2
+
+
+_TYPES: dict[str, tuple[type, ...]] = {
+    "str": (str,), "int": (int,), "float": (int, float), "bool": (bool,),
+    "dict[str, Any]": (dict,), "list[int]": (list,),
+}  # fmt: skip
+
+
+def config_values(path: str | Path) -> dict[str, Any]:
+    """Training options from a JSON file, each checked for its type (ConfigError naming the file)."""
+    where = f"--config {path}"
+    try:
+        values = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{where}: cannot read it ({type(exc).__name__})") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{where}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(
+            f"{where}: expected a JSON object of options, got {type(values).__name__}"
+        )
+    annotations = {f.name: str(f.type) for f in fields(TrainConfig)}
+    unknown = sorted(set(values) - set(annotations))
+    if unknown:
+        raise ConfigError(f"{where}: unknown training option(s) {', '.join(unknown)}")
+    for name, value in values.items():
+        kinds = [k.strip() for k in annotations[name].split("|")]
+        if (value is None and "None" in kinds) or any(
+            k not in _TYPES and k != "None" for k in kinds
+        ):
+            continue  # (a type this check does not know: the option's own validation decides)
+        allowed = tuple(t for k in kinds for t in _TYPES.get(k, ()))
+        wrong_bool = isinstance(value, bool) and bool not in allowed
+        if not isinstance(value, allowed) or wrong_bool:
+            want = " or ".join(k for k in kinds if k != "None")
+            raise ConfigError(f"{where}: {name} must be {want}, got {value!r}")
+    return values
 
 
 def make_optimizer(head: FewShotHead, cfg: TrainConfig) -> torch.optim.Adam:
@@ -213,17 +312,30 @@ def run_metadata(cfg: TrainConfig, store: Any) -> dict[str, Any]:
     }
 
 
-def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) -> Path:
-    """Train; returns the run directory. `stop_at` ends early (as an interruption would)."""
+def train(
+    cfg: TrainConfig, resume: bool = False, stop_at: int | None = None, overwrite: bool = False
+) -> Path:
+    """Train; returns the run directory. `stop_at` ends early (as an interruption would).
+
+    Nothing in the run directory changes until every option is valid, the store is open and both
+    samplers and their data are ready. A new run refuses a directory that already holds a run
+    unless `overwrite`; `resume` refuses a store whose fingerprint changed.
+    """
     from store import open_store
 
-    store = open_store(cfg.store)
+    cfg.validate()
     device = pick_device(cfg.device)
+    store = open_store(cfg.store)
     run_dir = (
         Path(cfg.out)
         if cfg.out
         else Path("runs") / f"{cfg.head}-{Path(cfg.store).name}-{time.strftime('%Y%m%d-%H%M%S')}"
     )
+    fingerprint = store.fingerprint()
+    if resume:
+        _check_resumable(run_dir, cfg, fingerprint)
+    else:
+        _check_new_run_dir(run_dir, overwrite)
     torch.manual_seed(cfg.seed)
     cfg.head_options = head_options(cfg.head, cfg.head_options, store.spec)
     head = build_head(cfg.head, cfg.head_options, store, device)
@@ -232,22 +344,6 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
             f"head {cfg.head!r} has nothing to train; evaluate it with fsar-eval --head {cfg.head}"
         )
     optimizer = make_optimizer(head, cfg)
-    start, best = 0, -1.0
-    if resume:
-        last = run_dir / "last.safetensors"
-        if not last.exists():
-            raise ConfigError(f"nothing to resume: {last} does not exist")
-        meta = read_metadata(last)["meta"]
-        load_model(last, head)
-        load_training_state(last, optimizer)
-        start, best = int(meta["episode"]), float(meta["best_accuracy"])
-    else:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(
-            json.dumps(run_metadata(cfg, store), indent=2, default=str)
-        )
-        (run_dir / "metrics.jsonl").write_text("")
-    _point_latest(run_dir)
 
     manifest = store.manifest
     train_manifest = manifest[manifest["split"] == "train"]
@@ -259,16 +355,19 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
     train_sampler = EpisodeSampler(
         train_manifest, way, shot, query, cfg.seed, cfg.episodes, "train"
     )
+    try:
+        val_rows = EpisodeSampler(
+            manifest[manifest["split"] == cfg.val_split],
+            cfg.val_way or cfg.way,
+            cfg.shot,
+            cfg.val_query,
+            cfg.seed,
+            0,
+            cfg.val_split,
+        ).rows
+    except EpisodeError as error:
+        raise ConfigError(f"{error}: validate with fewer classes (--val-way N)") from None
     train_data = SplitData(store, train_sampler.rows, head.inputs(store.spec), cfg.max_ram)
-    val_rows = EpisodeSampler(
-        manifest[manifest["split"] == cfg.val_split],
-        cfg.val_way or cfg.way,
-        cfg.shot,
-        cfg.val_query,
-        cfg.seed,
-        0,
-        cfg.val_split,
-    ).rows
     val_data = SplitData(store, val_rows, head.inputs(store.spec), cfg.max_ram, views=1)
     labels_all = torch.as_tensor(manifest["label"].to_numpy().copy())
     amp = (
@@ -277,9 +376,34 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
         else torch.autocast("cpu", enabled=False)
     )
 
+    start, best = 0, -1.0
+    losses: list[float] = []
+    if resume:
+        last = run_dir / "last.safetensors"
+        if last.exists():  # absent: killed before its first optimiser step, nothing to restore
+            meta = read_metadata(last)["meta"]
+            load_model(last, head)
+            load_training_state(last, optimizer)
+            try:
+                start, best = int(meta["episode"]), float(meta["best_accuracy"])
+                losses = [float(x) for x in meta.get("pending_losses", [])]
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointError(f"checkpoint {last} holds no training position") from None
+    else:
+        if overwrite:
+            for name in RUN_FILES:
+                (run_dir / name).unlink(missing_ok=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(
+            json.dumps(run_metadata(cfg, store), indent=2, default=str)
+        )
+        (run_dir / "metrics.jsonl").write_text("")
+    _point_latest(run_dir)
+    base_meta = {"store_fingerprint": fingerprint, "store_spec": store.spec, "config": asdict(cfg)}
+    steps, last_saved = 0, time.monotonic()
+
     head.train()
     bar = _progress(cfg, start)
-    losses: list[float] = []
     tic = time.perf_counter()
     end = min(cfg.episodes, stop_at) if stop_at is not None else cfg.episodes
     for episode, inputs in train_data.episodes(
@@ -311,10 +435,22 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
                 loss = head.loss(torch.as_tensor(episode.query_labels, device=device))
         (loss.float() / cfg.episodes_per_iteration).backward()
         losses.append(float(loss.detach()))
-        if (step + 1) % cfg.episodes_per_step == 0 or step + 1 == cfg.episodes:
+        done = step + 1
+        if done % cfg.episodes_per_step == 0 or done == cfg.episodes:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        done = step + 1
+            steps += 1
+            validating = done % cfg.val_every == 0 or done == cfg.episodes
+            early = steps & (steps - 1) == 0  # steps 1, 2, 4, 8, ...: an early kill loses little
+            if not validating and (early or time.monotonic() - last_saved > CHECKPOINT_EVERY_S):
+                meta = {**base_meta, "episode": done, "best_accuracy": best}
+                save_checkpoint(
+                    run_dir / "last.safetensors",
+                    head,
+                    {**meta, "pending_losses": losses},
+                    optimizer,
+                )
+                last_saved = time.monotonic()
         if bar is not None:
             bar.update(1)
             bar.set_postfix(
@@ -343,19 +479,14 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
             losses = []
             with open(run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
-            meta = {
-                "episode": done,
-                "val_accuracy": result.accuracy,
-                "store_fingerprint": store.fingerprint(),
-                "store_spec": store.spec,
-                "config": asdict(cfg),
-            }
+            meta = {**base_meta, "episode": done, "val_accuracy": result.accuracy}
             if result.accuracy > best:
                 best = result.accuracy
                 save_checkpoint(run_dir / "best.safetensors", head, {**meta, "best_accuracy": best})
             save_checkpoint(
                 run_dir / "last.safetensors", head, {**meta, "best_accuracy": best}, optimizer
             )
+            last_saved = time.monotonic()
             plot_curves(run_dir)
             if bar is not None:
                 bar.set_postfix(
@@ -365,6 +496,35 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
     if bar is not None:
         bar.close()
     return run_dir
+
+
+def _check_new_run_dir(run_dir: Path, overwrite: bool) -> None:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--out {run_dir} is a file, not a run directory")
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not overwrite:
+        raise ConfigError(
+            f"--out {run_dir} already holds a run: continue it with --resume, replace it with "
+            "--overwrite, or choose another --out"
+        )
+    existing = next(p for p in (run_dir, *run_dir.absolute().parents) if p.exists())
+    if not os.access(existing, os.W_OK):
+        raise ConfigError(f"--out {run_dir}: cannot write in {existing} (permission denied)")
+
+
+def _check_resumable(run_dir: Path, cfg: TrainConfig, fingerprint: str) -> None:
+    """The run's config.json must name this store with the fingerprint it had when the run began."""
+    path = run_dir / "config.json"
+    try:
+        started_on = json.loads(path.read_text())["store"]["fingerprint"]
+    except FileNotFoundError:
+        raise ConfigError(f"nothing to resume: {path} does not exist") from None
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ConfigError(f"{path} is not a run's config: cannot resume it") from None
+    if started_on != fingerprint:
+        raise ConfigError(
+            f"--resume: {cfg.store} has changed since {run_dir} began (fingerprint {fingerprint}, "
+            f"the run's is {started_on}); resume on the same store or start a new run"
+        )
 
 
 def _point_latest(run_dir: Path) -> None:
@@ -416,7 +576,18 @@ def plot_curves(run_dir: Path) -> None:
 
 
 def config_from_run(run_dir: Path) -> TrainConfig:
-    """The resolved TrainConfig a run was started with."""
-    saved = json.loads((run_dir / "config.json").read_text())["config"]
-    names = {f.name for f in fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in saved.items() if k in names})
+    """The resolved TrainConfig a run was started with (ConfigError naming the file if unusable)."""
+    path = run_dir / "config.json"
+    try:
+        saved = json.loads(path.read_text())["config"]
+        names = {f.name for f in fields(TrainConfig)}
+        cfg = TrainConfig(**{k: v for k, v in saved.items() if k in names})
+    except FileNotFoundError:
+        raise ConfigError(f"nothing to resume: {path} does not exist") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise ConfigError(f"{path} is not a run's config: cannot resume it") from None
+    try:
+        cfg.validate()
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
+    return cfg

@@ -12,8 +12,10 @@ Public API::
 
 ``pretrained`` is an open_clip tag (looked up in the local caches first, never retried), ``none`` (seeded
 random init, so every worker builds the same weights) or the path of a local weights file (a state dict
-as open_clip saves it, ``.safetensors``/``.bin``/``.pt``, loaded with ``weights_only=True``; OpenAI's own
-TorchScript ``ViT-B-16.pt`` archives are read with ``torch.jit.load`` and only their tensors are kept).
+as open_clip saves it, ``.safetensors``/``.bin``/``.pt``, loaded with ``weights_only=True``). A TorchScript
+archive runs code when loaded (``torch.jit.load``), so it is read only with ``allow_torchscript=True``
+(``--allow-torchscript``) or when its sha256 is the published one of OpenAI's archive for the model;
+only its tensors are kept.
 Errors a user can fix raise :class:`EncoderError` (one-line message; the CLI exits 2).
 """
 
@@ -343,28 +345,42 @@ def _is_torchscript(path: str) -> bool:
         return False
 
 
-def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
-    """Tensors of a weights file, without unpickling arbitrary objects."""
+def _read_state_dict(
+    path: str, allow_torchscript: bool = False, model_name: str = ""
+) -> dict[str, torch.Tensor]:
+    """Tensors of a weights file, without unpickling arbitrary objects or running TorchScript
+    (unless allowed, or the file is OpenAI's published archive for `model_name`)."""
     p = Path(path)
     if not p.is_file():
         raise WeightsFileError(f"weights file not found: {path}")
     name = p.name
+    torchscript = not name.endswith(".safetensors") and _is_torchscript(str(p))
+    if torchscript and not (
+        allow_torchscript or _published_openai_archive(model_name, _sha256_file(p))
+    ):
+        raise WeightsFileError(
+            f"weights file {name} is a TorchScript archive, which runs code when loaded; "
+            f"pass --allow-torchscript if you trust it, or a state dict (torch.save or safetensors)"
+        )
     try:
         if name.endswith(".safetensors"):
             from safetensors.torch import load_file
 
             obj: Any = load_file(str(p), device="cpu")
-        elif _is_torchscript(str(p)):
+        elif torchscript:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)
                 obj = torch.jit.load(str(p), map_location="cpu").state_dict()
         else:
             obj = torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as e:
-        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        if type(e).__name__ == "UnpicklingError" and "Unsupported global" in str(e):
+            why = "it holds Python objects besides tensors (refused: loading them could run code)"
+        else:
+            why = f"it is not a torch state dict or safetensors file ({type(e).__name__})"
         raise WeightsFileError(
-            f"cannot read weights file {name}: {type(e).__name__}: {first} "
-            f"(expected a state dict saved by torch.save or safetensors)"
+            f"cannot read weights file {name}: {why}; pass a state dict saved by "
+            "torch.save(model.state_dict()) or safetensors"
         ) from None
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
@@ -437,6 +453,15 @@ def _looks_like_path(value: str) -> bool:
     )
 
 
+def _published_openai_archive(model_name: str, sha: str) -> bool:
+    """True when `sha` is the published hash of one of this model's OpenAI archives (in its URL)."""
+    for tag in open_clip.list_pretrained_tags_by_model(model_name) if model_name else []:
+        url = open_clip.get_pretrained_cfg(model_name, tag).get("url", "")
+        if "openaipublic" in url and url.split("/")[-2] == sha:
+            return True
+    return False
+
+
 def _openai_quick_gelu_for_sha(model_name: str, sha: str) -> bool:
     """True when `sha` is the published hash of one of this model's QuickGELU (OpenAI) weight files."""
     for tag in open_clip.list_pretrained_tags_by_model(model_name):
@@ -454,6 +479,7 @@ def load_clip(
     *,
     quick_gelu: bool | None = None,
     cache_dir: str | None = None,
+    allow_torchscript: bool = False,
 ) -> LoadedClip:
     """Build a frozen open_clip model in eval mode.
 
@@ -464,6 +490,8 @@ def load_clip(
     quick_gelu: force the activation; by default it follows the tag (OpenAI tags use QuickGELU), and for
         files it is switched on when the file's sha256 is that of OpenAI's published archive; other
         OpenAI-weight files need ``quick_gelu=True`` or the ``<model>-quickgelu`` config (a note says so).
+    allow_torchscript: read a TorchScript weights file (it runs code when loaded); OpenAI's published
+        archives (sha256 in their URL) are read without it.
     Raises EncoderError subclasses with one-line messages.
     """
     register_model_configs()
@@ -486,7 +514,7 @@ def load_clip(
 
     sha = ""
     if weights_path is not None:
-        state = _read_state_dict(weights_path)
+        state = _read_state_dict(weights_path, allow_torchscript, model_name)
         sha = _sha256_file(weights_path)
         if quick_gelu is None:
             if tag_cfg:

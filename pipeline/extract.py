@@ -36,6 +36,7 @@ from pipeline.datasets import (
     parse_part,
     parse_splits,
     select_videos,
+    video_path,
 )
 from pipeline.video import DecodeOutcome, DecodeRequest, close_decoders, decode_in_child
 
@@ -74,6 +75,9 @@ class ExtractOptions:
     timeout: float = 120.0
     retry_failed: bool = False
     progress: bool = True
+    allow_torchscript: bool = (
+        False  # --allow-torchscript: a TorchScript --pretrained file runs code
+    )
 
 
 @dataclass
@@ -124,6 +128,7 @@ class EncoderConfig:
     torch_threads: int
     batch_frames: int
     batch_across_videos: bool  # CUDA: one forward over several videos' frames; CPU: one per video
+    allow_torchscript: bool = False
 
 
 _encoders: dict[EncoderConfig, Any] = {}
@@ -155,7 +160,12 @@ def _worker_encoder(config: EncoderConfig) -> Any:
         from pipeline.encoder import FrameEncoder, load_clip
 
         _set_torch_threads(config.torch_threads)
-        clip = load_clip(config.model, config.pretrained, device=_worker_device(config.device))
+        clip = load_clip(
+            config.model,
+            config.pretrained,
+            device=_worker_device(config.device),
+            allow_torchscript=config.allow_torchscript,
+        )
         if clip.weights_sha256 != config.weights_sha256:
             raise RuntimeError(
                 f"weights on this worker (sha256 {clip.weights_sha256[:12]}) differ from the "
@@ -399,12 +409,35 @@ def build_run_spec(clip: Any, options: ExtractOptions, device: str, precision: s
     )
 
 
+def check_store_option(store: str) -> Path:
+    """--store must name a local directory (new, empty, or a store to resume)."""
+    from store.location import is_url
+
+    if is_url(store) and not store.lower().startswith("file://"):
+        raise ExtractError(
+            f"--store {store}: fsar-extract writes a local directory; a URL opens read-only "
+            "(copy it with fsar-store subset URL --out DIR, then extract into DIR)"
+        )
+    path = Path(store[len("file://") :] if store.lower().startswith("file://") else store)
+    if path.exists() and not path.is_dir():
+        raise ExtractError(f"--store {store} is a file, not a store directory")
+    if path.is_dir() and any(path.iterdir()) and not _is_store(path):
+        raise ExtractError(
+            f"--store {store} exists, is not empty and holds no store: choose a new directory"
+        )
+    return path
+
+
 def _is_store(path: Path) -> bool:
     return (path / "zarr.json").is_file() and (path / "manifest.parquet").is_file()
 
 
 def _model_and_weights(options: ExtractOptions, existing_spec: dict | None) -> tuple[str, str]:
-    """--model/--pretrained, falling back to the existing store's, then to ViT-B-16/openai."""
+    """--model/--pretrained, falling back to the existing store's, then to ViT-B-16/openai.
+
+    A store's `pretrained` is only ever an open_clip tag (or `none`): the store never names a file
+    to load (a received store could ship weights that run code, or point at any file here).
+    """
     model = options.model or (existing_spec or {}).get("model") or DEFAULT_MODEL
     pretrained = options.pretrained
     if pretrained is None:
@@ -414,8 +447,24 @@ def _model_and_weights(options: ExtractOptions, existing_spec: dict | None) -> t
                 f"{options.store} was extracted with weights file {stored[5:]}: pass it again "
                 "with --pretrained PATH"
             )
+        if stored and not _is_tag(str(model), str(stored)):
+            raise ExtractError(
+                f"{options.store}: the store's spec names pretrained {str(stored)[:80]!r}, which is "
+                f"not an open_clip tag of {model}; pass --pretrained (a tag or your weights file)"
+            )
         pretrained = stored or DEFAULT_PRETRAINED
     return model, pretrained
+
+
+def _is_tag(model: str, pretrained: str) -> bool:
+    import open_clip
+
+    if pretrained.strip().lower() == "none":
+        return True
+    try:
+        return bool(open_clip.get_pretrained_cfg(model, pretrained))
+    except Exception:  # an unknown model: its tags cannot be checked
+        return False
 
 
 def _open_existing(path: Path, spec: dict, listing: DatasetListing) -> Any:
@@ -440,6 +489,14 @@ def _open_existing(path: Path, spec: dict, listing: DatasetListing) -> Any:
                 f"{path} lists {len(stored_ids)} videos but {listing.dataset} now lists "
                 f"{len(listing.videos)} (different videos): use another --store"
             )
+        # Videos are read from the listing of the user's data root, never from paths the store names.
+        differs = store.manifest["relpath"].to_numpy() != listing.videos["relpath"].to_numpy()
+        if differs.any():
+            row = int(np.flatnonzero(differs)[0])
+            raise ExtractError(
+                f"{path}: row {row} names video file {str(store.manifest['relpath'].iat[row])[:80]!r}, "
+                f"the dataset lists {listing.videos['relpath'].iat[row]!r}: use another --store"
+            )
     except BaseException:
         store.close()
         raise
@@ -454,7 +511,12 @@ def _templates_name(path: Path) -> str:
 
 
 def add_text_embeddings(
-    store_path: str, templates_file: str, model: str | None, pretrained: str | None, device: str
+    store_path: str,
+    templates_file: str,
+    model: str | None,
+    pretrained: str | None,
+    device: str,
+    allow_torchscript: bool = False,
 ) -> tuple[str, tuple[int, ...]]:
     """`--text-only`: encode every class of an existing store under the templates in a file.
 
@@ -470,7 +532,9 @@ def add_text_embeddings(
     with open_store(path, mode="a") as store:
         options = ExtractOptions("", "", store_path, model=model, pretrained=pretrained)
         model_name, weights = _model_and_weights(options, store.spec)
-        clip = load_clip(model_name, weights, device=resolve_device(device))
+        clip = load_clip(
+            model_name, weights, device=resolve_device(device), allow_torchscript=allow_torchscript
+        )
         if clip.model_name != store.spec["model"] or clip.weights_sha256 != store.spec.get(
             "weights_sha256"
         ):
@@ -558,7 +622,7 @@ def run_extraction(options: ExtractOptions) -> ExtractSummary:
     from store import create_store
 
     started = time.perf_counter()
-    store_path = Path(options.store)
+    store_path = check_store_option(options.store)
     splits = parse_splits(options.splits)
     part = parse_part(options.part)
     if options.timeout <= 0:
@@ -575,9 +639,9 @@ def run_extraction(options: ExtractOptions) -> ExtractSummary:
         with open_store(store_path) as reader:
             existing = dict(reader.spec)
     model_name, weights = _model_and_weights(options, existing)
-    if Path(weights).is_file():  # workers may run in another directory
+    if options.pretrained is not None and Path(weights).is_file():  # workers run elsewhere
         weights = str(Path(weights).resolve())
-    clip = load_clip(model_name, weights, device="cpu")
+    clip = load_clip(model_name, weights, device="cpu", allow_torchscript=options.allow_torchscript)
     precision = FrameEncoder(clip, recipe=options.recipe, device=device).precision
     spec = build_run_spec(clip, options, device, precision)
 
@@ -674,6 +738,7 @@ def _run_tasks(
             torch_threads=_torch_threads_for(client, plan, options.scheduler),
             batch_frames=batch_frames,
             batch_across_videos=device != "cpu",
+            allow_torchscript=options.allow_torchscript,
         )
         resources = {"encode": 1} if _has_encode_resource(client) else None
         n_workers = max(1, len(client.scheduler_info().get("workers", {})))
@@ -688,7 +753,7 @@ def _run_tasks(
                 client.submit(
                     decode_task,
                     DecodeRequest(
-                        path=str(data_root / manifest.at[row, "relpath"]),
+                        path=str(video_path(data_root, manifest.at[row, "relpath"])),
                         video_id=str(manifest.at[row, "video_id"]),
                         frames=spec["frames"],
                         views=spec["views"],

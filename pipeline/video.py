@@ -29,7 +29,8 @@ Failure reasons (short strings stored in the manifest's `error`): `missing`, `em
 starts in a fraction of a second), restarted after a timeout or crash. Only the sampled RGB frames
 cross the pipe: for the usual 320x240 / 340x256 videos that is less than the preprocessed float
 tensors would be, so preprocessing runs in the caller (`pipeline.preprocess`). Test hook: when the environment variable
-`FSAR_TEST_HANG_DECODE` is a substring of a video's path, the child hangs on that video.
+`FSAR_TEST_HANG_DECODE` is a substring of a video's path, the child hangs on that video (and touches
+the file `FSAR_TEST_HANG_MARKER` names, if set).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from pipeline.hashing import stable_hash
 DECODER_NAME = "pyav-seq"
 TRUNCATED_FRACTION = 0.9
 HANG_ENV = "FSAR_TEST_HANG_DECODE"
+HANG_MARKER_ENV = "FSAR_TEST_HANG_MARKER"
 # Decoded frames are kept (as compact YUV frames) up to this many bytes; longer videos are decoded a
 # second time, sequentially again, keeping only the sampled frames.
 KEEP_FRAMES_BYTES = 512 << 20
@@ -288,6 +290,8 @@ def decode_sampled(
     check_file(path)
     hang = os.environ.get(HANG_ENV)
     if hang and hang in str(path):
+        if os.environ.get(HANG_MARKER_ENV):  # lets a test see that the child is stuck
+            Path(os.environ[HANG_MARKER_ENV]).touch()
         while True:  # test hook: behave like a decoder stuck in native code
             time.sleep(3600)
     declared, fps = _stream_info(path)

@@ -28,6 +28,7 @@ LASTBLOCK_KEYS = (*LASTBLOCK_RESBLOCK_KEYS, "ln_post.weight", "ln_post.bias", "p
 LASTBLOCK_LAYER_SCALE_KEYS = ("ls_1.gamma", "ls_2.gamma")
 CHECKSUM_ALGORITHM = "blake2b-128"
 STATUSES = ("pending", "ok", "failed")
+MAX_ROWS = 10_000_000  # videos a store may list; refused beyond, before allocating anything
 ALLOWED_DTYPES = ("float16", "float32")
 
 # Manifest columns besides the per-tensor checksums, in order.

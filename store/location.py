@@ -4,7 +4,9 @@
 for the files that are not zarr arrays (the manifest, the last-block weights). Remote stores never list
 directories (array names come from the root attribute `tensors`), retry a bounded number of times, and
 can keep fetched chunks in a local cache directory (`cache=` or `FSAR_CACHE`); a chunk is cached by
-writing a temp file and renaming it, so a partial download is never read back.
+writing a temp file and renaming it, so a partial download is never read back. Every kind reads
+through the location's `ChunkLimits`: no read returns more bytes than its key can hold (remote
+objects are streamed and cut off), and a chunk of a known array that is absent is an error.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from .errors import (
     StoreError,
     UnsafeStoreError,
 )
+from .safety import MAX_FILE_BYTES, ChunkLimits
 
 HINT = "(make extract writes stores/<dataset>)"
 CACHE_ENV = "FSAR_CACHE"
@@ -83,11 +86,19 @@ class Location(ABC):
 
     kind: Literal["dir", "zip", "remote"] = "dir"
 
-    def __init__(self, uri: str, zarr_store: Store, local: Path | None, writable: bool) -> None:
+    def __init__(
+        self,
+        uri: str,
+        zarr_store: Store,
+        local: Path | None,
+        writable: bool,
+        limits: ChunkLimits,
+    ) -> None:
         self.uri = uri
         self.zarr_store = zarr_store
         self.local = local  # the directory, when the store is a local directory
         self.writable = writable
+        self.limits = limits  # shared with zarr_store: what each key may hold
 
     @abstractmethod
     def read_file(self, rel: str) -> bytes:
@@ -110,7 +121,10 @@ class Location(ABC):
 
 # ---------------------------------------------------------------------- local directory
 class SafeLocalStore(zarr.storage.LocalStore):
-    """A LocalStore that refuses keys whose real path (after links) leaves the store directory."""
+    """A LocalStore that refuses keys whose real path (after links) leaves the store directory,
+    reads no file larger than its key can hold, and never reads a missing chunk as zeros."""
+
+    limits: ChunkLimits
 
     def _check(self, key: str) -> None:
         if not safe_member(key) or not _inside(self._root_real, self.root / key):
@@ -122,6 +136,11 @@ class SafeLocalStore(zarr.storage.LocalStore):
     def _root_real(self) -> str:
         return os.path.realpath(self.root)
 
+    def with_read_only(self, read_only: bool = False) -> SafeLocalStore:
+        store = super().with_read_only(read_only)
+        store.limits = self.limits
+        return store
+
     async def get(
         self,
         key: str,
@@ -129,21 +148,39 @@ class SafeLocalStore(zarr.storage.LocalStore):
         byte_range: ByteRequest | None = None,
     ) -> Buffer | None:
         self._check(key)
-        return await super().get(key, prototype, byte_range)
+        try:
+            size = os.stat(self.root / key).st_size
+        except (FileNotFoundError, NotADirectoryError):
+            size = None
+        if size is not None and byte_range is None:
+            self.limits.too_large(key, size)
+        data = await super().get(key, prototype, byte_range)
+        if byte_range is None:
+            self.limits.check(key, None if data is None else data.to_bytes())
+        return data
 
     async def get_partial_values(
         self,
         prototype: BufferPrototype,
         key_ranges: Iterable[tuple[str, ByteRequest | None]],
     ) -> list[Buffer | None]:
-        key_ranges = list(key_ranges)
-        for key, _ in key_ranges:
-            self._check(key)
-        return await super().get_partial_values(prototype, key_ranges)
+        return [await self.get(key, prototype, byte_range) for key, byte_range in key_ranges]
 
     async def set(self, key: str, value: Buffer) -> None:
         self._check(key)
         await super().set(key, value)
+
+    async def set_if_not_exists(self, key: str, value: Buffer) -> None:
+        self._check(key)
+        await super().set_if_not_exists(key, value)
+
+    async def delete(self, key: str) -> None:
+        self._check(key)
+        await super().delete(key)
+
+    async def delete_dir(self, prefix: str) -> None:
+        self._check(prefix)
+        await super().delete_dir(prefix)
 
 
 class DirLocation(Location):
@@ -156,7 +193,54 @@ class DirLocation(Location):
             raise UnsafeStoreError(
                 f"{self.uri}: {rel} is a link (or path) leading outside the store; refusing it"
             )
-        return path.read_bytes()
+        if path.is_file() and path.stat().st_size > MAX_FILE_BYTES:
+            raise CorruptStoreError(f"{self.uri}: {rel} is larger than {MAX_FILE_BYTES} bytes")
+        try:
+            return path.read_bytes()
+        except IsADirectoryError:
+            raise CorruptStoreError(f"{self.uri}: {rel} is a directory, not a file") from None
+
+    def write_file(self, rel: str, data: bytes) -> None:
+        """Replace a plain file atomically (temp file, fsync, rename); never through a link.
+
+        A folder on the way that is a link leading outside the store is refused, the temp file is
+        created exclusively without following links, and the rename replaces a link at `rel` itself.
+        """
+        assert self.local is not None
+        root_real = os.path.realpath(self.local)
+        path = self.local / rel
+        if not safe_member(rel):
+            raise UnsafeStoreError(f"{self.uri}: {rel} would be written outside the store")
+        for parent in reversed(path.parents):
+            if len(parent.parts) <= len(self.local.parts):
+                continue
+            if parent.is_symlink() or not _inside(root_real, parent):
+                raise UnsafeStoreError(
+                    f"{self.uri}: {parent.relative_to(self.local)} is a link (or path) leading "
+                    "outside the store; refusing to write through it"
+                )
+            parent.mkdir(exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.unlink(missing_ok=True)  # a stale temp file (or link) of a dead process with our pid
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+        fd = os.open(tmp, flags, 0o644)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        try:  # make the rename itself durable
+            dir_fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError:
+            pass
 
     def sizes(self, row_tensors: Sequence[str]) -> tuple[int | None, int | None]:
         assert self.local is not None
@@ -176,9 +260,24 @@ def _dir_size(path: Path) -> int:
 
 
 # ---------------------------------------------------------------------- packed zip file
+# What zipfile raises for a damaged archive (headers, offsets, CRCs, sizes, odd flags), and
+# with reads from disk as well.
+ZIP_FORMAT_DAMAGE = (
+    zipfile.BadZipFile,
+    zipfile.LargeZipFile,
+    EOFError,
+    ValueError,
+    NotImplementedError,
+)
+ZIP_DAMAGE = (*ZIP_FORMAT_DAMAGE, OSError)
+
+
 def check_zip_members(zf: zipfile.ZipFile, where: str) -> None:
-    """Refuse members that would land outside a directory when unpacked, and links."""
+    """Refuse members that would land outside a directory when unpacked, links, compressed members
+    (a few MB could inflate to gigabytes) and a name used both as a file and as a directory."""
     seen: set[str] = set()
+    files: set[str] = set()
+    dirs: set[str] = set()
     for info in zf.infolist():
         name = info.filename
         if not safe_member(name.rstrip("/") or name):
@@ -189,6 +288,47 @@ def check_zip_members(zf: zipfile.ZipFile, where: str) -> None:
         if name in seen:
             raise UnsafeStoreError(f"{where}: member {name!r} appears twice")
         seen.add(name)
+        if info.compress_type != zipfile.ZIP_STORED or info.file_size != info.compress_size:
+            raise UnsafeStoreError(
+                f"{where}: member {name!r} is compressed; packed stores hold stored (uncompressed) "
+                "members only (fsar-store pack writes them)"
+            )
+        parts = name.rstrip("/").split("/")
+        (dirs if info.is_dir() else files).add("/".join(parts))
+        dirs.update("/".join(parts[:i]) for i in range(1, len(parts)))
+    clash = sorted(files & dirs)
+    if clash:
+        raise UnsafeStoreError(f"{where}: member {clash[0]!r} is both a file and a directory")
+
+
+class SafeZipStore(zarr.storage.ZipStore):
+    """A read-only ZipStore bounded by `ChunkLimits`: sizes are checked before a member is read."""
+
+    limits: ChunkLimits
+
+    def _get(
+        self,
+        key: str,
+        prototype: BufferPrototype,
+        byte_range: ByteRequest | None = None,
+    ) -> Buffer | None:
+        try:
+            if not self._is_open:
+                self._sync_open()
+            try:
+                info = self._zf.getinfo(key)
+            except KeyError:
+                info = None
+            if info is not None and byte_range is None:
+                self.limits.too_large(key, info.file_size)
+            data = super()._get(key, prototype, byte_range)
+        except ZIP_DAMAGE as exc:
+            raise CorruptStoreError(
+                f"{self.limits.where}: member {key} is damaged ({one_line(exc)})"
+            ) from exc
+        if byte_range is None:
+            self.limits.check(key, None if data is None else data.to_bytes())
+        return data
 
 
 class ZipLocation(Location):
@@ -199,21 +339,29 @@ class ZipLocation(Location):
             with zipfile.ZipFile(path) as zf:
                 check_zip_members(zf, uri)
                 names = set(zf.namelist())
-        except zipfile.BadZipFile as exc:
+        except ZIP_DAMAGE as exc:
             raise NotAStoreError(f"not a store: {uri} (damaged zip: {one_line(exc)})") from exc
         if "zarr.json" not in names:
             raise NotAStoreError(f"not a store: {uri} {HINT}")
         self.path = path
-        super().__init__(uri, zarr.storage.ZipStore(path, mode="r"), None, False)
+        limits = ChunkLimits(uri)
+        store = SafeZipStore(path, mode="r")
+        store.limits = limits
+        super().__init__(uri, store, None, False, limits)
 
     def read_file(self, rel: str) -> bytes:
         with zipfile.ZipFile(self.path) as zf:
             try:
-                return zf.read(rel)
+                info = zf.getinfo(rel)
+                if info.file_size > MAX_FILE_BYTES:
+                    raise CorruptStoreError(f"{self.uri}: member {rel} is too large")
+                return zf.read(info)
             except KeyError:
                 raise FileNotFoundError(rel) from None
-            except zipfile.BadZipFile as exc:
-                raise CorruptStoreError(f"{self.uri}: member {rel} is damaged ({exc})") from exc
+            except ZIP_DAMAGE as exc:
+                raise CorruptStoreError(
+                    f"{self.uri}: member {rel} is damaged ({one_line(exc)})"
+                ) from exc
 
     def sizes(self, row_tensors: Sequence[str]) -> tuple[int | None, int | None]:
         prefixes = tuple(f"{name}/c/" for name in row_tensors)
@@ -238,8 +386,18 @@ def _is_chunk_key(key: str) -> bool:
     return base != "zarr.json" and not base.startswith(".")
 
 
+class _TooLarge(Exception):
+    """An object grew past its cap while being streamed (not retried)."""
+
+
 class Fetcher:
-    """Whole-object reads from an fsspec filesystem with bounded retries and an optional cache."""
+    """Whole-object reads from an fsspec filesystem with bounded retries and an optional cache.
+
+    Objects are streamed in blocks and cut off past the bytes their key can hold (`limits`), so a
+    server answering one chunk with gigabytes costs at most one chunk's worth of memory.
+    """
+
+    block = 1 << 20
 
     def __init__(
         self,
@@ -253,7 +411,9 @@ class Fetcher:
         self.retries = max(1, int(retries or os.environ.get(RETRIES_ENV) or DEFAULT_RETRIES))
         self.timeout = float(timeout or os.environ.get(TIMEOUT_ENV) or DEFAULT_TIMEOUT_S)
         self.cache_dir: Path | None = None
+        self.limits = ChunkLimits(self.shown)
         self.fs, self.root = self._filesystem()
+        self._stream = self.url.split("://", 1)[0].lower() in ("http", "https")
 
     def _filesystem(self) -> tuple[Any, str]:
         import fsspec
@@ -293,15 +453,20 @@ class Fetcher:
         Chunks (array keys other than metadata) are cached; `plain` files (manifest, weights) are not.
         """
         chunk = not plain and _is_chunk_key(key)
+        cap = MAX_FILE_BYTES if plain else self.limits.cap(key)
         cached = self._cache_path(key) if chunk else None
-        if cached is not None and cached.is_file():
+        if cached is not None and cached.is_file() and cached.stat().st_size <= cap:
             return cached.read_bytes()
         path = f"{self.root.rstrip('/')}/{key}"
         last: BaseException | None = None
         for attempt in range(self.retries):
             try:
-                data = bytes(self.fs.cat_file(path))
+                data = self._read_capped(path, cap)
                 break
+            except _TooLarge:
+                raise CorruptStoreError(
+                    f"{self.key_url(key)} is larger than its key can hold ({cap} bytes); refusing it"
+                ) from None
             except FileNotFoundError:
                 if missing_ok:
                     return None
@@ -330,6 +495,39 @@ class Fetcher:
                 Path(tmp).unlink(missing_ok=True)
                 raise
         return data
+
+    def _read_capped(self, path: str, cap: int) -> bytes:
+        """The object's bytes, streamed; `_TooLarge` as soon as they pass `cap`."""
+        if self._stream:
+            from fsspec.asyn import sync
+
+            return sync(self.fs.loop, self._http_capped, path, cap)
+        parts: list[bytes] = []
+        total = 0
+        with self.fs.open(path, "rb") as fh:
+            while block := fh.read(min(self.block, cap + 1 - total)):
+                parts.append(bytes(block))
+                total += len(block)
+                if total > cap:
+                    raise _TooLarge
+        return b"".join(parts)
+
+    async def _http_capped(self, url: str, cap: int) -> bytes:
+        session = await self.fs.set_session()
+        async with session.get(self.fs.encode_url(url)) as response:
+            if response.status == 404:
+                raise FileNotFoundError(url)
+            response.raise_for_status()
+            if int(response.headers.get("Content-Length") or 0) > cap:
+                raise _TooLarge
+            parts: list[bytes] = []
+            total = 0
+            async for block in response.content.iter_chunked(self.block):
+                parts.append(block)
+                total += len(block)
+                if total > cap:
+                    raise _TooLarge
+        return b"".join(parts)
 
 
 def _slice(data: bytes, byte_range: ByteRequest | None) -> bytes:
@@ -370,6 +568,7 @@ class RemoteStore(Store):
     ) -> Buffer | None:
         prototype = prototype or default_buffer_prototype()
         data = await asyncio.to_thread(self.fetcher.fetch, key, missing_ok=not _is_chunk_key(key))
+        self.fetcher.limits.check(key, data)
         if data is None:
             return None
         return prototype.buffer.from_bytes(_slice(data, byte_range))
@@ -427,7 +626,7 @@ class RemoteLocation(Location):
             fetcher.cache_dir.mkdir(parents=True, exist_ok=True)
             (fetcher.cache_dir / "SOURCE").write_text(fetcher.shown + "\n")
         self.fetcher = fetcher
-        super().__init__(fetcher.shown, RemoteStore(fetcher), None, False)
+        super().__init__(fetcher.shown, RemoteStore(fetcher), None, False, fetcher.limits)
 
     def read_file(self, rel: str) -> bytes:
         data = self.fetcher.fetch(rel, missing_ok=True, plain=True)
@@ -465,4 +664,5 @@ def resolve(
         if not path.is_dir() or not (path / "zarr.json").is_file():
             raise NotAStoreError(f"not a store: {text} {HINT}")
     store = SafeLocalStore(path, read_only=(mode == "r"))
-    return DirLocation(uri=text, zarr_store=store, local=path, writable=mode != "r")
+    store.limits = ChunkLimits(text)
+    return DirLocation(text, store, path, mode != "r", store.limits)

@@ -22,7 +22,8 @@ import pandas as pd
 from .errors import CorruptStoreError, NotAStoreError, SpecMismatchError, StoreError
 from .featurestore import ChunkWriter, FeatureStore, create_store, open_store
 from .layout import LOCK_FILE, checksum_column, spec_differences
-from .location import check_zip_members, one_line, resolve
+from .location import ZIP_DAMAGE, ZIP_FORMAT_DAMAGE, check_zip_members, one_line, resolve
+from .lock import StoreLock
 
 SPLIT_ORDER = ("train", "val", "test")
 COSINE_SAME = 0.999  # below this, two copies of a video are different features, not fp16 rounding
@@ -37,6 +38,7 @@ _STANDARD_ATTRS = {
     "created_at",
     "text",
     "weights",
+    "written_on",
 }
 _COPIED_COLUMNS = ("n_frames", "fps", "frame_indices", "decoder", "extracted_at", "error")
 
@@ -59,8 +61,7 @@ def pack(src: str | Path, out: str | Path) -> int:
             "(fsar-store subset it to a directory first)"
         )
     root = location.local
-    if (root / LOCK_FILE).exists():
-        raise StoreError(f"{src} is being written ({LOCK_FILE} present): pack it when the run ends")
+    StoreLock(root / LOCK_FILE).check_free()  # a lock left by a killed run does not count
     with open_store(root) as s:  # validates the store before anything is written
         s.verify([])  # text and weights checksums only; rows are checked by `fsar-store verify`
     out = Path(out)
@@ -95,8 +96,10 @@ def pack(src: str | Path, out: str | Path) -> int:
 def unpack(file: str | Path, dest: str | Path) -> FeatureStore:
     """Restore a packed store into directory `dest`; nothing is ever written outside `dest`.
 
-    Members with absolute names, `..`, drive letters or link modes are refused before anything is
-    written; files are created exclusively (an existing file or link is never followed).
+    Members with absolute names, `..`, drive letters, link modes or compression are refused before
+    anything is written; files are created exclusively (an existing file or link is never followed).
+    The result is verified (every row, text array and weights file); if anything fails, `dest` is
+    left as it was.
     """
     file, dest = Path(file), Path(dest)
     if not file.is_file():
@@ -105,7 +108,11 @@ def unpack(file: str | Path, dest: str | Path) -> FeatureStore:
         raise NotAStoreError(f"not a packed store: {file} (fsar-store pack writes one)")
     if dest.is_symlink() or (dest.exists() and (not dest.is_dir() or any(dest.iterdir()))):
         raise StoreError(f"{dest} exists and is not an empty directory: choose another")
-    with zipfile.ZipFile(file) as zf:
+    try:
+        archive = zipfile.ZipFile(file)
+    except ZIP_DAMAGE as exc:
+        raise NotAStoreError(f"not a packed store: {file} (damaged zip: {one_line(exc)})") from exc
+    with archive as zf:
         check_zip_members(zf, str(file))
         if "zarr.json" not in zf.namelist():
             raise NotAStoreError(f"not a packed store: {file} (no zarr.json inside)")
@@ -128,13 +135,24 @@ def unpack(file: str | Path, dest: str | Path) -> FeatureStore:
                 )
                 with os.fdopen(fd, "wb") as fh, zf.open(info) as src:
                     shutil.copyfileobj(src, fh, 1 << 20)
-        except zipfile.BadZipFile as exc:
+        except ZIP_FORMAT_DAMAGE as exc:
             _remove_partial(dest, created)
             raise CorruptStoreError(f"{file} is damaged ({one_line(exc)})") from exc
         except BaseException:
             _remove_partial(dest, created)
             raise
-    return open_store(dest)
+    try:  # every row, text array and weights file against its checksum before anyone uses it
+        restored = open_store(dest, verify=True)
+        problems = restored.verify()
+    except BaseException:
+        _remove_partial(dest, created)
+        raise
+    if problems:
+        _remove_partial(dest, created)
+        raise CorruptStoreError(
+            f"{file}: {problems[0]} ({len(problems)} problem(s)); nothing was unpacked"
+        )
+    return restored
 
 
 def _remove_partial(dest: Path, created: bool) -> None:
@@ -281,6 +299,7 @@ def _write_store(
         videos,
         dataset=first.dataset,
         split_source=str(first.attrs.get("split_source", "")),
+        written_here=False,  # rows from elsewhere: reads keep checking checksums
     )
     try:
         names = dest.row_tensors
@@ -304,7 +323,7 @@ def _write_store(
             step = _batch_rows(store, names)
             for start in range(0, len(items), step):
                 batch = items[start : start + step]
-                data = store.read([src.row for _, src in batch], names)
+                data = store.read([src.row for _, src in batch], names, verify=False)
                 for i, (out_row, src) in enumerate(batch):
                     sums = writer.write_row(out_row, {n: data[n][i] for n in names})
                     for n in names:
