@@ -34,6 +34,8 @@ from .data import SplitData
 from .episodes import EpisodeSampler
 from .evaluate import evaluate
 
+LOSS_POINTS = 100  # training-loss records per run in metrics.jsonl (at most one per optimiser step)
+
 
 class ConfigError(ValueError):
     """A training option users can fix (one-line message)."""
@@ -250,6 +252,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
     head.train()
     bar = _progress(cfg, start)
     losses: list[float] = []
+    step_losses: list[float] = []  # since the last training-loss record
+    log_every = max(1, -(-cfg.episodes // cfg.episodes_per_step // LOSS_POINTS))  # optimiser steps
     tic = time.perf_counter()
     end = min(cfg.episodes, stop_at) if stop_at is not None else cfg.episodes
     for episode, inputs in train_data.episodes(
@@ -281,9 +285,16 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
                 loss = head.loss(torch.as_tensor(episode.query_labels, device=device))
         (loss.float() / cfg.episodes_per_iteration).backward()
         losses.append(float(loss.detach()))
+        step_losses.append(losses[-1])
         if (step + 1) % cfg.episodes_per_step == 0 or step + 1 == cfg.episodes:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if ((step + 1) // cfg.episodes_per_step) % log_every == 0 or step + 1 == cfg.episodes:
+                record = {"kind": "train", "episode": step + 1, "loss": float(np.mean(step_losses)),
+                          "lr": learning_rate(cfg, step)}  # fmt: skip
+                step_losses = []
+                with open(run_dir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
         done = step + 1
         if bar is not None:
             bar.update(1)
@@ -363,7 +374,7 @@ def _progress(cfg: TrainConfig, start: int):
 
 
 def plot_curves(run_dir: Path) -> None:
-    """curves.png: training loss and validation accuracy against episodes."""
+    """curves.png: training loss, validation accuracy with its 95% CI, and the learning rate."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -372,14 +383,30 @@ def plot_curves(run_dir: Path) -> None:
     records = [
         json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line
     ]
+    val = [r for r in records if "val_accuracy" in r]
+    trained = [r for r in records if r.get("kind") == "train"] or val  # older runs: loss at val
     if not records:
         return
-    x = [r["episode"] for r in records]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
-    ax_loss.plot(x, [r["loss"] for r in records], marker="o")
-    ax_loss.set(xlabel="episode", ylabel="training loss")
-    ax_acc.plot(x, [r["val_accuracy"] for r in records], marker="o", color="tab:green")
-    ax_acc.set(xlabel="episode", ylabel="val accuracy (%)")
+    fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(1, 3, figsize=(13, 3.6))
+    marker = "o" if len(trained) <= 30 else None
+    ax_loss.plot([r["episode"] for r in trained], [r["loss"] for r in trained], marker=marker, lw=1)
+    ax_loss.set(xlabel="training episode", ylabel="training loss", title="training loss")
+    x = np.array([r["episode"] for r in val], dtype=float)
+    acc = np.array([r["val_accuracy"] for r in val], dtype=float)
+    ci = np.array([r.get("val_ci95", math.nan) for r in val], dtype=float)
+    ax_acc.plot(x, acc, marker="o", color="tab:green", label="val accuracy")
+    ax_acc.fill_between(x, acc - ci, acc + ci, color="tab:green", alpha=0.2, lw=0, label="95% CI")
+    if len(val):
+        best = int(np.argmax(acc))
+        ax_acc.plot(x[best], acc[best], "*", color="black", ms=10, label="best (best.safetensors)")
+    ax_acc.set(xlabel="training episode", ylabel="val accuracy (%)", title="validation accuracy")
+    ax_acc.legend(fontsize=8, loc="best")
+    ax_lr.plot([r["episode"] for r in trained], [r["lr"] for r in trained], color="tab:purple")
+    ax_lr.set(xlabel="training episode", ylabel="learning rate", title="learning rate")
+    if trained and min(r["lr"] for r in trained) > 0:
+        ax_lr.set(yscale="log", title="learning rate (log scale)")
+    for ax in (ax_loss, ax_acc, ax_lr):
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(run_dir / "curves.png", dpi=80)
     plt.close(fig)

@@ -56,7 +56,8 @@ def test_emp_learns_time_reversal_pairs(pair_store: Path, tmp_path: Path) -> Non
     proto = evaluate(heads.create("proto"), store, "val", 5, 1, 1, 500, seed=123)
     assert trained.accuracy >= 20 + 20, trained.summary()
     assert trained.accuracy >= proto.accuracy + 10, (trained.summary(), proto.summary())
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    records = [r for r in lines if r.get("kind") != "train"]  # validation records
     assert [r["episode"] for r in records] == [20, 40, 60]
     assert all(0 <= r["val_accuracy"] <= 100 and r["loss"] > 0 for r in records)
 
@@ -75,9 +76,8 @@ def test_resume_equals_uninterrupted(pair_store: Path, tmp_path: Path) -> None:
         assert torch.equal(a[key], b[key]), key
 
     def accuracies(run: Path) -> list[float]:
-        return [
-            json.loads(x)["val_accuracy"] for x in (run / "metrics.jsonl").read_text().splitlines()
-        ]
+        lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        return [r["val_accuracy"] for r in lines if r.get("kind") != "train"]
 
     assert accuracies(full) == accuracies(tmp_path / "part")
 
@@ -170,3 +170,28 @@ def test_lastlayer_novel_fine_tunes_per_episode(last_store: Path) -> None:
     assert 0 <= result.accuracy <= 100
     with pytest.raises(ValueError, match="strategy"):
         heads.create("lastlayer", strategy="adapters")
+
+
+def test_training_loss_records_and_curves(
+    pair_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import matplotlib.image
+
+    import heads.train
+
+    monkeypatch.setattr(heads.train, "LOSS_POINTS", 5)  # 12 optimiser steps -> one record per 3
+    cfg = small_config(pair_store, tmp_path / "run", episodes=24, episodes_per_step=2, val_every=8)
+    run = train(cfg)
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [r for r in lines if r.get("kind") == "train"]
+    validation = [r for r in lines if r.get("kind") != "train"]
+    assert [r["episode"] for r in losses] == [6, 12, 18, 24]
+    assert [r["lr"] for r in losses] == [learning_rate(cfg, e - 1) for e in (6, 12, 18, 24)]
+    assert all(set(r) == {"kind", "episode", "loss", "lr"} and r["loss"] > 0 for r in losses)
+    assert [r["episode"] for r in validation] == [8, 16, 24]
+    assert all(
+        set(r) == {"episode", "loss", "lr", "val_accuracy", "val_ci95", "episodes_per_s", "time"}
+        for r in validation
+    )
+    height, width = matplotlib.image.imread(run / "curves.png").shape[:2]
+    assert width > 2.5 * height  # loss, validation accuracy with its CI, learning rate
