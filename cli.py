@@ -574,7 +574,9 @@ def study_command(
     scheduler: str | None = typer.Option(
         None, help="Address of a Dask scheduler [a LocalCluster]."
     ),
-    workers: int | None = typer.Option(None, help="LocalCluster worker processes [cores/2]."),
+    workers: int | None = typer.Option(
+        None, help="LocalCluster worker processes [cores, one torch thread each]."
+    ),
     seeds: str | None = typer.Option(None, help="Training seeds, e.g. 0,1,2 [the plan's]."),
     episodes: int | None = typer.Option(None, help="Test episodes per cell [the plan's, 10000]."),
     train: list[str] = typer.Option(

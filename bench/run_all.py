@@ -19,7 +19,7 @@ from pathlib import Path
 
 from bench.common import RESULTS_DIR, markdown_table
 
-BENCHMARKS = ("extraction", "training", "evaluation", "store", "memory")
+BENCHMARKS = ("extraction", "training", "evaluation", "store", "memory", "study")
 
 
 def machine_line(results: list[dict]) -> str:

@@ -323,7 +323,7 @@ def test_killed_study_runs_only_unfinished_cells(
 ) -> None:
     out = tmp_path / "study"
     command = [sys.executable, "-m", "cli", "study", "--store", str(store), "--plan", str(plan_file),
-               "--out", str(out), "--workers", "1", "--no-progress"]  # fmt: skip
+               "--out", str(out), "--workers", "2", "--no-progress"]  # fmt: skip
     proc = subprocess.Popen(command, env=env(), start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     try:
         deadline = time.monotonic() + 300

@@ -71,12 +71,14 @@ def cores() -> int:
 
 
 def plan_workers(workers: int | None, n_cells: int, n_cores: int | None = None) -> tuple[int, int]:
-    """(worker processes, torch threads each): by default one worker per 2 cores, never more
-    workers than cells, and workers x threads never above the cores."""
+    """(worker processes, torch threads each): by default one single-threaded worker per core (never
+    more workers than cells); workers x threads never above the cores. Cells side by side beat torch
+    threads inside one cell (no thread barriers; `make bench`, study), at the cost of one copy of the
+    data per worker."""
     n_cores = n_cores or cores()
     if workers is not None and not 1 <= workers <= n_cores:
         raise PlanError(f"--workers {workers}: use 1 to {n_cores} (this machine's cores)")
-    n = workers or max(1, min(n_cells, n_cores // 2))
+    n = workers or max(1, min(n_cells, n_cores))
     return n, max(1, n_cores // n)
 
 
