@@ -223,8 +223,8 @@ def _method_notes(expansion: Expansion) -> list[str]:
         "paired t-test. Both condition on the trained models: they say how sure the test episodes "
         "make the difference, not how it varies over training seeds.",
     ]
-    notes += [f"Note: {n}" for n in [*expansion.notes, *expansion.plan.notes]]
-    return notes
+    extra = [*expansion.notes, *expansion.plan.notes]
+    return notes + (["", "Notes:", "", *[f"- {n}" for n in extra]] if extra else [])
 
 
 # ---------------------------------------------------------------------------------- pictures
@@ -259,15 +259,26 @@ def plot_accuracy(path: Path, expansion: Expansion, entries: dict[tuple[str, int
         for i, row in enumerate(rows):
             mean = entries[(row.id, shot)].mean
             if mean is not None:
+                half = 0.0 if math.isnan(mean.ci95) else mean.ci95
                 ys.append(i + dy)
-                xs.append(mean.mean)
-                errs.append(0 if math.isnan(mean.ci95) else mean.ci95)
-        ax.errorbar(xs, ys, xerr=errs, fmt="o", capsize=4, color=colors[shot], label=f"{shot}-shot")
+                xs.append(mean.mean)  # the interval drawn within 0..100%
+                errs.append(
+                    (
+                        mean.mean - max(0.0, mean.mean - half),
+                        min(100.0, mean.mean + half) - mean.mean,
+                    )
+                )
+        xerr = np.array(errs).T if errs else None
+        ax.errorbar(xs, ys, xerr=xerr, fmt="o", capsize=4, color=colors[shot], label=f"{shot}-shot")
         base = entries.get((plan.reference, shot))
         if base is not None and base.mean is not None:
             ax.axvline(base.mean.mean, color=colors[shot], linestyle=":", linewidth=1)
     chance = 100.0 / plan.eval.way
-    ax.axvline(chance, color="grey", linestyle="--", linewidth=1, label=f"chance ({chance:.0f}%)")
+    low = min((e.mean.mean - e.mean.ci95 for e in entries.values() if e.mean), default=chance)
+    if low - chance < 15:  # draw chance only where it does not squeeze the rows together
+        ax.axvline(
+            chance, color="grey", linestyle="--", linewidth=1, label=f"chance ({chance:.0f}%)"
+        )
     names = [
         r.label if any(entries[(r.id, s)].mean for s in plan.shots) else f"{r.label} (failed)"
         for r in rows
@@ -279,12 +290,12 @@ def plot_accuracy(path: Path, expansion: Expansion, entries: dict[tuple[str, int
     ax.invert_yaxis()
     ax.set_xlabel("test accuracy (%): mean over seeds, 95% CI")
     ax.set_title(
-        f"{plan.name}: {plan.eval.way}-way, {plan.eval.episodes:,} test episodes "
-        "(reference in bold, dotted)",
+        f"{plan.name}: {plan.eval.way}-way (chance {chance:.0f}%), {plan.eval.episodes:,} test "
+        "episodes; reference in bold, dotted",
         fontsize=10,
     )
     ax.grid(axis="x", alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -333,28 +344,31 @@ def plot_study_curves(path: Path, folder: StudyFolder, expansion: Expansion) -> 
     """Validation accuracy against training episodes of every trained cell, on one chart."""
     plt = _pyplot()
     labels = {r.id: r.label for r in expansion.rows}
+    trained = [c for c in expansion.cells if c.train is not None]
+    val_way = (trained[0].train.get("val_way") or trained[0].train["way"]) if trained else None
     fig, ax = plt.subplots(figsize=(10, 4.8))
+    cmap = plt.get_cmap("tab10" if len(trained) <= 10 else "tab20")
     drawn = 0
-    cmap = plt.get_cmap("tab20")
-    for cell in expansion.cells:
-        record = folder.record(cell) if cell.train is not None else None
+    for cell in trained:
+        record = folder.record(cell)
         validation = (record or {}).get("validation") or []
         if record is None or record.get("status") != "ok" or not validation:
             continue
         x = np.array([r["episode"] for r in validation], dtype=float)
         y = np.array([r["val_accuracy"] for r in validation], dtype=float)
-        ci = np.array([r.get("val_ci95", 0.0) for r in validation], dtype=float)
-        color = cmap(drawn % 20)
+        color, style = cmap(drawn % cmap.N), ("-", "--", ":", "-.")[(drawn // cmap.N) % 4]
         name = labels[cell.row] + (f", {cell.shot}-shot" if len(expansion.plan.shots) > 1 else "")
         name += f", seed {cell.seed}" if len(expansion.plan.seeds) > 1 else ""
-        ax.plot(x, y, marker="o", markersize=3, color=color, label=_wrap(name, 40))
-        ax.fill_between(x, y - ci, y + ci, color=color, alpha=0.12, linewidth=0)
+        ax.plot(x, y, style, marker="o", markersize=3, color=color, label=_wrap(name, 40))
+        best = int(np.argmax(y))  # the checkpoint tested (best.safetensors)
+        ax.plot(x[best], y[best], "*", color=color, markersize=12, markeredgecolor="black", markeredgewidth=0.5)  # fmt: skip
         drawn += 1
     if drawn:
         ax.set_xlabel("training episode")
-        ax.set_ylabel("validation accuracy (%)")
+        ax.set_ylabel(f"validation accuracy (%), {val_way}-way")
         ax.set_title(
-            "validation accuracy during training (bands: 95% CI; best checkpoint tested)",
+            "validation accuracy during training (star: the checkpoint tested; "
+            "95% CIs in each run's curves.png)",
             fontsize=10,
         )
         ax.grid(alpha=0.3)
