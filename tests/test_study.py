@@ -244,6 +244,8 @@ def test_cells_that_cannot_get_episodes_are_refused(store: Path) -> None:
         PlanError, match=r"plan tiny, cell proto.6shot: 5-way episodes need 5 classes"
     ):
         expand(plan, s, str(store))
+    with pytest.raises(PlanError, match="eval way must hold integers >= 2"):
+        parse_plan({**plan_data(ROWS), "eval": {"way": 1}})
     with pytest.raises(PlanError, match="--train: unknown training option"):
         expand(parse_plan(plan_data(ROWS)), s, str(store), train_overrides={"nope": 1})
 

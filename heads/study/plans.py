@@ -213,8 +213,10 @@ def parse_plan(data: Any, default_name: str = "plan", source: str = "") -> Plan:
     if bad:
         raise PlanError(f"{where}: unknown eval key(s) {', '.join(bad)}")
     settings = EvalSettings(**eval_raw)
-    _ints([settings.way, settings.episodes], f"{where}: eval way and episodes", 1)
-    _ints([settings.query], f"{where}: eval query", 1)
+    for key, minimum in (("way", 2), ("query", 1), ("episodes", 1), ("seed", 0)):
+        _ints([getattr(settings, key)], f"{where}: eval {key}", minimum)
+    if not isinstance(settings.split, str):
+        raise PlanError(f"{where}: eval split must name a split (train, val or test)")
     return Plan(
         name=name,
         title=str(data.get("title", name)),
