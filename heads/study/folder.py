@@ -206,4 +206,10 @@ class StudyFolder:
         write_atomic(self.cell_dir(cell) / CELL_FILE, json.dumps(record, indent=1, default=float))
 
     def per_episode(self, cell: Cell) -> np.ndarray:
-        return read_per_episode(self.cell_dir(cell) / PER_EPISODE_FILE)[1]
+        path = self.cell_dir(cell) / PER_EPISODE_FILE
+        episode, accuracy, _ = read_per_episode(path)
+        if not np.array_equal(episode, np.arange(cell.eval.episodes)):
+            raise StudyError(
+                f"{path}: not episodes 0..{cell.eval.episodes - 1}; remove its cell folder to rerun it"
+            )
+        return accuracy

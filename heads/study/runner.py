@@ -102,7 +102,7 @@ def study_record(expansion: Expansion, store: Any, options: StudyOptions) -> dic
             "recipe": spec.get("recipe"),
             "dim": spec.get("dim"),
             "frames": spec.get("frames"),
-        },  # fmt: skip
+        },
         "options": {"seeds": options.seeds, "episodes": options.episodes, "train": options.train},
         "eval": asdict(expansion.plan.eval),
         "notes": expansion.notes,
@@ -117,14 +117,15 @@ def run_study(plan: Plan, options: StudyOptions) -> StudySummary:
     from .report import write_report
 
     started = time.perf_counter()
-    store = open_store(options.store)
-    expansion = expand(plan, store, options.store, options.seeds, options.episodes, options.train)
+    with open_store(options.store) as store:
+        expansion = expand(
+            plan, store, options.store, options.seeds, options.episodes, options.train
+        )
+        record = study_record(expansion, store, options)
     if not options.scheduler:  # checked before the folder is touched
         plan_workers(options.workers, len(expansion.cells))
         _check_device(options.device)
-    record = study_record(expansion, store, options)
     store_info = record["store"]
-    store.close()
     folder = StudyFolder.open(options.out, record, options.resume)
     try:
         todo = [c for c in expansion.cells if not folder.finished(c)]
