@@ -387,3 +387,20 @@ def test_external_scheduler_gives_the_same_results(
         for proc in reversed(started):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=60)
+
+
+@pytest.mark.slow
+def test_local_cluster_workers_are_single_dask_threads_with_passive_openmp() -> None:
+    from heads.study.runner import _start_client
+
+    client, cluster, workers, threads = _start_client(StudyOptions(store="", out="", workers=2), 3)
+    try:
+        assert (workers, threads) == plan_workers(2, 3)
+        environment = client.run(
+            lambda: (os.environ.get("OMP_WAIT_POLICY"), os.environ.get("OMP_NUM_THREADS"))
+        )
+        assert sorted(environment.values()) == [("PASSIVE", str(threads))] * 2
+        assert [w["nthreads"] for w in client.scheduler_info()["workers"].values()] == [1, 1]
+    finally:
+        client.close()
+        cluster.close()
