@@ -390,10 +390,16 @@ def test_external_scheduler_gives_the_same_results(
 
 
 @pytest.mark.slow
-def test_local_cluster_workers_are_single_dask_threads_with_passive_openmp() -> None:
+def test_local_cluster_workers_are_single_dask_threads_with_passive_openmp(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from heads.study.runner import _start_client
 
-    client, cluster, workers, threads = _start_client(StudyOptions(store="", out="", workers=2), 3)
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")  # as an earlier cluster in this process may leave it
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    options = StudyOptions(store="", out="", workers=2)
+    client, cluster, workers, threads = _start_client(options, 3)
+    assert os.environ["OMP_NUM_THREADS"] == "7" and "OMP_WAIT_POLICY" not in os.environ  # restored
     try:
         assert (workers, threads) == plan_workers(2, 3)
         environment = client.run(

@@ -14,6 +14,8 @@ import os
 import time
 import traceback
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -176,7 +178,7 @@ def _start_client(options: StudyOptions, n_cells: int) -> tuple[Any, Any, int, i
         "distributed.nanny.pre-spawn-environ": environ,
         "distributed.worker.profile.enabled": False,  # a sampling thread that takes the GIL
     }
-    with dask.config.set(settings):
+    with dask.config.set(settings), _environment(environ):
         cluster = LocalCluster(
             n_workers=workers,
             threads_per_worker=1,
@@ -186,6 +188,23 @@ def _start_client(options: StudyOptions, n_cells: int) -> tuple[Any, Any, int, i
             silence_logs=logging.CRITICAL,  # a failed cell is recorded, not logged
         )
     return Client(cluster), cluster, workers, threads
+
+
+@contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """`values` in os.environ while the workers spawn. Dask takes a pre-spawn variable from
+    os.environ when it is set there (and leaves its own value there), so a second cluster in one
+    process would otherwise inherit the first one's thread counts."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _external_threads(client: Any) -> tuple[int, int]:
