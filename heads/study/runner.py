@@ -74,9 +74,9 @@ def cores() -> int:
 
 def plan_workers(workers: int | None, n_cells: int, n_cores: int | None = None) -> tuple[int, int]:
     """(worker processes, torch threads each): by default one single-threaded worker per core (never
-    more workers than cells); workers x threads never above the cores. Cells side by side beat torch
-    threads inside one cell (bench.study: 1.54x on 2 cores), at the cost of one copy of the data per
-    worker."""
+    more workers than cells); workers x threads never above the cores. Cells side by side need no
+    thread barriers inside a cell (bench.study: about even with 2 threads in one cell on 2 busy
+    cores), at the cost of one copy of the data per worker."""
     n_cores = n_cores or cores()
     if workers is not None and not 1 <= workers <= n_cores:
         raise PlanError(f"--workers {workers}: use 1 to {n_cores} (this machine's cores)")
