@@ -26,7 +26,13 @@ eval_app = typer.Typer(help="Stage 2: evaluate a head on few-shot episodes from 
 synth_app = typer.Typer(
     help="Generate a synthetic video dataset (time-reversal class pairs).", **PLAIN
 )
+study_app = typer.Typer(
+    help="Studies: a plan of heads trained and tested on identical episodes, as Dask tasks.",
+    no_args_is_help=True,
+    **PLAIN,
+)
 app.add_typer(store_app, name="store")
+app.add_typer(study_app, name="study")
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -629,6 +635,110 @@ def eval_command(
 app.command("train")(train_command)
 app.command("eval")(eval_command)
 # HEADS-COMMANDS-END
+
+
+# ---------------------------------------------------------------- studies
+# STUDY-COMMANDS-BEGIN
+def study_command(
+    ctx: typer.Context,
+    store: str | None = typer.Option(
+        None, help="Store: directory, packed file or URL (workers read it too)."
+    ),
+    plan: str | None = typer.Option(
+        None, help="Built-in plan (ablation, baselines, shots) or a plan .json file."
+    ),
+    out: str | None = typer.Option(None, help="Study folder [studies/<plan>]."),
+    scheduler: str | None = typer.Option(
+        None, help="Address of a Dask scheduler [a LocalCluster]."
+    ),
+    workers: int | None = typer.Option(
+        None, help="LocalCluster worker processes [cores, one torch thread each]."
+    ),
+    seeds: str | None = typer.Option(None, help="Training seeds, e.g. 0,1,2 [the plan's]."),
+    episodes: int | None = typer.Option(None, help="Test episodes per cell [the plan's, 10000]."),
+    train: list[str] = typer.Option(
+        [], help="Training option KEY=VALUE for every trained cell (repeatable)."
+    ),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue the study in --out, even with a changed plan."
+    ),
+    device: str = typer.Option("cpu", help="cpu, cuda ... (on the workers)."),
+    max_ram: float = typer.Option(8.0, help="GB a split may take in a worker's RAM."),
+    progress: bool = typer.Option(True, help="Progress bar over cells."),
+) -> None:
+    """Run a study: every cell trains (selection on val) and is tested on the same episodes."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from heads.study import (
+        PlanError,
+        StudyError,
+        StudyInterrupted,
+        StudyOptions,
+        load_plan,
+        run_study,
+    )
+    from store import StoreError
+
+    if not store or not plan:
+        fail(
+            "--store and --plan are required (e.g. fsar-study --store stores/hmdb51 --plan ablation)"
+        )
+    try:
+        seed_list = [int(s) for s in _split_list(seeds)] if seeds is not None else None
+    except ValueError:
+        fail(f"--seeds {seeds!r}: give integers, e.g. 0,1,2")
+    try:
+        chosen = load_plan(plan)
+        options = StudyOptions(
+            store=store, out=out or f"studies/{chosen.name}", scheduler=scheduler, workers=workers,
+            seeds=seed_list, episodes=episodes, train=_parse_head_options(train), resume=resume,
+            device=device, max_ram=max_ram, progress=progress,
+        )  # fmt: skip
+        summary = run_study(chosen, options)
+    except (PlanError, StudyError, StoreError) as error:
+        fail(str(error).splitlines()[0])
+    except StudyInterrupted as stop:
+        fail(str(stop), 130)
+    for line in summary.lines():
+        typer.echo(line)
+    if summary.failed:
+        raise typer.Exit(1)
+
+
+study_app.callback(invoke_without_command=True)(study_command)
+study_app.command("run")(study_command)
+
+
+@study_app.command("compare")
+def study_compare(
+    a: str = typer.Argument(
+        ..., help="Per-episode file A (fsar-eval --per-episode, or a study cell's)."
+    ),
+    b: str = typer.Argument(..., help="Per-episode file B, scored on the same episodes."),
+) -> None:
+    """Paired comparison B - A of two per-episode files: mean, 95% CI and paired t-test."""
+    from heads.study import StudyError, paired_comparison, read_per_episode
+
+    try:
+        (ep_a, acc_a, meta_a), (ep_b, acc_b, meta_b) = read_per_episode(a), read_per_episode(b)
+    except StudyError as error:
+        fail(str(error))
+    if len(ep_a) != len(ep_b) or not (ep_a == ep_b).all():
+        fail(
+            f"{a} and {b} score different episodes ({len(ep_a)} and {len(ep_b)}): pair files of one evaluation setting"
+        )
+    keys = ("store_fingerprint", "split", "way", "shot", "query", "seed")
+    if meta_a and meta_b:
+        differ = [k for k in keys if meta_a.get(k) != meta_b.get(k)]
+        if differ:
+            fail(f"{a} and {b} come from different episodes ({', '.join(differ)} differ)")
+    else:
+        typer.echo("note: no episode metadata in both files; pairing by episode index", err=True)
+    typer.echo(f"A {a}: {acc_a.mean() * 100:.2f}%   B {b}: {acc_b.mean() * 100:.2f}%")
+    typer.echo(paired_comparison(acc_a, acc_b).summary("A", "B"))
+
+
+# STUDY-COMMANDS-END
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from bench.common import RESULTS_DIR, markdown_table
 
-BENCHMARKS = ("extraction", "training", "evaluation", "store", "memory", "learning")
+BENCHMARKS = ("extraction", "training", "evaluation", "store", "memory", "learning", "study")
 
 
 def machine_line(results: list[dict]) -> str:

@@ -42,6 +42,8 @@ from .data import SplitData
 from .episodes import EpisodeError, EpisodeSampler
 from .evaluate import evaluate
 
+LOSS_POINTS = 100  # training-loss records per run in metrics.jsonl (at most one per optimiser step)
+
 
 class ConfigError(ValueError):
     """A training option users can fix (one-line message)."""
@@ -378,6 +380,7 @@ def train(
 
     start, best = 0, -1.0
     losses: list[float] = []
+    step_losses: list[float] = []  # since the last training-loss record
     if resume:
         last = run_dir / "last.safetensors"
         if last.exists():  # absent: killed before its first optimiser step, nothing to restore
@@ -387,6 +390,7 @@ def train(
             try:
                 start, best = int(meta["episode"]), float(meta["best_accuracy"])
                 losses = [float(x) for x in meta.get("pending_losses", [])]
+                step_losses = [float(x) for x in meta.get("pending_step_losses", [])]
             except (KeyError, TypeError, ValueError):
                 raise CheckpointError(f"checkpoint {last} holds no training position") from None
     else:
@@ -404,6 +408,7 @@ def train(
 
     head.train()
     bar = _progress(cfg, start)
+    log_every = max(1, -(-cfg.episodes // cfg.episodes_per_step // LOSS_POINTS))  # optimiser steps
     tic = time.perf_counter()
     end = min(cfg.episodes, stop_at) if stop_at is not None else cfg.episodes
     for episode, inputs in train_data.episodes(
@@ -435,11 +440,18 @@ def train(
                 loss = head.loss(torch.as_tensor(episode.query_labels, device=device))
         (loss.float() / cfg.episodes_per_iteration).backward()
         losses.append(float(loss.detach()))
+        step_losses.append(losses[-1])
         done = step + 1
         if done % cfg.episodes_per_step == 0 or done == cfg.episodes:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             steps += 1
+            if (done // cfg.episodes_per_step) % log_every == 0 or done == cfg.episodes:
+                record = {"kind": "train", "episode": done, "loss": float(np.mean(step_losses)),
+                          "lr": learning_rate(cfg, step)}  # fmt: skip
+                step_losses = []
+                with open(run_dir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
             validating = done % cfg.val_every == 0 or done == cfg.episodes
             early = steps & (steps - 1) == 0  # steps 1, 2, 4, 8, ...: an early kill loses little
             if not validating and (early or time.monotonic() - last_saved > CHECKPOINT_EVERY_S):
@@ -447,7 +459,7 @@ def train(
                 save_checkpoint(
                     run_dir / "last.safetensors",
                     head,
-                    {**meta, "pending_losses": losses},
+                    {**meta, "pending_losses": losses, "pending_step_losses": step_losses},
                     optimizer,
                 )
                 last_saved = time.monotonic()
@@ -479,7 +491,8 @@ def train(
             losses = []
             with open(run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
-            meta = {**base_meta, "episode": done, "val_accuracy": result.accuracy}
+            meta = {**base_meta, "episode": done, "val_accuracy": result.accuracy,
+                    "pending_step_losses": step_losses}  # fmt: skip
             if result.accuracy > best:
                 best = result.accuracy
                 save_checkpoint(run_dir / "best.safetensors", head, {**meta, "best_accuracy": best})
@@ -553,7 +566,7 @@ def _progress(cfg: TrainConfig, start: int):
 
 
 def plot_curves(run_dir: Path) -> None:
-    """curves.png: training loss and validation accuracy against episodes."""
+    """curves.png: training loss, validation accuracy with its 95% CI, and the learning rate."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -562,14 +575,30 @@ def plot_curves(run_dir: Path) -> None:
     records = [
         json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line
     ]
+    val = [r for r in records if "val_accuracy" in r]
+    trained = [r for r in records if r.get("kind") == "train"] or val  # older runs: loss at val
     if not records:
         return
-    x = [r["episode"] for r in records]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
-    ax_loss.plot(x, [r["loss"] for r in records], marker="o")
-    ax_loss.set(xlabel="episode", ylabel="training loss")
-    ax_acc.plot(x, [r["val_accuracy"] for r in records], marker="o", color="tab:green")
-    ax_acc.set(xlabel="episode", ylabel="val accuracy (%)")
+    fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(1, 3, figsize=(13, 3.6))
+    marker = "o" if len(trained) <= 30 else None
+    ax_loss.plot([r["episode"] for r in trained], [r["loss"] for r in trained], marker=marker, lw=1)
+    ax_loss.set(xlabel="training episode", ylabel="training loss", title="training loss")
+    x = np.array([r["episode"] for r in val], dtype=float)
+    acc = np.array([r["val_accuracy"] for r in val], dtype=float)
+    ci = np.array([r.get("val_ci95", math.nan) for r in val], dtype=float)
+    ax_acc.plot(x, acc, marker="o", color="tab:green", label="val accuracy")
+    ax_acc.fill_between(x, acc - ci, acc + ci, color="tab:green", alpha=0.2, lw=0, label="95% CI")
+    if len(val):
+        best = int(np.argmax(acc))
+        ax_acc.plot(x[best], acc[best], "*", color="black", ms=10, label="best (best.safetensors)")
+    ax_acc.set(xlabel="training episode", ylabel="val accuracy (%)", title="validation accuracy")
+    ax_acc.legend(fontsize=8, loc="best")
+    ax_lr.plot([r["episode"] for r in trained], [r["lr"] for r in trained], color="tab:purple")
+    ax_lr.set(xlabel="training episode", ylabel="learning rate", title="learning rate")
+    if trained and min(r["lr"] for r in trained) > 0:
+        ax_lr.set(yscale="log", title="learning rate (log scale)")
+    for ax in (ax_loss, ax_acc, ax_lr):
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(run_dir / "curves.png", dpi=80)
     plt.close(fig)
