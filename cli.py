@@ -492,8 +492,8 @@ def train_command(
     """Train a head episodically from a store (never runs the CLIP encoder)."""
     from pathlib import Path
 
-    from heads.allocator import keep_freed_memory
     from heads.train import TrainConfig, config_from_run, config_values, train
+    from runtime.memory import keep_freed_memory
 
     def action():
         if keep_freed_memory_:
@@ -576,9 +576,10 @@ def eval_command(
     import torch
 
     from heads import create
-    from heads.allocator import keep_freed_memory
     from heads.evaluate import evaluate, load_run, store_of_run
-    from heads.train import head_options, pick_device
+    from heads.train import head_options
+    from runtime.device import pick_device
+    from runtime.memory import keep_freed_memory
     from store import open_store
 
     def action():

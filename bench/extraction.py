@@ -10,7 +10,7 @@ on the weights), T=8 frames, 1 view, recipe `emp`, CPU; `--quick`: the tiny ViT,
             `--quick` runs only the full one and reports end-to-end figures.
   bare      the same FrameEncoder (same model, batch = one video's frames, torch threads = cores)
             in this process on the same videos' frames, decoded and preprocessed beforehand:
-            encoding only. This process keeps freed memory (heads.allocator), as fsar-extract's
+            encoding only. This process keeps freed memory (runtime.memory), as fsar-extract's
             workers do: with glibc's default, the loop's speed depends on the heap's history
             (2.5-2.9 frames/s against 3.3 on the same machine, minutes apart).
   ratio     pipeline frames/s / bare frames/s; the target (>= 0.9) is for the steady state.
@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import Result, Scratch, parser, resolve_device, timed
-from heads.allocator import keep_freed_memory
+from runtime.memory import keep_freed_memory
 
 DECODE_SIZE = (320, 240)
 

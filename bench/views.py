@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from bench.extraction import textured_video
-    from heads.allocator import keep_freed_memory
+    from runtime.memory import keep_freed_memory
 
     keep_freed_memory()
     threads = torch.get_num_threads()

@@ -39,6 +39,7 @@ from pipeline.datasets import (
     video_path,
 )
 from pipeline.video import DecodeOutcome, DecodeRequest, close_decoders, decode_in_child
+from runtime.memory import MALLOC_ENVIRON
 
 DEFAULT_MODEL = "ViT-B-16"
 DEFAULT_PRETRAINED = "openai"
@@ -301,16 +302,13 @@ def encode_task(
 
 
 def resolve_device(device: str) -> str:
-    """`auto` -> `cuda` when a GPU is visible, else `cpu`."""
-    import torch
+    """`auto` -> `cuda` when a GPU is visible, else `cpu`; `cuda:N` is not an option here."""
+    from runtime.device import DeviceError, pick_device
 
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in ("cpu", "cuda"):
-        raise ExtractError(f"--device {device!r}: use auto, cpu or cuda")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ExtractError("--device cuda: no CUDA GPU is visible to torch; use --device cpu")
-    return device
+    try:
+        return pick_device(device, indexed=False).type
+    except DeviceError as error:
+        raise ExtractError(str(error)) from None
 
 
 @dataclass(frozen=True)
@@ -364,22 +362,10 @@ def check_disk_space(store_path: Path, n_rows: int, bytes_per_row: int) -> int:
     return needed
 
 
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    import open_clip
-    import torch
-
-    try:
-        fsar_version = version("fsar")
-    except PackageNotFoundError:
-        fsar_version = "unknown"
-    return {"torch": torch.__version__, "open_clip": open_clip.__version__, "fsar": fsar_version}
-
-
 def build_run_spec(clip: Any, options: ExtractOptions, device: str, precision: str) -> dict:
     """The store spec for this run (docs/design.md names)."""
     from pipeline.preprocess import PREPROCESS_NAMES, preprocess_spec
+    from runtime.versions import versions
     from store.layout import build_spec
 
     if options.preprocess not in PREPROCESS_NAMES:
@@ -405,7 +391,7 @@ def build_run_spec(clip: Any, options: ExtractOptions, device: str, precision: s
         patch_grid=fields["patch_grid"],
         device=device,
         precision=precision,
-        versions=_versions(),
+        versions=versions("torch", "open_clip", "fsar"),
     )
 
 
@@ -556,8 +542,7 @@ def add_text_embeddings(
 # freed memory brought it to 2.9 s. Dask's statistical profiler (a thread that takes the GIL every
 # 10 ms to walk the stacks) cost another 10%: 2.6 s.
 WORKER_ENVIRON = {
-    "MALLOC_TRIM_THRESHOLD_": str(1 << 30),  # keep up to 1 GiB of freed heap for the next forward
-    "MALLOC_MMAP_MAX_": "0",  # serve large blocks from the heap, so that freed ones are reused
+    **MALLOC_ENVIRON,  # runtime.memory's policy: keep freed heap for the next forward
     "OMP_NUM_THREADS": "1",  # Dask's defaults, kept: tasks set torch threads themselves
     "MKL_NUM_THREADS": "1",
     "OPENBLAS_NUM_THREADS": "1",

@@ -23,7 +23,7 @@ runner = CliRunner()
 @pytest.fixture(autouse=True)
 def quiet_allocator(monkeypatch: pytest.MonkeyPatch) -> None:
     """The commands keep freed memory for speed; not in the long-lived test process."""
-    monkeypatch.setattr("heads.allocator.keep_freed_memory", lambda: False)
+    monkeypatch.setattr("runtime.memory.keep_freed_memory", lambda: False)
 
 
 @pytest.fixture(scope="module")

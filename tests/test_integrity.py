@@ -37,7 +37,7 @@ def default_verification(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("FSAR_VERIFY_READS", raising=False)
     monkeypatch.delenv("FSAR_CACHE", raising=False)
     # fsar-eval keeps freed memory for speed; not in the long-lived test process
-    monkeypatch.setattr("heads.allocator.keep_freed_memory", lambda: False)
+    monkeypatch.setattr("runtime.memory.keep_freed_memory", lambda: False)
 
 
 def _store_cli(*args: str) -> tuple[int, str]:
