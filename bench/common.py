@@ -28,7 +28,6 @@ from typing import Any
 
 SCHEMA = 1
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # ViT-B/16 at 224 px: what the published methods cache. Cost does not depend on the weights.
 VIT_B16 = {

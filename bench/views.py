@@ -61,7 +61,7 @@ def seconds_per_video(
 
 def store_bytes(views: int) -> int:
     from bench.common import VIT_B16
-    from pipeline.extract import row_bytes
+    from store.layout import row_bytes
     from store.random_store import random_spec
 
     spec = random_spec(

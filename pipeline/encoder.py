@@ -43,7 +43,12 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 from open_clip.transformer import QuickGELU
 from torch import nn
 
-from store.layout import LASTBLOCK_LAYER_SCALE_KEYS, LASTBLOCK_RESBLOCK_KEYS
+from store.layout import (
+    LASTBLOCK_LAYER_SCALE_KEYS,
+    LASTBLOCK_RESBLOCK_KEYS,
+    encoded_names,
+    token_name,
+)
 from store.layout import default_layers as store_default_layers
 
 __all__ = [
@@ -605,12 +610,10 @@ def default_layers(depth: int) -> list[int]:
 
 def tensor_names(recipe: str, layers: Sequence[int]) -> list[str]:
     """Store array names for a recipe (docs/design.md): tokens/layerKK..., plus tokens/layerLL_in."""
-    if recipe not in ("emp", "emp+last"):
-        raise EncoderError(f"unknown recipe '{recipe}' (expected emp or emp+last)")
-    names = [f"tokens/layer{k:02d}" for k in layers]
-    if recipe == "emp+last":
-        names.append(f"tokens/layer{layers[-1]:02d}_in")
-    return names
+    try:
+        return encoded_names(recipe, layers)
+    except ValueError:
+        raise EncoderError(f"unknown recipe '{recipe}' (expected emp or emp+last)") from None
 
 
 def _check_visual(visual: nn.Module) -> None:
@@ -732,7 +735,7 @@ class FrameEncoder:
                 h = block(h)
                 if i in want:
                     tokens = h if self.batch_first else h.transpose(0, 1)
-                    result[f"tokens/layer{i:02d}"] = (ln_post(tokens) @ proj).float()
+                    result[token_name(i)] = (ln_post(tokens) @ proj).float()
         if self.recipe == "emp+last":
             xin = result.pop("in")
             result[self.names[-1]] = (xin if self.batch_first else xin.transpose(0, 1)).float()

@@ -47,7 +47,6 @@ COMMIT_EVERY_S = 2.0
 COMMIT_EVERY_ROWS = 256
 DISK_MARGIN = 1.05  # chunks are compressed, so the uncompressed size plus 5% is an upper bound
 TASK_RETRIES = 2  # a task whose worker died is retried this many times, then its rows fail
-TEXT_NAME = "emp16"
 
 
 class ExtractError(Exception):
@@ -339,13 +338,6 @@ def plan_cluster(device: str, workers: int | None, cores: int | None = None) -> 
     return ClusterPlan(n, 2, max(1, cores // n))
 
 
-def row_bytes(spec: dict[str, Any]) -> int:
-    """Uncompressed bytes one video takes in the store's per-row tensors."""
-    return sum(
-        int(np.prod(t["shape_per_row"])) * np.dtype(t["dtype"]).itemsize for t in spec["tensors"]
-    )
-
-
 def check_disk_space(store_path: Path, n_rows: int, bytes_per_row: int) -> int:
     """Raise `ExtractError` when the disk holding the store lacks room for `n_rows`; return estimate."""
     needed = int(n_rows * bytes_per_row * DISK_MARGIN)
@@ -605,6 +597,7 @@ def run_extraction(options: ExtractOptions) -> ExtractSummary:
     from pipeline.encoder import FrameEncoder, export_last_block, load_clip
     from pipeline.text import EMP16_TEMPLATES, encode_class_texts
     from store import create_store
+    from store.layout import LASTBLOCK_NAME, TEXT_DEFAULT, row_bytes
 
     started = time.perf_counter()
     store_path = check_store_option(options.store)
@@ -652,12 +645,10 @@ def run_extraction(options: ExtractOptions) -> ExtractSummary:
                 split_source=listing.split_source,
             )
         spec = store.spec
-        if TEXT_NAME not in store.text_names:
+        if TEXT_DEFAULT not in store.text_names:
             embeddings = encode_class_texts(clip.model, clip.tokenizer(), store.classes)
-            store.write_text(TEXT_NAME, embeddings, EMP16_TEMPLATES)
-        if spec["recipe"] == "emp+last" and "lastblock.safetensors" not in store.attrs.get(
-            "weights", {}
-        ):
+            store.write_text(TEXT_DEFAULT, embeddings, EMP16_TEMPLATES)
+        if spec["recipe"] == "emp+last" and LASTBLOCK_NAME not in store.attrs.get("weights", {}):
             store.write_lastblock(*export_last_block(clip.model))
         del clip
         print(

@@ -104,13 +104,6 @@ class Location(ABC):
     def read_file(self, rel: str) -> bytes:
         """Read a non-array file of the store; FileNotFoundError when it is absent."""
 
-    def has_file(self, rel: str) -> bool:
-        try:
-            self.read_file(rel)
-        except FileNotFoundError:
-            return False
-        return True
-
     def describe(self) -> str:
         return self.uri
 

@@ -21,7 +21,7 @@ import pandas as pd
 
 from .errors import CorruptStoreError, NotAStoreError, SpecMismatchError, StoreError
 from .featurestore import ChunkWriter, FeatureStore, create_store, open_store
-from .layout import LOCK_FILE, checksum_column, spec_differences
+from .layout import LOCK_FILE, checksum_column, row_bytes, spec_differences, text_name, weights_file
 from .location import ZIP_DAMAGE, ZIP_FORMAT_DAMAGE, check_zip_members, one_line, resolve
 from .lock import StoreLock
 
@@ -251,11 +251,8 @@ class ShareReport:
 
 
 def _batch_rows(s: FeatureStore, names: Sequence[str]) -> int:
-    per_row = 0
-    for entry in s.spec["tensors"]:
-        if entry["name"] in names:
-            per_row += int(np.prod(entry["shape_per_row"])) * np.dtype(entry["dtype"]).itemsize
-    return max(1, min(256, (64 << 20) // max(1, per_row)))
+    """Rows per copy batch: at most 256, about 64 MB of the named tensors."""
+    return max(1, min(256, (64 << 20) // max(1, row_bytes(s.spec, names))))
 
 
 def _present(value: Any) -> bool:
@@ -436,7 +433,9 @@ def subset(
     for name in s.text_names:
         array, templates = s.text(name)
         texts[name] = (array[index], templates)
-    weights = {name: s.location.read_file(f"weights/{name}") for name in s.attrs.get("weights", {})}
+    weights = {
+        name: s.location.read_file(weights_file(name)) for name in s.attrs.get("weights", {})
+    }
     dest = _write_store(
         Path(out),
         spec=spec,
@@ -505,7 +504,7 @@ def _merge_texts(
         have = [(s, *s.text(name)) for s in stores if name in s.text_names]
         templates = have[0][2]
         if any(t != templates for _, _, t in have):
-            raise SpecMismatchError(f"text/{name} uses different templates in the two stores")
+            raise SpecMismatchError(f"{text_name(name)} uses different templates in the two stores")
         rows: list[np.ndarray] = []
         for c in classes:
             row = next((arr[s.classes.index(c)] for s, arr, _ in have if c in s.classes), None)
@@ -513,7 +512,7 @@ def _merge_texts(
                 break
             rows.append(row)
         if len(rows) != len(classes):
-            notes.append(f"text/{name} dropped: it does not cover every merged class")
+            notes.append(f"{text_name(name)} dropped: it does not cover every merged class")
             continue
         out[name] = (np.stack(rows).astype(np.float32), templates)
     return out
@@ -596,10 +595,10 @@ def merge(
         da, db = a.attrs.get("weights", {}).get(name), b.attrs.get("weights", {}).get(name)
         if da and db and da != db and prefer is None:
             raise StoreError(
-                f"weights/{name} differs between {where_a} and {where_b}; choose with --prefer A|B"
+                f"{weights_file(name)} differs between {where_a} and {where_b}; choose with --prefer A|B"
             )
         source = first if name in first.attrs.get("weights", {}) else second
-        weights[name] = source.location.read_file(f"weights/{name}")
+        weights[name] = source.location.read_file(weights_file(name))
     texts = _merge_texts([first, second], classes, notes)
     rank = {c: i for i, c in enumerate(classes)}
     pos = {vid: i for i, vid in enumerate(order)}

@@ -24,10 +24,10 @@ from pipeline.extract import (
     ExtractOptions,
     _start_client,
     plan_cluster,
-    row_bytes,
     rows_to_extract,
 )
 from pipeline.synth import make_synthetic_dataset
+from store.layout import row_bytes
 from tests.bad_videos import EXPECTED_ERRORS, write_bad_videos
 
 TINY = ["--model", "fsar-tiny-vit", "--pretrained", "none"]

@@ -11,7 +11,7 @@ import open_clip
 import pytest
 import torch
 
-from heads.lastblock import LastBlock, lastblock_from_bytes, lastblock_to_bytes, load_last_block
+from heads.lastblock import LastBlock, load_last_block
 from pipeline.encoder import (
     TINY_MODEL,
     FrameEncoder,
@@ -19,6 +19,7 @@ from pipeline.encoder import (
     export_last_block,
     load_clip,
 )
+from store.lastblock_file import lastblock_from_bytes, lastblock_to_bytes
 
 torch.set_num_threads(1)
 
