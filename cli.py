@@ -172,7 +172,7 @@ def store_pack(
 ) -> None:
     """Pack a store into one zip file (uncompressed members) that opens without unpacking."""
     from store import StoreError
-    from store.share import pack
+    from store.pack import pack
 
     try:
         size = pack(path, out)
@@ -188,7 +188,7 @@ def store_unpack(
 ) -> None:
     """Restore a packed store into a directory; members that would land outside DIR are refused."""
     from store import StoreError
-    from store.share import unpack
+    from store.pack import unpack
 
     try:
         s = unpack(file, directory)
@@ -209,7 +209,7 @@ def store_merge(
 ) -> None:
     """Merge two stores of the same spec (videos de-duplicated, classes unioned)."""
     from store import StoreError
-    from store.share import describe_report, merge
+    from store.merge import describe_report, merge
 
     if prefer is not None and prefer.upper() not in ("A", "B"):
         fail(f"--prefer must be A or B, not {prefer!r}")
@@ -242,7 +242,7 @@ def store_subset(
 ) -> None:
     """Copy some splits and/or tensors of a store into a new, complete store."""
     from store import StoreError
-    from store.share import describe_report, subset
+    from store.merge import describe_report, subset
 
     try:
         report = subset(

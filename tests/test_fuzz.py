@@ -23,7 +23,7 @@ import cli
 import heads
 from heads.checkpoint import save_checkpoint
 from store import open_store
-from store.share import pack
+from store.pack import pack
 from tests.heads_fixtures import reversal_pair_store
 
 runner = CliRunner()

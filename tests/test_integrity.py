@@ -19,7 +19,8 @@ from typer.testing import CliRunner
 import cli
 from store import CorruptStoreError, StoreLockedError, open_store
 from store.errors import UnsafeStoreError
-from store.share import merge, pack, subset, unpack
+from store.merge import merge, subset
+from store.pack import pack, unpack
 from tests.share_fixtures import chunk_file, copy_store, make_store
 from tests.store_http import serve
 

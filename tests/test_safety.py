@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 import cli
 from store import CorruptStoreError, NotAStoreError, StoreError, open_store
 from store.errors import UnsafeStoreError
-from store.share import pack, unpack
+from store.pack import pack, unpack
 from tests.share_fixtures import chunk_file, copy_store, make_store
 
 runner = CliRunner()
