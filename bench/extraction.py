@@ -14,7 +14,7 @@ on the weights), T=8 frames, 1 view, recipe `emp`, CPU; `--quick`: the tiny ViT,
             workers do: with glibc's default, the loop's speed depends on the heap's history
             (2.5-2.9 frames/s against 3.3 on the same machine, minutes apart).
   ratio     pipeline frames/s / bare frames/s; the target (>= 0.9) is for the steady state.
-Decode-only: `pipeline.video.decode_sampled` (exact sequential decode, as the pipeline runs it) in a
+Decode-only: `pipeline.decoding.decode_sampled` (exact sequential decode, as the pipeline runs it) in a
 process pinned to one core, on 320x240 videos of 300 frames (HMDB51/UCF101 size), textured and
 panning so that the bitrate is closer to real footage than flat synthetic shapes.
 """
@@ -84,7 +84,7 @@ def _pin_one_core() -> None:
 
 def _decode_rate(path: str, frames: int, repeat: int) -> tuple[float, int]:
     """Frames/s of exact sequential decoding (the pipeline's method) in this pinned process."""
-    from pipeline.video import decode_sampled
+    from pipeline.decoding import decode_sampled
 
     best = float("inf")
     n = 0
@@ -111,9 +111,9 @@ def bare_rate(store_path: Path, data_root: Path, model: str, device: str) -> tup
     """Frames/s of the encoder alone on the store's videos, decoded and preprocessed beforehand."""
     import torch
 
+    from pipeline.decode_child import DecodeRequest, decode_request
     from pipeline.encoder import FrameEncoder, load_clip
     from pipeline.preprocess import build_transform
-    from pipeline.video import DecodeRequest, decode_request
     from store import open_store
 
     with open_store(store_path) as s:

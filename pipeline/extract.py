@@ -8,7 +8,7 @@ task (Dask resource `encode`, one at a time per worker) that writes the row's ch
 `ChunkWriter` and returns the manifest update. Only the driver commits the manifest. Rows already
 `ok` are skipped, so an interrupted run resumes; `--retry-failed` retries failed rows.
 
-Decoding (`pipeline.video`) and encoding (`pipeline.encoder`) know nothing about Dask; everything
+Decoding (`pipeline.decoding`, in `pipeline.decode_child`) and encoding (`pipeline.encoder`) know nothing about Dask; everything
 Dask-specific is in this module.
 """
 
@@ -38,7 +38,7 @@ from pipeline.datasets import (
     select_videos,
     video_path,
 )
-from pipeline.video import DecodeOutcome, DecodeRequest, close_decoders, decode_in_child
+from pipeline.decode_child import DecodeOutcome, DecodeRequest, close_decoders, decode_in_child
 from runtime.memory import MALLOC_ENVIRON
 
 DEFAULT_MODEL = "ViT-B-16"

@@ -143,9 +143,9 @@ def test_end_to_end_bad_inputs_and_timeout(
 def test_cached_tokens_equal_a_direct_forward(
     reference_store: tuple[Path, subprocess.CompletedProcess[str]], data_root: Path
 ) -> None:
+    from pipeline.decoding import decode_sampled
     from pipeline.encoder import FrameEncoder, load_clip
     from pipeline.preprocess import build_transform
-    from pipeline.video import decode_sampled
     from store import open_store
 
     store_path, _ = reference_store
@@ -356,8 +356,8 @@ def test_batching_frames_across_videos_matches_one_forward_per_video(
     reference_store: tuple[Path, subprocess.CompletedProcess[str]], data_root: Path, tmp_path: Path
 ) -> None:
     """The CUDA path (several videos per forward, split back per row), run on CPU."""
+    from pipeline.decode_child import DecodeRequest, close_decoders
     from pipeline.extract import EncoderConfig, decode_task, encode_task
-    from pipeline.video import DecodeRequest, close_decoders
     from store import open_store
 
     store_path, _ = reference_store
