@@ -344,8 +344,9 @@ def extract_command(
 ) -> None:
     """Extract CLIP features of a dataset's videos into a feature store (resumable)."""
     from pipeline.datasets import DatasetError
-    from pipeline.encoder import EncoderError
-    from pipeline.extract import ExtractError, ExtractOptions, add_text_embeddings, run_extraction
+    from pipeline.errors import EncoderError, ExtractError
+    from pipeline.extract import ExtractOptions, run_extraction
+    from pipeline.text import add_text_embeddings
     from store import StoreError
 
     try:

@@ -112,7 +112,8 @@ def bare_rate(store_path: Path, data_root: Path, model: str, device: str) -> tup
     import torch
 
     from pipeline.decode_child import DecodeRequest, decode_request
-    from pipeline.encoder import FrameEncoder, load_clip
+    from pipeline.encoder import FrameEncoder
+    from pipeline.model import load_clip
     from pipeline.preprocess import build_transform
     from store import open_store
 

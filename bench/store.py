@@ -72,7 +72,8 @@ def encoder_rows(
     """Encoder outputs (random init) for `n` synthetic videos, T frames each, as store rows."""
     import torch
 
-    from pipeline.encoder import FrameEncoder, load_clip
+    from pipeline.encoder import FrameEncoder
+    from pipeline.model import load_clip
     from pipeline.synth import FAMILIES, render_video
 
     clip = load_clip(model, "none", device=device)

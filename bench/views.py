@@ -31,7 +31,8 @@ def seconds_per_video(
 ) -> dict[int, dict[str, float]]:
     """Median seconds per video for each V, the V values interleaved video by video."""
     from pipeline.decode_child import DecodeRequest, decode_request
-    from pipeline.encoder import FrameEncoder, load_clip
+    from pipeline.encoder import FrameEncoder
+    from pipeline.model import load_clip
     from pipeline.preprocess import build_transform, preprocess_spec, transform_video
 
     clip = load_clip(model, "none")

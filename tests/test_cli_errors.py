@@ -214,8 +214,8 @@ def _folder_dataset(root: Path) -> Path:
 def _resumable_store(data_root: Path, path: Path):  # type: ignore[no-untyped-def]
     """The store `fsar-extract --model fsar-tiny-vit --pretrained none` creates, all rows pending."""
     from pipeline.datasets import list_dataset
-    from pipeline.encoder import load_clip
     from pipeline.extract import ExtractOptions, build_run_spec
+    from pipeline.model import load_clip
     from store import create_store
 
     listing = list_dataset("folder", str(data_root))
@@ -270,7 +270,7 @@ def test_store_spec_never_names_weights_to_load(tmp_path: Path, monkeypatch) -> 
     _resumable_store(data, store).close()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        from pipeline.encoder import load_clip
+        from pipeline.model import load_clip
 
         scripted = torch.jit.script(load_clip("fsar-tiny-vit", "none").model)
         (store / "weights").mkdir()

@@ -313,8 +313,8 @@ def test_views_of_train_videos_are_augmented_and_other_videos_are_not() -> None:
 def test_extraction_augments_views_of_train_videos(tmp_path) -> None:
     from pipeline.decode_child import DecodeRequest, close_decoders
     from pipeline.decoding import decode_sampled
-    from pipeline.extract import EncoderConfig, decode_task
     from pipeline.synth import write_video
+    from pipeline.tasks import EncoderConfig, decode_task
     from tests.bad_videos import moving_square_frames
 
     path = tmp_path / "clip.mp4"

@@ -368,7 +368,7 @@ def test_openclip_preprocess_is_exactly_open_clips_transform() -> None:
     import torch
     from PIL import Image
 
-    from pipeline.encoder import TINY_MODEL, load_clip
+    from pipeline.model import TINY_MODEL, load_clip
 
     clip = load_clip(TINY_MODEL, "none")
     spec = preprocess_spec("openclip", clip.preprocess.as_dict())
