@@ -1,10 +1,6 @@
-"""Capture the recipe's ViT tensors: `FrameEncoder` runs the frozen visual tower, once per batch.
+"""The recipe's ViT tensors: `FrameEncoder(clip, recipe)(frames)` -> {"tokens/layer04": (B, L, D), ...}.
 
-`export_last_block` exports its last block for `weights/lastblock.safetensors` (docs/design.md).
-
-    enc = FrameEncoder(clip, recipe="emp+last")            # layers 4/8/12 (+ input of block 12)
-    out = enc(frames)                                      # (B,3,S,S) -> {"tokens/layer04": (B,L,D) fp16, ...}
-    tensors, config = export_last_block(clip.model)
+`export_last_block` exports the last block for `weights/lastblock.safetensors` (docs/design.md).
 """
 
 from __future__ import annotations

@@ -1,11 +1,6 @@
-"""fsar-extract's driver: dataset -> decode -> CLIP encode -> store, resumable, one writer.
+"""fsar-extract's driver: list the dataset, fix the spec, create or resume the store, run, summarise.
 
-The driver lists the dataset, loads the model once to fix the spec (and fail fast on bad weights),
-creates or reopens the store (refusing a different spec), writes the text embeddings, checks disk
-space, then hands the videos to the Dask runner (pipeline/cluster.py), which streams them through
-decode and encode tasks (pipeline/tasks.py) and commits each row's manifest update. Rows already
-`ok` are skipped, so an interrupted run resumes; `--retry-failed` retries failed rows. Details:
-docs/extraction.md.
+The Dask runner is pipeline/cluster.py and the tasks pipeline/tasks.py; details: docs/extraction.md.
 """
 
 from __future__ import annotations

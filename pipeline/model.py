@@ -1,9 +1,6 @@
-"""The frozen open_clip model stage 1 encodes with: `load_clip` builds it from resolved weights.
+"""The frozen open_clip model stage 1 encodes with: `load_clip(model, pretrained, device)`.
 
-Importing this module registers `pipeline/model_configs` (e.g. `fsar-tiny-vit`, a 12-layer, width-64
-ViT on 64x64 images with 16 patches, for tests and the demo) with open_clip.
-
-    clip = load_clip("ViT-B-16", "openai", device="cpu")    # -> LoadedClip (frozen, eval mode)
+Importing it registers `pipeline/model_configs` (e.g. `fsar-tiny-vit`, for tests and the demo).
 """
 
 from __future__ import annotations

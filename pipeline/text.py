@@ -1,16 +1,6 @@
-"""Class-name prompts for the store's ``text/<name>`` arrays (EMP-Net's 16 templates by default).
+"""Class texts for the store's `text/<name>` arrays: templates, raw `encode_text` features, --text-only.
 
-``add_text_embeddings`` is ``fsar-extract --text-only``: another template set for an existing store.
-
-Features are the raw ``encode_text`` outputs in float32, not L2-normalised: EMP-Net's released code
-(cong-wu/EMP-Net, ``models/base/few_shot.py``) keeps ``backbone.encode_text(...)`` per template, averages
-the raw vectors over templates at test time and normalises only inside its cosine. Storing raw vectors
-keeps both choices open to the heads (normalise, or average then normalise).
-
-    names = ["brush hair", "cartwheel"]
-    feats = encode_class_texts(clip.model, clip.tokenizer(), names)   # (C, 16, D) float32
-    templates = load_templates("prompts.txt")                         # one template with {} per line
-    add_text_embeddings("stores/hmdb51", "prompts.txt", None, None, "cpu")  # writes text/prompts
+EMP-Net's 16 templates by default; why the features are not normalised: docs/extraction.md.
 """
 
 from __future__ import annotations

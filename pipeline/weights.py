@@ -1,14 +1,6 @@
-"""Which CLIP weights a run uses, checked before they are loaded: tag, `none` or a local file.
+"""Which CLIP weights a run uses, checked before they are loaded: an open_clip tag, `none` or a file.
 
 Resolution, hashing and refusals are fsar's; the state-dict fix-ups are open_clip's `load_checkpoint`.
-
-    weights = resolve_weights("ViT-B-16", "openai")   # local caches first; one short network probe
-    load_weights(model, weights, "ViT-B-16")           # one-line WeightsFileError when it does not fit
-
-A tag is looked up in the local caches first and downloaded only when online (never retried); a
-local file is a state dict as open_clip saves it (`.safetensors`/`.bin`/`.pt`, read with
-`weights_only=True`). A TorchScript archive runs code when loaded, so it is read only when allowed
-(`--allow-torchscript`) or when its sha256 is the published one of OpenAI's archive for the model.
 """
 
 from __future__ import annotations

@@ -1,12 +1,6 @@
 """The process memory policy: keep freed memory in the heap instead of returning it to the OS.
 
-A training step or an encoder forward allocates and frees blocks of tens to hundreds of megabytes.
-By default glibc serves each with a fresh `mmap` and unmaps it on free, so every step touches
-gigabytes of new pages: on the 2-core benchmark machine about 3 million page faults and a third of
-a training step in the kernel (counted with getrusage around one step). Serving blocks from the heap
-and keeping up to `TRIM_THRESHOLD` bytes of freed heap removes that. It is process-wide, so the CLI
-commands apply it (`keep_freed_memory`) and fsar-extract starts its Dask workers with the same
-settings as environment variables (`MALLOC_ENVIRON`); library callers decide for themselves.
+CLI commands apply it in-process; fsar-extract starts its Dask workers with it (`MALLOC_ENVIRON`).
 """
 
 from __future__ import annotations
@@ -15,6 +9,10 @@ import ctypes
 import ctypes.util
 import sys
 
+# A training step or an encoder forward allocates and frees blocks of tens to hundreds of megabytes.
+# By default glibc serves each with a fresh mmap and unmaps it on free, so every step touches
+# gigabytes of new pages: on the 2-core benchmark machine about 3 million page faults and a third
+# of a training step in the kernel (counted with getrusage around one step).
 TRIM_THRESHOLD = 1 << 30  # freed heap kept for the next step (glibc's default is 128 KiB)
 M_TRIM_THRESHOLD = -1  # glibc malloc.h: free heap top kept before returning it to the OS
 M_MMAP_MAX = -4  # glibc malloc.h: most blocks served by mmap (0: none, all from the heap)

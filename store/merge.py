@@ -1,8 +1,6 @@
 """New stores from existing ones: `subset` keeps some splits or tensors, `merge` joins two stores.
 
-Both write like any other store (`create_store`, `ChunkWriter`, `commit`), so the result carries its
-own checksums and passes `verify`. Every copied row is re-hashed against its source manifest on the
-way, so corruption in a source is refused, never propagated.
+Every copied row is re-hashed against its source manifest, so a corrupt source is refused.
 """
 
 from __future__ import annotations

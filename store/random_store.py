@@ -1,7 +1,6 @@
-"""Stores filled with seeded random tokens of the right shape, for tests and benchmarks.
+"""Stores filled with seeded random tokens of the right shapes, for tests and benchmarks.
 
-Extracting a large split on a CPU takes hours (ViT-B/16 runs at a few frames/s); these stores let the
-benchmarks and tests exercise the store and the heads at realistic sizes in seconds.
+`write_random_store` is the one builder; `hidden_order_store` hides a signal only training finds.
 """
 
 from __future__ import annotations

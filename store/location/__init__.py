@@ -1,8 +1,6 @@
 """Where a store lives: a local directory, a packed zip file, or a URL (http(s)://, s3://, gs://).
 
-One backend per module (`_local`, `_zip`, `_remote`); `resolve(uri)` picks one. Every kind reads
-through its `ChunkLimits` (store/safety.py): no read returns more bytes than its key can hold, and a
-chunk of a known array that is absent is an error.
+One backend per module (`_local`, `_zip`, `_remote`), each reading through its `ChunkLimits`.
 """
 
 from __future__ import annotations

@@ -1,9 +1,6 @@
-"""A store at a URL (http(s)://, s3://, gs://) read through fsspec, with fsar's reliability rules.
+"""A store at a URL (http(s)://, s3://, gs://) through fsspec: bounded retries and reads, no listing.
 
-Objects are read whole with bounded retries, streamed and cut off past what their key can hold; a
-missing chunk is an error, never zeros; nothing is listed (array names come from root attributes);
-fetched chunks may be cached on local disk (`cache=` or `FSAR_CACHE`), written to a temp file and
-renamed so that a partial download is never read back.
+A missing chunk is an error, never zeros; chunks may be cached on disk (`cache=`, `FSAR_CACHE`).
 """
 
 from __future__ import annotations
