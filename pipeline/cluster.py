@@ -22,6 +22,7 @@ from runtime.progress import progress_bar
 
 if TYPE_CHECKING:
     from pipeline.extract import ExtractOptions, ExtractSummary
+    from store import FeatureStore
 
 COMMIT_EVERY_S = 2.0
 COMMIT_EVERY_ROWS = 256
@@ -147,7 +148,7 @@ def _encode_on_worker(
 
 
 def run_tasks(
-    store: Any,
+    store: FeatureStore,
     options: ExtractOptions,
     device: str,
     precision: str,

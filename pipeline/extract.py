@@ -10,7 +10,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -23,6 +23,10 @@ from pipeline.datasets import (
     select_videos,
 )
 from pipeline.errors import ExtractError
+
+if TYPE_CHECKING:  # imported where used: `fsar-extract --help` stays fast
+    from pipeline.model import LoadedClip
+    from store import FeatureStore
 
 DISK_MARGIN = 1.05  # chunks are compressed, so the uncompressed size plus 5% is an upper bound
 
@@ -101,7 +105,7 @@ def check_disk_space(store_path: Path, n_rows: int, bytes_per_row: int) -> int:
     return needed
 
 
-def build_run_spec(clip: Any, options: ExtractOptions, device: str, precision: str) -> dict:
+def build_run_spec(clip: LoadedClip, options: ExtractOptions, device: str, precision: str) -> dict:
     """The store spec for this run (docs/design.md names)."""
     from pipeline.preprocess import PREPROCESS_NAMES, preprocess_spec
     from runtime.versions import versions
@@ -157,7 +161,7 @@ def _is_store(path: Path) -> bool:
     return (path / "zarr.json").is_file() and (path / "manifest.parquet").is_file()
 
 
-def _open_existing(path: Path, spec: dict, listing: DatasetListing) -> Any:
+def _open_existing(path: Path, spec: dict, listing: DatasetListing) -> FeatureStore:
     from store import SpecMismatchError, open_store, spec_differences
 
     store = open_store(path, mode="a")

@@ -9,11 +9,15 @@ import json
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from pipeline.decode_child import DecodeOutcome, DecodeRequest, decode_in_child
+
+if TYPE_CHECKING:  # imported where used: workers load them once, on first use
+    from pipeline.encoder import FrameEncoder
+    from store import ChunkWriter
 
 
 @dataclass(frozen=True)
@@ -39,7 +43,7 @@ _writers: dict[str, Any] = {}
 _worker_lock = threading.Lock()  # one model load and one forward at a time per worker process
 
 
-def _worker_encoder(config: EncoderConfig) -> Any:
+def _worker_encoder(config: EncoderConfig) -> FrameEncoder:
     """This process's encoder for `config`, loaded on first use (once per worker)."""
     encoder = _encoders.get(config)
     if encoder is None:
@@ -65,7 +69,7 @@ def _worker_encoder(config: EncoderConfig) -> Any:
     return encoder
 
 
-def _chunk_writer(store_path: str) -> Any:
+def _chunk_writer(store_path: str) -> ChunkWriter:
     writer = _writers.get(store_path)
     if writer is None:
         from store import ChunkWriter
