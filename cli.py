@@ -178,7 +178,7 @@ def store_pack(
 ) -> None:
     """Pack a store into one zip file (uncompressed members) that opens without unpacking."""
     from store import StoreError
-    from store.share import pack
+    from store.pack import pack
 
     try:
         size = pack(path, out)
@@ -194,7 +194,7 @@ def store_unpack(
 ) -> None:
     """Restore a packed store into a directory; members that would land outside DIR are refused."""
     from store import StoreError
-    from store.share import unpack
+    from store.pack import unpack
 
     try:
         s = unpack(file, directory)
@@ -215,7 +215,7 @@ def store_merge(
 ) -> None:
     """Merge two stores of the same spec (videos de-duplicated, classes unioned)."""
     from store import StoreError
-    from store.share import describe_report, merge
+    from store.merge import describe_report, merge
 
     if prefer is not None and prefer.upper() not in ("A", "B"):
         fail(f"--prefer must be A or B, not {prefer!r}")
@@ -248,7 +248,7 @@ def store_subset(
 ) -> None:
     """Copy some splits and/or tensors of a store into a new, complete store."""
     from store import StoreError
-    from store.share import describe_report, subset
+    from store.merge import describe_report, subset
 
     try:
         report = subset(
@@ -350,8 +350,9 @@ def extract_command(
 ) -> None:
     """Extract CLIP features of a dataset's videos into a feature store (resumable)."""
     from pipeline.datasets import DatasetError
-    from pipeline.encoder import EncoderError
-    from pipeline.extract import ExtractError, ExtractOptions, add_text_embeddings, run_extraction
+    from pipeline.errors import EncoderError, ExtractError
+    from pipeline.extract import ExtractOptions, run_extraction
+    from pipeline.text import add_text_embeddings
     from store import StoreError
 
     try:
@@ -498,8 +499,8 @@ def train_command(
     """Train a head episodically from a store (never runs the CLIP encoder)."""
     from pathlib import Path
 
-    from heads.allocator import keep_freed_memory
     from heads.train import TrainConfig, config_from_run, config_values, train
+    from runtime.memory import keep_freed_memory
 
     def action():
         if keep_freed_memory_:
@@ -582,9 +583,10 @@ def eval_command(
     import torch
 
     from heads import create
-    from heads.allocator import keep_freed_memory
     from heads.evaluate import evaluate, load_run, store_of_run
-    from heads.train import head_options, pick_device
+    from heads.train import head_options
+    from runtime.device import pick_device
+    from runtime.memory import keep_freed_memory
     from store import open_store
 
     def action():

@@ -28,7 +28,6 @@ from typing import Any
 
 SCHEMA = 1
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # ViT-B/16 at 224 px: what the published methods cache. Cost does not depend on the weights.
 VIT_B16 = {
@@ -91,13 +90,13 @@ def machine_info(device: str = "cpu") -> dict[str, Any]:
 
 
 def resolve_device(device: str) -> str:
-    import torch
+    """`runtime.device.pick_device` for a benchmark's --device; exits with its message."""
+    from runtime.device import DeviceError, pick_device
 
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but torch sees no CUDA device")
-    return device
+    try:
+        return str(pick_device(device))
+    except DeviceError as error:
+        raise SystemExit(f"error: {error}") from None
 
 
 def sync(device: str) -> None:

@@ -10,11 +10,11 @@ on the weights), T=8 frames, 1 view, recipe `emp`, CPU; `--quick`: the tiny ViT,
             `--quick` runs only the full one and reports end-to-end figures.
   bare      the same FrameEncoder (same model, batch = one video's frames, torch threads = cores)
             in this process on the same videos' frames, decoded and preprocessed beforehand:
-            encoding only. This process keeps freed memory (heads.allocator), as fsar-extract's
+            encoding only. This process keeps freed memory (runtime.memory), as fsar-extract's
             workers do: with glibc's default, the loop's speed depends on the heap's history
             (2.5-2.9 frames/s against 3.3 on the same machine, minutes apart).
   ratio     pipeline frames/s / bare frames/s; the target (>= 0.9) is for the steady state.
-Decode-only: `pipeline.video.decode_sampled` (exact sequential decode, as the pipeline runs it) in a
+Decode-only: `pipeline.decoding.decode_sampled` (exact sequential decode, as the pipeline runs it) in a
 process pinned to one core, on 320x240 videos of 300 frames (HMDB51/UCF101 size), textured and
 panning so that the bitrate is closer to real footage than flat synthetic shapes.
 """
@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import Result, Scratch, parser, resolve_device, timed
-from heads.allocator import keep_freed_memory
+from runtime.memory import keep_freed_memory
 
 DECODE_SIZE = (320, 240)
 
@@ -84,7 +84,7 @@ def _pin_one_core() -> None:
 
 def _decode_rate(path: str, frames: int, repeat: int) -> tuple[float, int]:
     """Frames/s of exact sequential decoding (the pipeline's method) in this pinned process."""
-    from pipeline.video import decode_sampled
+    from pipeline.decoding import decode_sampled
 
     best = float("inf")
     n = 0
@@ -111,9 +111,10 @@ def bare_rate(store_path: Path, data_root: Path, model: str, device: str) -> tup
     """Frames/s of the encoder alone on the store's videos, decoded and preprocessed beforehand."""
     import torch
 
-    from pipeline.encoder import FrameEncoder, load_clip
+    from pipeline.decode_child import DecodeRequest, decode_request
+    from pipeline.encoder import FrameEncoder
+    from pipeline.model import load_clip
     from pipeline.preprocess import build_transform
-    from pipeline.video import DecodeRequest, decode_request
     from store import open_store
 
     with open_store(store_path) as s:

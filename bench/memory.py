@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> Path:
     with Scratch(args.work, "memory") as work:
         store_path = work / "store"
         _, store = build_store(store_path, spec, {"train": (n_classes, per_class), "val": (5, 2)})
-        from heads.data import row_bytes
+        from store.layout import row_bytes
 
         split_bytes = row_bytes(store.spec, ["tokens/layer12_in"]) * n_classes * per_class
         small = split_bytes / 4 / 1e9  # GB: the split is 4x larger than this

@@ -56,6 +56,7 @@ from bench.workload import (
     random_pool,
     read_inputs,
 )
+from store.layout import row_bytes
 
 CODECS: dict[str, dict[str, Any]] = {
     "zstd": {"name": "zstd", "level": 3},
@@ -71,7 +72,8 @@ def encoder_rows(
     """Encoder outputs (random init) for `n` synthetic videos, T frames each, as store rows."""
     import torch
 
-    from pipeline.encoder import FrameEncoder, load_clip
+    from pipeline.encoder import FrameEncoder
+    from pipeline.model import load_clip
     from pipeline.synth import FAMILIES, render_video
 
     clip = load_clip(model, "none", device=device)
@@ -89,12 +91,6 @@ def encoder_rows(
         out = encoder(pixels)  # {name: (T, L, D)} float16
         rows.append({name: value[None] for name, value in out.items()})
     return rows
-
-
-def raw_row_bytes(spec: dict[str, Any]) -> int:
-    return sum(
-        int(np.prod(e["shape_per_row"])) * np.dtype(e["dtype"]).itemsize for e in spec["tensors"]
-    )
 
 
 def chunk_bytes(path: Path, spec: dict[str, Any]) -> int:
@@ -158,7 +154,7 @@ def main(argv: list[str] | None = None) -> Path:
                     path = work / f"{kind}-{recipe}-{codec_name}"
                     seconds, s = build_store(path, spec, {"train": (n_cls, wanted // n_cls)}, pool)
                     rows_here = s.n_rows
-                    raw = raw_row_bytes(spec) * rows_here
+                    raw = row_bytes(spec) * rows_here
                     per_video = chunk_bytes(path, spec) / rows_here
                     tag = f"{recipe} {codec_name}"
                     res.add(

@@ -1,34 +1,8 @@
-"""Keep freed memory in the process: glibc malloc settings for `fsar-train` and `fsar-eval`.
+"""The process memory policy moved to `runtime.memory`; this name stays for existing importers.
 
-A training step of `emp` at ViT-B/16 shapes allocates and frees tensors of tens to hundreds of
-megabytes. By default glibc serves each with a fresh `mmap` and unmaps it on free, so every step
-touches gigabytes of new pages: on the 2-core benchmark machine, about 3 million page faults and
-a third of the step in the kernel (counted with getrusage around one step). Serving them from the
-heap and keeping freed memory for reuse removes that. This is process-wide, so the CLI commands
-call it; library callers decide for themselves.
+New code imports `runtime.memory.keep_freed_memory` (one owner for pipeline and heads alike).
 """
 
-from __future__ import annotations
+from runtime.memory import keep_freed_memory
 
-import ctypes
-import ctypes.util
-import sys
-
-M_TRIM_THRESHOLD = -1  # glibc malloc.h: free heap top kept before returning it to the OS
-M_MMAP_MAX = -4  # glibc malloc.h: most blocks served by mmap (0: none, all from the heap)
-
-
-def keep_freed_memory(trim_threshold: int = 1 << 30) -> bool:
-    """Serve every allocation from the heap and keep up to `trim_threshold` bytes of freed heap.
-
-    Returns whether the settings were applied (Linux with glibc; elsewhere nothing changes).
-    Freed blocks are reused by later allocations rather than returned; a repeating step settles
-    after a few repeats. Peak RSS can grow a little through heap fragmentation (`make bench`
-    measures it for fsar-train)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-    except (OSError, AttributeError):  # not glibc (e.g. musl)
-        return False
-    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, trim_threshold))
+__all__ = ["keep_freed_memory"]

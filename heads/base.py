@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from store.layout import TEXT_DEFAULT
+
 Features = dict[str, torch.Tensor]
 
 
@@ -113,7 +115,7 @@ class FewShotHead(nn.Module, ABC):
     def prepare(self, store: Any) -> None:
         """Load what the head needs from an open store besides row tensors (class texts, weights)."""
         if self.uses_text:
-            text, _ = store.text("emp16")
+            text, _ = store.text(TEXT_DEFAULT)
             self.set_class_text(torch.from_numpy(text))
 
     def config(self) -> dict[str, Any]:

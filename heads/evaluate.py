@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from runtime.progress import progress_bar
+
 from .base import FewShotHead
 from .data import SplitData
 from .episodes import EpisodeBatch, EpisodeSampler, draw_keys
@@ -161,7 +163,7 @@ def score_episodes(
     those rows) maps a store row to its index there. `buffers`, kept by the caller between
     calls, receive the gathered features: allocating megabytes afresh per batch costs page
     faults on CPU under glibc's default settings (library callers; fsar-eval also keeps freed
-    memory, see heads.allocator)."""
+    memory, see runtime.memory)."""
 
     def gather(rows: np.ndarray, role: str) -> dict[str, torch.Tensor]:
         index = torch.as_tensor(position[rows].reshape(-1), device=device)
@@ -234,7 +236,7 @@ def evaluate(
         episodes_per_batch = auto_episodes_per_batch(features, way * (shot + query))
     correct = np.zeros(episodes)
     buffers: dict[str, torch.Tensor] = {}
-    bar = _progress(episodes, progress)
+    bar = progress_bar(episodes, progress, unit="episode", desc="eval", leave=False)
     with (
         torch.no_grad()
     ):  # (lastlayer --strategy novel enables grad for its own support fine-tuning)
@@ -265,14 +267,6 @@ def evaluate(
         per_episode=correct,
         view=str(view if fixed != 0 else "centre"),
     )
-
-
-def _progress(total: int, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="episode", desc="eval", leave=False)
 
 
 def load_run(run_dir: str | Path, store: Any, device: str | torch.device = "cpu") -> FewShotHead:

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from store.layout import layer_in_name
+
 from .base import Features, FewShotHead, class_means, last_layer
 from .lastblock import LastBlock, load_last_block
 
@@ -59,7 +61,7 @@ class LastLayer(FewShotHead):
 
     # ---------------------------------------------------------------- set-up
     def inputs(self, spec: dict[str, Any]) -> dict[str, str]:
-        return {"tokens_in": f"tokens/layer{last_layer(spec):02d}_in"}
+        return {"tokens_in": layer_in_name(last_layer(spec))}
 
     def prepare(self, store: Any) -> None:
         super().prepare(store)

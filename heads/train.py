@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -28,6 +27,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from runtime.device import pick_device
+from runtime.progress import progress_bar
+from runtime.versions import versions
 
 from . import registry
 from .base import FewShotHead
@@ -194,22 +197,6 @@ def learning_rate(cfg: TrainConfig, episode: int) -> float:
     return cfg.lr * cfg.decay_factor**drops
 
 
-def pick_device(name: str) -> torch.device:
-    """auto, cpu, cuda or cuda:N, refused (ConfigError naming --device) when not usable here."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    kind, _, index = str(name).partition(":")
-    if kind not in ("cpu", "cuda") or (index and (kind == "cpu" or not index.isdigit())):
-        raise ConfigError(f"--device {name!r}: use auto, cpu, cuda or cuda:N")
-    if kind == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise ConfigError(f"--device {name}: no CUDA GPU is visible to torch; use --device cpu")
-        if index and int(index) >= count:
-            raise ConfigError(f"--device {name}: this machine has {count} CUDA GPU(s)")
-    return torch.device(name)
-
-
 def decays(name: str, parameter: torch.Tensor, groups: str) -> bool:
     """Whether `parameter` gets weight decay: `released` by name, `matrices` by shape."""
     if groups == "released":
@@ -295,21 +282,11 @@ def run_metadata(cfg: TrainConfig, store: Any) -> dict[str, Any]:
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        fsar_version = version("fsar")
-    except PackageNotFoundError:
-        fsar_version = "unknown"
     return {
         "config": asdict(cfg),
         "store": {"path": str(cfg.store), "fingerprint": store.fingerprint(), "spec": store.spec},
         "git_commit": commit,
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "fsar": fsar_version,
-        },
+        "versions": versions("python", "torch", "fsar"),
         "command_line": sys.argv,
     }
 
@@ -552,12 +529,9 @@ def _point_latest(run_dir: Path) -> None:
 
 
 def _progress(cfg: TrainConfig, start: int):
-    if not cfg.progress:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(
-        total=cfg.episodes,
+    return progress_bar(
+        cfg.episodes,
+        cfg.progress,
         initial=start,
         unit="episode",
         desc=f"train {cfg.head}",

@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import socket
-import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -36,19 +35,26 @@ from .errors import (
     StoreError,
     UnsafeStoreError,
 )
+from .lastblock_file import lastblock_from_bytes, lastblock_to_bytes
 from .layout import (
     ALLOWED_DTYPES,
     CHECKSUM_ALGORITHM,
     LASTBLOCK_FILE,
+    LASTBLOCK_NAME,
     LOCK_FILE,
     MANIFEST_FILE,
     MAX_ROWS,
     SCHEMA_VERSION,
     SPEC_IDENTITY_FIELDS,
+    TEXT_DEFAULT,
     checksum_column,
+    cls_source,
     manifest_columns,
+    row_bytes,
     row_tensors,
     spec_field,
+    text_name,
+    weights_file,
 )
 from .location import HINT, DirLocation, Location, one_line, resolve, safe_member
 from .lock import StoreLock
@@ -253,10 +259,6 @@ class FeatureStore:
             )
         return manifest
 
-    def reload(self) -> None:
-        """Re-read the manifest (another process may have committed)."""
-        self.manifest = self._load_manifest()
-
     def array(self, name: str) -> zarr.Array:
         if name not in self.attrs["tensors"]:
             raise StoreError(
@@ -408,18 +410,22 @@ class FeatureStore:
                     "run fsar-store verify"
                 )
 
-    def text(self, name: str = "emp16", verify: bool | None = None) -> tuple[np.ndarray, list[str]]:
+    def text(
+        self, name: str = TEXT_DEFAULT, verify: bool | None = None
+    ) -> tuple[np.ndarray, list[str]]:
         """Class text embeddings (C, M, D) float32 and their templates (checked like rows)."""
         meta = self.attrs.get("text", {})
         if name not in meta:
             have = ", ".join(meta) or "none"
-            raise StoreError(f"{self.location.describe()} has no text/{name} (it has: {have})")
+            raise StoreError(
+                f"{self.location.describe()} has no {text_name(name)} (it has: {have})"
+            )
         templates = list(meta[name]["templates"])
-        arr = self.array(f"text/{name}")
+        arr = self.array(text_name(name))
         want = (len(self.classes), len(templates), int(self.spec["dim"]))
         if tuple(arr.shape) != want or tuple(arr.chunks) != want:
             raise CorruptStoreError(
-                f"{self.location.describe()}: text/{name} has shape {arr.shape} chunks {arr.chunks}, "
+                f"{self.location.describe()}: {text_name(name)} has shape {arr.shape} chunks {arr.chunks}, "
                 f"expected {want} (classes, templates, dim) in one chunk"
             )
         try:
@@ -428,13 +434,13 @@ class FeatureStore:
             raise
         except Exception as exc:
             raise CorruptStoreError(
-                f"{self.location.describe()}: text/{name} is unreadable ({one_line(exc)})"
+                f"{self.location.describe()}: {text_name(name)} is unreadable ({one_line(exc)})"
             ) from exc
         if (self.verify_reads if verify is None else verify) and checksum(data) != meta[name][
             "checksum"
         ]:
             raise CorruptStoreError(
-                f"{self.location.describe()}: text/{name} fails its checksum; run fsar-store verify"
+                f"{self.location.describe()}: {text_name(name)} fails its checksum; run fsar-store verify"
             )
         return data, templates
 
@@ -446,12 +452,17 @@ class FeatureStore:
             raise StoreError(
                 f"{self.location.describe()} has no {LASTBLOCK_FILE}: extract with --recipe emp+last"
             ) from None
-        want = self.attrs.get("weights", {}).get("lastblock.safetensors")
+        want = self.attrs.get("weights", {}).get(LASTBLOCK_NAME)
         if want is None or hashlib.sha256(data).hexdigest() != want:
             raise CorruptStoreError(
                 f"{self.location.describe()}: {LASTBLOCK_FILE} fails its checksum"
             )
-        return parse_safetensors(data, self.location.describe())
+        try:
+            return lastblock_from_bytes(data)
+        except ValueError as exc:
+            raise CorruptStoreError(
+                f"{self.location.describe()}: {LASTBLOCK_FILE} is not a valid safetensors file"
+            ) from exc
 
     # ------------------------------------------------------------------ writing (driver)
     def _require_writer(self) -> None:
@@ -498,10 +509,10 @@ class FeatureStore:
         emb = np.asarray(embeddings, dtype=np.float32)
         if emb.ndim != 3 or emb.shape[0] != len(self.classes) or emb.shape[1] != len(templates):
             raise ValueError(
-                f"text/{name} must be (classes={len(self.classes)}, templates={len(templates)}, D), "
+                f"{text_name(name)} must be (classes={len(self.classes)}, templates={len(templates)}, D), "
                 f"got {emb.shape}"
             )
-        path = f"text/{name}"
+        path = text_name(name)
         arr = self._group.create_array(
             path,
             shape=emb.shape,
@@ -520,14 +531,14 @@ class FeatureStore:
     def write_lastblock(self, tensors: Mapping[str, Any], config: Mapping[str, Any]) -> None:
         """Save the last block's weights + config as `weights/lastblock.safetensors`."""
         self._require_writer()
-        self.write_weights_file("lastblock.safetensors", dump_safetensors(tensors, config))
+        self.write_weights_file(LASTBLOCK_NAME, lastblock_to_bytes(tensors, config))
 
     def write_weights_file(self, name: str, data: bytes) -> None:
         """Store raw bytes as `weights/<name>` (temp file, rename) and record their sha256."""
         self._require_writer()
         if "/" in name or name.startswith("."):
             raise ValueError(f"bad weights file name {name!r}")
-        self._writer().write_file(f"weights/{name}", data)
+        self._writer().write_file(weights_file(name), data)
         weights = dict(self.attrs.get("weights", {}))
         weights[name] = hashlib.sha256(data).hexdigest()
         self._set_attrs(weights=weights)
@@ -598,8 +609,8 @@ class FeatureStore:
                 raise
             except Exception as exc:
                 reason = "checksum mismatch" if "checksum" in str(exc) else one_line(exc)
-                problems.append(Problem(None, None, f"text/{name}", reason))
-        if "lastblock.safetensors" in self.attrs.get("weights", {}):
+                problems.append(Problem(None, None, text_name(name), reason))
+        if LASTBLOCK_NAME in self.attrs.get("weights", {}):
             try:
                 self.read_lastblock()
             except StoreError as exc:
@@ -618,20 +629,15 @@ class FeatureStore:
         for vid, *sums in ok[["video_id", *cols]].itertuples(index=False):
             h.update(f"{vid}\t{chr(9).join(map(str, sums))}\n".encode())
         for name in sorted(self.attrs.get("text", {})):
-            h.update(f"text/{name}:{self.attrs['text'][name]['checksum']}\n".encode())
+            h.update(f"{text_name(name)}:{self.attrs['text'][name]['checksum']}\n".encode())
         for name, digest in sorted(self.attrs.get("weights", {}).items()):
-            h.update(f"weights/{name}:{digest}\n".encode())
+            h.update(f"{weights_file(name)}:{digest}\n".encode())
         return h.hexdigest()[:16]
 
     def info(self) -> dict[str, Any]:
         """Spec, counts per split and status, size on disk and bytes per video."""
         m = self.manifest
         counts = m.groupby(["split", "status"]).size().unstack(fill_value=0).to_dict(orient="index")
-        raw_per_video = 0
-        for entry in self.spec["tensors"]:
-            raw_per_video += (
-                int(np.prod(entry["shape_per_row"])) * np.dtype(entry["dtype"]).itemsize
-            )
         chunk_bytes, total_bytes = self.location.sizes(self.row_tensors)
         n_written = int((m["status"] == "ok").sum())
         per_video = chunk_bytes / n_written if chunk_bytes is not None and n_written else None
@@ -654,35 +660,9 @@ class FeatureStore:
             "weights": sorted(self.attrs.get("weights", {})),
             "bytes_on_disk": total_bytes,
             "bytes_per_video": per_video,
-            "raw_bytes_per_video": raw_per_video,
+            "raw_bytes_per_video": row_bytes(self.spec),
             "fingerprint": self.fingerprint(),
         }
-
-
-# ---------------------------------------------------------------------- safetensors (no pickle)
-def dump_safetensors(tensors: Mapping[str, Any], config: Mapping[str, Any]) -> bytes:
-    from safetensors.numpy import save
-
-    arrays = {}
-    for key, value in tensors.items():
-        if hasattr(value, "detach"):  # torch tensor: weights travel as float32
-            value = value.detach().float().cpu().numpy()
-        arrays[key] = np.ascontiguousarray(value, dtype=np.float32)
-    return save(arrays, metadata={"config": json.dumps(dict(config), sort_keys=True)})
-
-
-def parse_safetensors(data: bytes, where: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    from safetensors.numpy import load
-
-    try:
-        (header_len,) = struct.unpack("<Q", data[:8])
-        header = json.loads(data[8 : 8 + header_len])
-        config = json.loads(header.get("__metadata__", {}).get("config", "{}"))
-        return load(data), config
-    except Exception as exc:
-        raise CorruptStoreError(
-            f"{where}: {LASTBLOCK_FILE} is not a valid safetensors file"
-        ) from exc
 
 
 # ---------------------------------------------------------------------- factories
@@ -764,7 +744,7 @@ def create_store(
 
 
 def _dimension_names(name: str) -> list[str]:
-    if name.startswith("cls/"):
+    if cls_source(name) is not None:
         return ["video", "view", "frame", "channel"]
     return ["video", "view", "frame", "token", "channel"]
 
@@ -818,16 +798,14 @@ class ChunkWriter:
         }
 
     def write_row(self, row: int, tensors: Mapping[str, np.ndarray]) -> dict[str, str]:
-        """Write one video's tensors (shape without the row axis); `cls/` is derived from `tokens/`.
-
-        Returns the manifest checksum columns for every tensor written.
+        """Write one video's tensors (shape without the row axis); `cls/` arrays are derived from
+        their `tokens/` arrays when not given. Returns the manifest checksum columns written.
         """
         data = dict(tensors)
-        for name in list(data):
-            if name.startswith("tokens/") and not name.endswith("_in"):
-                cls = "cls/" + name.split("/", 1)[1]
-                if cls in self._entries and cls not in data:
-                    data[cls] = np.asarray(data[name])[..., 0, :]
+        for name in self._entries:
+            source = cls_source(name)
+            if source is not None and name not in data and source in data:
+                data[name] = np.asarray(data[source])[..., 0, :]
         missing = set(self._entries) - set(data)
         if missing:
             raise ValueError(f"row {row}: missing tensors {sorted(missing)}")

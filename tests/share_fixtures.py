@@ -45,14 +45,14 @@ def row_tensors_fn(spec: dict, changed: dict[int, float] | None = None):
 
 def make_store(path: Path, changed: dict[int, float] | None = None, **spec_kw: object) -> Path:
     spec = tiny_spec(**spec_kw)
-    s = write_random_store(path, spec, SPLITS, PER_CLASS, tokens_fn=row_tensors_fn(spec, changed))
     w = spec["width"]
     rng = np.random.default_rng(7)
-    s.write_lastblock(
+    block = (
         {"ln_post.weight": rng.standard_normal(w), "proj": rng.standard_normal((w, spec["dim"]))},
         {"width": w, "heads": 2, "mlp_ratio": 4.0, "act": "gelu", "ln_eps": 1e-5},
     )
-    s.close()
+    tokens = row_tensors_fn(spec, changed)
+    write_random_store(path, spec, SPLITS, PER_CLASS, tokens_fn=tokens, lastblock=block).close()
     return path
 
 

@@ -23,7 +23,7 @@ runner = CliRunner()
 @pytest.fixture(autouse=True)
 def quiet_allocator(monkeypatch: pytest.MonkeyPatch) -> None:
     """The commands keep freed memory for speed; not in the long-lived test process."""
-    monkeypatch.setattr("heads.allocator.keep_freed_memory", lambda: False)
+    monkeypatch.setattr("runtime.memory.keep_freed_memory", lambda: False)
 
 
 @pytest.fixture(scope="module")
@@ -214,8 +214,8 @@ def _folder_dataset(root: Path) -> Path:
 def _resumable_store(data_root: Path, path: Path):  # type: ignore[no-untyped-def]
     """The store `fsar-extract --model fsar-tiny-vit --pretrained none` creates, all rows pending."""
     from pipeline.datasets import list_dataset
-    from pipeline.encoder import load_clip
     from pipeline.extract import ExtractOptions, build_run_spec
+    from pipeline.model import load_clip
     from store import create_store
 
     listing = list_dataset("folder", str(data_root))
@@ -270,7 +270,7 @@ def test_store_spec_never_names_weights_to_load(tmp_path: Path, monkeypatch) -> 
     _resumable_store(data, store).close()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        from pipeline.encoder import load_clip
+        from pipeline.model import load_clip
 
         scripted = torch.jit.script(load_clip("fsar-tiny-vit", "none").model)
         (store / "weights").mkdir()

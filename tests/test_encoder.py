@@ -12,18 +12,9 @@ import open_clip
 import pytest
 import torch
 
-from pipeline.encoder import (
-    TINY_MODEL,
-    EncoderError,
-    FrameEncoder,
-    PretrainedUnavailable,
-    UnsupportedModel,
-    WeightsFileError,
-    default_layers,
-    export_last_block,
-    load_clip,
-    tensor_names,
-)
+from pipeline.encoder import FrameEncoder, export_last_block, tensor_names
+from pipeline.errors import EncoderError, PretrainedUnavailable, UnsupportedModel, WeightsFileError
+from pipeline.model import TINY_MODEL, default_layers, load_clip
 
 torch.set_num_threads(1)
 

@@ -93,7 +93,7 @@ def test_keep_freed_memory_reuses_freed_blocks() -> None:
     each step touches ~60,000 new pages."""
     import resource
 
-    from heads.allocator import keep_freed_memory
+    from runtime.memory import keep_freed_memory
 
     applied = keep_freed_memory()
     assert applied is sys.platform.startswith("linux")

@@ -17,17 +17,12 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from pipeline.cluster import ClusterPlan, _start_client, plan_cluster
 from pipeline.datasets import list_dataset, select_videos
-from pipeline.extract import (
-    ClusterPlan,
-    ExtractError,
-    ExtractOptions,
-    _start_client,
-    plan_cluster,
-    row_bytes,
-    rows_to_extract,
-)
+from pipeline.errors import ExtractError
+from pipeline.extract import ExtractOptions, rows_to_extract
 from pipeline.synth import make_synthetic_dataset
+from store.layout import row_bytes
 from tests.bad_videos import EXPECTED_ERRORS, write_bad_videos
 
 TINY = ["--model", "fsar-tiny-vit", "--pretrained", "none"]
@@ -143,9 +138,10 @@ def test_end_to_end_bad_inputs_and_timeout(
 def test_cached_tokens_equal_a_direct_forward(
     reference_store: tuple[Path, subprocess.CompletedProcess[str]], data_root: Path
 ) -> None:
-    from pipeline.encoder import FrameEncoder, load_clip
+    from pipeline.decoding import decode_sampled
+    from pipeline.encoder import FrameEncoder
+    from pipeline.model import load_clip
     from pipeline.preprocess import build_transform
-    from pipeline.video import decode_sampled
     from store import open_store
 
     store_path, _ = reference_store
@@ -356,8 +352,8 @@ def test_batching_frames_across_videos_matches_one_forward_per_video(
     reference_store: tuple[Path, subprocess.CompletedProcess[str]], data_root: Path, tmp_path: Path
 ) -> None:
     """The CUDA path (several videos per forward, split back per row), run on CPU."""
-    from pipeline.extract import EncoderConfig, decode_task, encode_task
-    from pipeline.video import DecodeRequest, close_decoders
+    from pipeline.decode_child import DecodeRequest, close_decoders
+    from pipeline.tasks import EncoderConfig, decode_task, encode_task
     from store import open_store
 
     store_path, _ = reference_store
@@ -464,7 +460,7 @@ def test_readme_worker_command_gives_the_local_cluster_settings() -> None:
 
     import dask.config
 
-    from pipeline.extract import LOCAL_WORKER_CONFIG, WORKER_ENVIRON
+    from pipeline.cluster import LOCAL_WORKER_CONFIG, WORKER_ENVIRON
 
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     block = readme[readme.index("DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED") :]

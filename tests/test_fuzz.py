@@ -23,7 +23,7 @@ import cli
 import heads
 from heads.checkpoint import save_checkpoint
 from store import open_store
-from store.share import pack
+from store.pack import pack
 from tests.heads_fixtures import reversal_pair_store
 
 runner = CliRunner()
@@ -33,7 +33,7 @@ EVAL = ["--episodes", "10", "--way", "2", "--no-progress"]
 
 @pytest.fixture(autouse=True)
 def quiet(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("heads.allocator.keep_freed_memory", lambda: False)
+    monkeypatch.setattr("runtime.memory.keep_freed_memory", lambda: False)
     monkeypatch.delenv("FSAR_VERIFY_READS", raising=False)
     monkeypatch.setenv("FSAR_REMOTE_RETRIES", "1")
 

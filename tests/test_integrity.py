@@ -19,7 +19,8 @@ from typer.testing import CliRunner
 import cli
 from store import CorruptStoreError, StoreLockedError, open_store
 from store.errors import UnsafeStoreError
-from store.share import merge, pack, subset, unpack
+from store.merge import merge, subset
+from store.pack import pack, unpack
 from tests.share_fixtures import chunk_file, copy_store, make_store
 from tests.store_http import serve
 
@@ -37,7 +38,7 @@ def default_verification(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("FSAR_VERIFY_READS", raising=False)
     monkeypatch.delenv("FSAR_CACHE", raising=False)
     # fsar-eval keeps freed memory for speed; not in the long-lived test process
-    monkeypatch.setattr("heads.allocator.keep_freed_memory", lambda: False)
+    monkeypatch.setattr("runtime.memory.keep_freed_memory", lambda: False)
 
 
 def _store_cli(*args: str) -> tuple[int, str]:

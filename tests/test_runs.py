@@ -26,7 +26,7 @@ runner = CliRunner()
 
 @pytest.fixture(autouse=True)
 def quiet_allocator(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("heads.allocator.keep_freed_memory", lambda: False)
+    monkeypatch.setattr("runtime.memory.keep_freed_memory", lambda: False)
 
 
 @pytest.fixture(scope="module")

@@ -11,21 +11,19 @@ import av
 import numpy as np
 import pytest
 
-from pipeline.hashing import in_part, stable_hash
-from pipeline.preprocess import CLIP_MEAN, CLIP_STD, build_transform, preprocess_spec
-from pipeline.synth import write_video
-from pipeline.video import (
+from bench.decode_fps import decode_fps
+from pipeline.decode_child import DecodeRequest, DecoderProcess, decode_request
+from pipeline.decoding import (
     DECODER_NAME,
     HANG_ENV,
     HANG_MARKER_ENV,
-    DecodeRequest,
-    DecoderProcess,
     container_is_cut_short,
-    decode_fps,
-    decode_request,
     decode_sampled,
-    sample_frame_indices,
 )
+from pipeline.hashing import in_part, stable_hash
+from pipeline.preprocess import CLIP_MEAN, CLIP_STD, build_transform, preprocess_spec
+from pipeline.sampling import sample_frame_indices
+from pipeline.synth import write_video
 from tests.bad_videos import EXPECTED_ERRORS, moving_square_frames, write_bad_videos
 
 
@@ -334,7 +332,7 @@ def test_decode_child_dies_with_its_parent(tmp_path: Path) -> None:
     stuck.write_bytes(b"not read: the hook hangs first")
     script = (
         "import os, sys, time\n"
-        "from pipeline.video import DecodeRequest, DecoderProcess\n"
+        "from pipeline.decode_child import DecodeRequest, DecoderProcess\n"
         "decoder = DecoderProcess()\n"
         "decoder._start()\n"
         "print(decoder._proc.pid, flush=True)\n"
@@ -370,7 +368,7 @@ def test_openclip_preprocess_is_exactly_open_clips_transform() -> None:
     import torch
     from PIL import Image
 
-    from pipeline.encoder import TINY_MODEL, load_clip
+    from pipeline.model import TINY_MODEL, load_clip
 
     clip = load_clip(TINY_MODEL, "none")
     spec = preprocess_spec("openclip", clip.preprocess.as_dict())
