@@ -403,8 +403,8 @@ app.command("extract")(extract_command)
 # HEADS-COMMANDS-BEGIN
 def _heads_user_errors(action):
     """Run `action`; user-fixable errors (store, episodes, options) print one line and exit 2."""
+    from heads.config import ConfigError
     from heads.episodes import EpisodeError
-    from heads.train import ConfigError
     from store import StoreError
 
     try:
@@ -499,7 +499,8 @@ def train_command(
     from pathlib import Path
 
     from heads.allocator import keep_freed_memory
-    from heads.train import TrainConfig, config_from_run, config_values, train
+    from heads.config import config_from_options, resume_config
+    from heads.train import train
 
     def action():
         if keep_freed_memory_:
@@ -508,43 +509,18 @@ def train_command(
             fail("give --resume or --overwrite, not both")
         if resume:
             run_dir = Path(out) if out else Path("runs") / "latest"
-            if not (run_dir / "config.json").exists():
-                fail(f"nothing to resume: {run_dir}/config.json does not exist")
-            cfg = config_from_run(run_dir.resolve())
-            cfg.out = str(run_dir.resolve())
-            if episodes is not None:
-                cfg.episodes = episodes
-            cfg.progress = progress
-            return train(cfg, resume=True)
-        values = config_values(config) if config else {}
-        cli = dict(
+            return train(resume_config(run_dir, episodes, progress), resume=True)
+        options = dict(
             store=store, preset=preset, head=head, way=way, shot=shot, query=query, episodes=episodes,
             episodes_per_step=episodes_per_step, lr=lr, decay_groups=decay_groups, val_every=val_every,
-            val_episodes=val_episodes,
-            val_way=val_way,
-            out=out, seed=seed, device=device, max_ram=max_ram,
+            val_episodes=val_episodes, val_way=val_way, out=out, seed=seed, device=device,
+            max_ram=max_ram, progress=progress,
         )  # fmt: skip
-        values.update({k: v for k, v in cli.items() if v is not None})
-        head_opts = dict(values.get("head_options", {}))
-        head_opts.update(_parse_head_options(option))
-        flags = dict(levels=levels, loss=loss, temperature=temperature, strategy=strategy)
-        head_opts.update({k: v for k, v in flags.items() if v is not None})
-        for name, on in (
-            ("no_text", no_text),
-            ("no_skip_fusion", no_skip_fusion),
-            ("layer_weights", layer_weights),
-            ("score_weights", score_weights),
-        ):
-            if on:
-                head_opts[name] = True
-        values["head_options"] = head_opts
-        values["progress"] = progress
-        if not values.get("store"):
-            fail("--store is required (e.g. --store stores/hmdb51)")
-        unknown = set(values) - set(TrainConfig.__dataclass_fields__)
-        if unknown:
-            fail(f"unknown training option(s): {', '.join(sorted(unknown))}")
-        cfg = TrainConfig(**values).resolved(explicit=set(values))
+        flags = dict(
+            levels=levels, loss=loss, temperature=temperature, strategy=strategy, no_text=no_text,
+            no_skip_fusion=no_skip_fusion, layer_weights=layer_weights, score_weights=score_weights,
+        )  # fmt: skip
+        cfg = config_from_options(options, _parse_head_options(option), flags, config)
         return train(cfg, overwrite=overwrite)
 
     run_dir = _heads_user_errors(action)
@@ -583,8 +559,9 @@ def eval_command(
 
     from heads import create
     from heads.allocator import keep_freed_memory
+    from heads.config import pick_device
     from heads.evaluate import evaluate, load_run, store_of_run
-    from heads.train import head_options, pick_device
+    from heads.train import head_options
     from store import open_store
 
     def action():

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -24,7 +24,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import Features, FewShotHead, class_means, last_layer
+from .episodes import Episode, EpisodeSampler
 from .lastblock import LastBlock, load_last_block
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 STRATEGIES = ("meta", "finetune", "novel")
 
@@ -110,6 +114,35 @@ class LastLayer(FewShotHead):
         assert self.classifier is not None, "call init_classifier first"
         v = F.normalize(features["video"], dim=-1)
         return self.logit_scale.exp() * v @ F.normalize(self.classifier, dim=-1).T
+
+    # ---------------------------------------------------------------- training
+    def train_sampler(
+        self,
+        manifest: pd.DataFrame,
+        way: int,
+        shot: int,
+        query: int,
+        seed: int,
+        episodes: int,
+        batch_size: int,
+    ) -> EpisodeSampler:
+        """`finetune`: batches spread over as many base classes as fit in `batch_size`."""
+        if self.strategy != "finetune":
+            return super().train_sampler(manifest, way, shot, query, seed, episodes, batch_size)
+        n_classes = len(EpisodeSampler(manifest, 1, 1, 0, split="train").class_names)
+        way, shot = min(n_classes, batch_size), max(1, batch_size // n_classes)
+        return EpisodeSampler(manifest, way, shot, 0, seed, episodes, "train")
+
+    def episode_loss(self, episode: Episode, inputs: Features) -> torch.Tensor:
+        """`finetune`: cross-entropy over all base classes, the episode's videos as the batch."""
+        if self.strategy != "finetune":
+            return super().episode_loss(episode, inputs)
+        logits = self.classifier_logits(self.video_features(inputs))
+        labels = episode.class_ids[np.concatenate([episode.support_labels, episode.query_labels])]
+        target = torch.searchsorted(
+            self.classifier_ids, torch.as_tensor(labels, device=logits.device)
+        )
+        return F.cross_entropy(logits.float(), target)
 
     # ---------------------------------------------------------------- per episode
     def _scores(self, query: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:

@@ -13,9 +13,10 @@ import torch
 from safetensors.torch import load_file
 
 import heads
+from heads.config import PRESETS, TrainConfig
 from heads.evaluate import evaluate
 from heads.lastblock import LastBlock
-from heads.train import PRESETS, TrainConfig, learning_rate, train
+from heads.train import learning_rate, train
 from store import open_store
 from tests.heads_fixtures import reversal_pair_store
 
