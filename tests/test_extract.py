@@ -458,26 +458,6 @@ def test_local_cluster_workers_reuse_freed_memory_and_skip_the_profiler(tmp_path
     assert min(report["faults"]) < 1000, report
 
 
-def test_readme_worker_command_gives_the_local_cluster_settings() -> None:
-    # README tells teams how to start `dask worker` for --scheduler with our workers' settings
-    import re
-
-    import dask.config
-
-    from pipeline.extract import LOCAL_WORKER_CONFIG, WORKER_ENVIRON
-
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    block = readme[readme.index("DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED") :]
-    block = block[: block.index("dask worker")]
-    env = dict(re.findall(r"(DASK_\w+)=('[^']*'|\S+)", block))
-    env = {k: v.strip("'") for k, v in env.items()}
-    parsed = dask.config.collect_env(env)
-    get = lambda key: dask.config.get(key, config=parsed)  # noqa: E731  (as the nanny reads it)
-    assert get("distributed.worker.profile.enabled") is False
-    assert get("distributed.nanny.pre-spawn-environ") == WORKER_ENVIRON
-    assert LOCAL_WORKER_CONFIG["distributed.nanny.pre-spawn-environ"] == WORKER_ENVIRON
-
-
 def test_rows_to_extract_and_row_bytes(data_root: Path) -> None:
     videos = list_dataset("folder", data_root).videos.copy()
     videos.loc[0, "status"] = "ok"
