@@ -339,6 +339,12 @@ def evict(root: str | Path) -> str:
     return "posix_fadvise(DONTNEED) per store file after sync"
 
 
+def fsar_command(name: str) -> list[str]:
+    """The command line of `fsar-<name>`: the installed script, else `python -m cli <name>`."""
+    script = Path(sys.executable).parent / f"fsar-{name}"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "cli", name]
+
+
 def run_cli(app: str, args: list[str]) -> float:
     """Run an fsar command (`cli.<app>_app`, e.g. `eval` for fsar-eval) in this process; wall seconds.
 
