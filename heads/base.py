@@ -28,6 +28,8 @@ from .episodes import Episode, EpisodeSampler
 if TYPE_CHECKING:
     import pandas as pd
 
+    from .config import TrainConfig
+
 Features = dict[str, torch.Tensor]
 
 
@@ -166,18 +168,11 @@ class FewShotHead(nn.Module, ABC):
         return self._loss(query_labels)
 
     # ---------------------------------------------------------------- training
-    def train_sampler(
-        self,
-        manifest: pd.DataFrame,
-        way: int,
-        shot: int,
-        query: int,
-        seed: int,
-        episodes: int,
-        batch_size: int,
-    ) -> EpisodeSampler:
-        """The training episodes over the train split's `manifest` (`batch_size`: batch heads)."""
-        return EpisodeSampler(manifest, way, shot, query, seed, episodes, "train")
+    def train_sampler(self, manifest: pd.DataFrame, cfg: TrainConfig) -> EpisodeSampler:
+        """The training episodes over the train split's `manifest`: `cfg`'s way, shot and query."""
+        return EpisodeSampler(
+            manifest, cfg.way, cfg.shot, cfg.query, cfg.seed, cfg.episodes, "train"
+        )
 
     def episode_loss(self, episode: Episode, inputs: Features) -> torch.Tensor:
         """Training loss of one episode; `inputs` hold its support rows, then its query rows."""

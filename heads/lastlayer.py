@@ -30,6 +30,8 @@ from .lastblock import LastBlock, load_last_block
 if TYPE_CHECKING:
     import pandas as pd
 
+    from .config import TrainConfig
+
 STRATEGIES = ("meta", "finetune", "novel")
 
 
@@ -116,22 +118,13 @@ class LastLayer(FewShotHead):
         return self.logit_scale.exp() * v @ F.normalize(self.classifier, dim=-1).T
 
     # ---------------------------------------------------------------- training
-    def train_sampler(
-        self,
-        manifest: pd.DataFrame,
-        way: int,
-        shot: int,
-        query: int,
-        seed: int,
-        episodes: int,
-        batch_size: int,
-    ) -> EpisodeSampler:
-        """`finetune`: batches spread over as many base classes as fit in `batch_size`."""
+    def train_sampler(self, manifest: pd.DataFrame, cfg: TrainConfig) -> EpisodeSampler:
+        """`finetune`: batches spread over as many base classes as fit in `cfg.batch_size`."""
         if self.strategy != "finetune":
-            return super().train_sampler(manifest, way, shot, query, seed, episodes, batch_size)
+            return super().train_sampler(manifest, cfg)
         n_classes = len(EpisodeSampler(manifest, 1, 1, 0, split="train").class_names)
-        way, shot = min(n_classes, batch_size), max(1, batch_size // n_classes)
-        return EpisodeSampler(manifest, way, shot, 0, seed, episodes, "train")
+        way, shot = min(n_classes, cfg.batch_size), max(1, cfg.batch_size // n_classes)
+        return EpisodeSampler(manifest, way, shot, 0, cfg.seed, cfg.episodes, "train")
 
     def episode_loss(self, episode: Episode, inputs: Features) -> torch.Tensor:
         """`finetune`: cross-entropy over all base classes, the episode's videos as the batch."""

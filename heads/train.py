@@ -252,10 +252,7 @@ def _prepare(cfg: TrainConfig, resume: bool, overwrite: bool) -> Run:
         )
     optimizer = make_optimizer(head, cfg)
     manifest = store.manifest
-    sampler = head.train_sampler(
-        manifest[manifest["split"] == "train"], cfg.way, cfg.shot, cfg.query, cfg.seed,
-        cfg.episodes, cfg.batch_size,
-    )  # fmt: skip
+    sampler = head.train_sampler(manifest[manifest["split"] == "train"], cfg)
     try:
         val_rows = EpisodeSampler(
             manifest[manifest["split"] == cfg.val_split], cfg.val_way or cfg.way, cfg.shot,
