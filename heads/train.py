@@ -165,9 +165,7 @@ class Run:
             self.log({"kind": "train", "episode": done, "loss": loss, "lr": lr})
             self.step_losses = []
         validating = done % cfg.val_every == 0 or done == cfg.episodes
-        early = (
-            self.steps & (self.steps - 1) == 0
-        )  # steps 1, 2, 4, 8, ...: an early kill loses little
+        early = self.steps & (self.steps - 1) == 0  # steps 1, 2, 4, 8: an early kill loses little
         if not validating and (early or time.monotonic() - self.last_saved > CHECKPOINT_EVERY_S):
             meta = {**self.base_meta, "episode": done, "best_accuracy": self.best}
             pending = {"pending_losses": self.losses, "pending_step_losses": self.step_losses}
