@@ -437,9 +437,9 @@ def train_command(
     query: int | None = typer.Option(None, help="Query videos per class in training [5]."),
     episodes: int | None = typer.Option(None, help="Training episodes [2000]."),
     episodes_per_step: int | None = typer.Option(
-        None, help="Episodes per optimiser step (gradient accumulation) [4]."
+        None, help="Episodes per optimiser step (gradient accumulation) [1]."
     ),
-    lr: float | None = typer.Option(None, help="Peak learning rate [1e-4]."),
+    lr: float | None = typer.Option(None, help="Peak learning rate [1e-3]."),
     decay_groups: str | None = typer.Option(
         None, help="Weight decay on: matrices (not norms, biases, scalars) | released [matrices]."
     ),
