@@ -7,6 +7,8 @@ never imports the CLIP encoder. Errors users can fix exit with code 2 and one li
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import typer
 
@@ -35,10 +37,24 @@ app.add_typer(store_app, name="store")
 app.add_typer(study_app, name="study")
 
 
+# ---------------------------------------------------------------- shared option and error helpers
 def fail(message: str, code: int = 2) -> None:
     """Print a one-line error and exit (no traceback)."""
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
+
+
+def first_line(error: BaseException) -> str:
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+@contextmanager
+def user_errors(*kinds: type[BaseException]) -> Iterator[None]:
+    """Errors of `kinds` (ones users can fix) print their first line and exit 2."""
+    try:
+        yield
+    except kinds as error:
+        fail(first_line(error))
 
 
 def check_output_file(option: str, path: str) -> None:
@@ -63,18 +79,50 @@ def check_counts(**counts: float | None) -> None:
             fail(f"--{name.replace('_', '-')} {value}: use a positive number")
 
 
-# ---------------------------------------------------------------- store (issue 2, 5)
-# STORE-COMMANDS-BEGIN
+def comma_list(text: str | None) -> list[str] | None:
+    """`a,b,c` -> ["a", "b", "c"] (None stays None; an empty list is refused)."""
+    if text is None:
+        return None
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if not items:
+        fail(f"empty list {text!r}")
+    return items
+
+
+def key_values(pairs: list[str]) -> dict:
+    """--option KEY=VALUE pairs -> {key: JSON value, or the text when it is not JSON}."""
+    import json
+
+    options = {}
+    for pair in pairs:
+        if "=" not in pair:
+            fail(f"--option takes KEY=VALUE (got {pair!r})")
+        key, value = pair.split("=", 1)
+        try:
+            options[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.replace("-", "_")] = value
+    return options
+
+
+def heads_errors() -> tuple[type[Exception], ...]:
+    """What stage-2 commands report in one line: store, episodes, options, unknown heads."""
+    from heads.config import ConfigError
+    from heads.episodes import EpisodeError
+    from store import StoreError
+
+    return (StoreError, EpisodeError, ConfigError, FileNotFoundError, ValueError)
+
+
+# ---------------------------------------------------------------- fsar-store
 CACHE_HELP = "Keep a remote store's fetched chunks in DIR (default: env FSAR_CACHE)."
 
 
 def _open_for_cli(path: str, cache: str | None = None):
     from store import StoreError, open_store
 
-    try:
+    with user_errors(StoreError):
         return open_store(path, cache=cache)
-    except StoreError as exc:
-        fail(str(exc))
 
 
 def _human_bytes(n: float | None) -> str:
@@ -98,10 +146,8 @@ def store_info(
 
     from store import StoreError
 
-    try:
+    with user_errors(StoreError):
         info = _open_for_cli(path, cache).info()
-    except StoreError as exc:
-        fail(str(exc))
     if json_out:
         typer.echo(json.dumps(info, indent=2, default=str))
         return
@@ -147,10 +193,8 @@ def store_verify(
     from store import StoreError
 
     s = _open_for_cli(path, cache)
-    try:
+    with user_errors(StoreError):
         problems = s.verify(progress=sys.stderr.isatty())
-    except StoreError as exc:
-        fail(str(exc))
     if problems:
         for p in problems:
             typer.echo(f"BAD {p}")
@@ -162,15 +206,6 @@ def store_verify(
     )
 
 
-def _split_list(text: str | None) -> list[str] | None:
-    if text is None:
-        return None
-    items = [x.strip() for x in text.split(",") if x.strip()]
-    if not items:
-        fail(f"empty list {text!r}")
-    return items
-
-
 @store_app.command("pack")
 def store_pack(
     path: str = typer.Argument(..., help="Store directory to pack."),
@@ -180,10 +215,8 @@ def store_pack(
     from store import StoreError
     from store.pack import pack
 
-    try:
+    with user_errors(StoreError):
         size = pack(path, out)
-    except StoreError as exc:
-        fail(str(exc))
     typer.echo(f"pack: {out} ({_human_bytes(size)})")
 
 
@@ -196,10 +229,8 @@ def store_unpack(
     from store import StoreError
     from store.pack import unpack
 
-    try:
+    with user_errors(StoreError):
         s = unpack(file, directory)
-    except StoreError as exc:
-        fail(str(exc))
     typer.echo(f"unpack: {directory} ({s.n_rows} rows, fingerprint {s.fingerprint()})")
 
 
@@ -219,7 +250,7 @@ def store_merge(
 
     if prefer is not None and prefer.upper() not in ("A", "B"):
         fail(f"--prefer must be A or B, not {prefer!r}")
-    try:
+    with user_errors(StoreError):
         report = merge(
             a,
             b,
@@ -228,8 +259,6 @@ def store_merge(
             cache=cache,
             progress=sys.stderr.isatty(),
         )
-    except StoreError as exc:
-        fail(str(exc))
     typer.echo(describe_report(report, "merge"))
     for note in report.notes:
         typer.echo(f"  note: {note}")
@@ -250,26 +279,20 @@ def store_subset(
     from store import StoreError
     from store.merge import describe_report, subset
 
-    try:
+    with user_errors(StoreError):
         report = subset(
             path,
             out,
-            splits=_split_list(splits),
-            tensors=_split_list(tensors),
+            splits=comma_list(splits),
+            tensors=comma_list(tensors),
             ok_only=ok_only,
             cache=cache,
             progress=sys.stderr.isatty(),
         )
-    except StoreError as exc:
-        fail(str(exc))
     typer.echo(describe_report(report, "subset"))
 
 
-# STORE-COMMANDS-END
-
-
-# ---------------------------------------------------------------- extract (issue 3)
-# EXTRACT-COMMANDS-BEGIN
+# ---------------------------------------------------------------- fsar-synth, fsar-extract
 @synth_app.command("synth")
 def synth_command(
     out: str = typer.Option(..., help="Directory to write {train,val,test}/<class>/<video> into."),
@@ -389,7 +412,7 @@ def extract_command(
         )
         summary = run_extraction(options)
     except (DatasetError, ExtractError, StoreError, EncoderError) as error:
-        fail(str(error).splitlines()[0] if str(error) else type(error).__name__)
+        fail(first_line(error))
     except KeyboardInterrupt:
         fail(f"interrupted; finished rows are saved: rerun the same command to resume {store}", 130)
     for line in summary.lines():
@@ -397,40 +420,9 @@ def extract_command(
 
 
 app.command("extract")(extract_command)
-# EXTRACT-COMMANDS-END
 
 
-# ---------------------------------------------------------------- train / eval (issue 4)
-# HEADS-COMMANDS-BEGIN
-def _heads_user_errors(action):
-    """Run `action`; user-fixable errors (store, episodes, options) print one line and exit 2."""
-    from heads.episodes import EpisodeError
-    from heads.train import ConfigError
-    from store import StoreError
-
-    try:
-        return action()
-    except (StoreError, EpisodeError, ConfigError, FileNotFoundError) as error:
-        fail(str(error).splitlines()[0] if str(error) else type(error).__name__)
-    except ValueError as error:  # unknown head or head option
-        fail(str(error).splitlines()[0])
-
-
-def _parse_head_options(pairs: list[str]) -> dict:
-    import json
-
-    options = {}
-    for pair in pairs:
-        if "=" not in pair:
-            fail(f"--option takes KEY=VALUE (got {pair!r})")
-        key, value = pair.split("=", 1)
-        try:
-            options[key.replace("-", "_")] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key.replace("-", "_")] = value
-    return options
-
-
+# ---------------------------------------------------------------- fsar-train, fsar-eval
 @train_app.command("train")
 def train_command(
     store: str | None = typer.Option(None, help="Store path (stores/<dataset>)."),
@@ -446,9 +438,9 @@ def train_command(
     query: int | None = typer.Option(None, help="Query videos per class in training [5]."),
     episodes: int | None = typer.Option(None, help="Training episodes [2000]."),
     episodes_per_step: int | None = typer.Option(
-        None, help="Episodes per optimiser step (gradient accumulation) [4]."
+        None, help="Episodes per optimiser step (gradient accumulation) [1]."
     ),
-    lr: float | None = typer.Option(None, help="Peak learning rate [1e-4]."),
+    lr: float | None = typer.Option(None, help="Peak learning rate [1e-3]."),
     decay_groups: str | None = typer.Option(
         None, help="Weight decay on: matrices (not norms, biases, scalars) | released [matrices]."
     ),
@@ -499,56 +491,32 @@ def train_command(
     """Train a head episodically from a store (never runs the CLIP encoder)."""
     from pathlib import Path
 
-    from heads.train import TrainConfig, config_from_run, config_values, train
+    from heads.config import config_from_options, resume_config
+    from heads.train import train
     from runtime.memory import keep_freed_memory
 
-    def action():
-        if keep_freed_memory_:
-            keep_freed_memory()
-        if resume and overwrite:
-            fail("give --resume or --overwrite, not both")
+    if keep_freed_memory_:
+        keep_freed_memory()
+    if resume and overwrite:
+        fail("give --resume or --overwrite, not both")
+    with user_errors(*heads_errors()):
         if resume:
-            run_dir = Path(out) if out else Path("runs") / "latest"
-            if not (run_dir / "config.json").exists():
-                fail(f"nothing to resume: {run_dir}/config.json does not exist")
-            cfg = config_from_run(run_dir.resolve())
-            cfg.out = str(run_dir.resolve())
-            if episodes is not None:
-                cfg.episodes = episodes
-            cfg.progress = progress
-            return train(cfg, resume=True)
-        values = config_values(config) if config else {}
-        cli = dict(
-            store=store, preset=preset, head=head, way=way, shot=shot, query=query, episodes=episodes,
-            episodes_per_step=episodes_per_step, lr=lr, decay_groups=decay_groups, val_every=val_every,
-            val_episodes=val_episodes,
-            val_way=val_way,
-            out=out, seed=seed, device=device, max_ram=max_ram,
-        )  # fmt: skip
-        values.update({k: v for k, v in cli.items() if v is not None})
-        head_opts = dict(values.get("head_options", {}))
-        head_opts.update(_parse_head_options(option))
-        flags = dict(levels=levels, loss=loss, temperature=temperature, strategy=strategy)
-        head_opts.update({k: v for k, v in flags.items() if v is not None})
-        for name, on in (
-            ("no_text", no_text),
-            ("no_skip_fusion", no_skip_fusion),
-            ("layer_weights", layer_weights),
-            ("score_weights", score_weights),
-        ):
-            if on:
-                head_opts[name] = True
-        values["head_options"] = head_opts
-        values["progress"] = progress
-        if not values.get("store"):
-            fail("--store is required (e.g. --store stores/hmdb51)")
-        unknown = set(values) - set(TrainConfig.__dataclass_fields__)
-        if unknown:
-            fail(f"unknown training option(s): {', '.join(sorted(unknown))}")
-        cfg = TrainConfig(**values).resolved(explicit=set(values))
-        return train(cfg, overwrite=overwrite)
-
-    run_dir = _heads_user_errors(action)
+            cfg = resume_config(Path(out or "runs/latest"), episodes, progress)
+        else:
+            options = dict(
+                store=store, preset=preset, head=head, way=way, shot=shot, query=query,
+                episodes=episodes, episodes_per_step=episodes_per_step, lr=lr,
+                decay_groups=decay_groups, val_every=val_every, val_episodes=val_episodes,
+                val_way=val_way, out=out, seed=seed, device=device, max_ram=max_ram,
+                progress=progress,
+            )  # fmt: skip
+            flags = dict(
+                levels=levels, loss=loss, temperature=temperature, strategy=strategy,
+                no_text=no_text, no_skip_fusion=no_skip_fusion, layer_weights=layer_weights,
+                score_weights=score_weights,
+            )  # fmt: skip
+            cfg = config_from_options(options, key_values(option), flags, config)
+        run_dir = train(cfg, resume=resume, overwrite=overwrite)
     typer.echo(f"run: {run_dir}")
 
 
@@ -582,20 +550,19 @@ def eval_command(
 
     import torch
 
-    from heads import create
     from heads.evaluate import evaluate, load_run, store_of_run
-    from heads.train import head_options
+    from heads.train import build_head
     from runtime.device import pick_device
     from runtime.memory import keep_freed_memory
     from store import open_store
 
-    def action():
-        check_counts(episodes=episodes, way=way, shot=shot, query=query)
-        if max_ram < 0:
-            fail(f"--max-ram {max_ram}: use a number of GB >= 0")
-        for option_name, path in (("--json", json_out), ("--per-episode", per_episode)):
-            if path is not None:
-                check_output_file(option_name, path)
+    check_counts(episodes=episodes, way=way, shot=shot, query=query)
+    if max_ram < 0:
+        fail(f"--max-ram {max_ram}: use a number of GB >= 0")
+    for option_name, path in (("--json", json_out), ("--per-episode", per_episode)):
+        if path is not None:
+            check_output_file(option_name, path)
+    with user_errors(*heads_errors()):
         target = pick_device(device)
         keep_freed_memory()
         if head is not None and checkpoint is not None:
@@ -613,9 +580,7 @@ def eval_command(
             model = load_run(run_dir, s, target)
         else:  # untrained: built at the store's dim, the same weights every time
             torch.manual_seed(seed)
-            model = create(head, **head_options(head, _parse_head_options(option), s.spec))
-            model.prepare(s)
-            model.to(target)
+            model = build_head(head, key_values(option), s, target)
         result = evaluate(
             model, s, split, way, shot, query, episodes, seed, target, max_ram, progress=progress,
             view=view,
@@ -629,18 +594,13 @@ def eval_command(
             pd.DataFrame({"episode": range(episodes), "accuracy": result.per_episode}).to_parquet(
                 per_episode
             )
-        return result
-
-    _heads_user_errors(action)
 
 
 app.command("train")(train_command)
 app.command("eval")(eval_command)
-# HEADS-COMMANDS-END
 
 
-# ---------------------------------------------------------------- studies
-# STUDY-COMMANDS-BEGIN
+# ---------------------------------------------------------------- fsar-study
 def study_command(
     ctx: typer.Context,
     store: str | None = typer.Option(
@@ -686,19 +646,18 @@ def study_command(
             "--store and --plan are required (e.g. fsar-study --store stores/hmdb51 --plan ablation)"
         )
     try:
-        seed_list = [int(s) for s in _split_list(seeds)] if seeds is not None else None
+        seed_list = [int(s) for s in comma_list(seeds)] if seeds is not None else None
     except ValueError:
         fail(f"--seeds {seeds!r}: give integers, e.g. 0,1,2")
     try:
-        chosen = load_plan(plan)
-        options = StudyOptions(
-            store=store, out=out or f"studies/{chosen.name}", scheduler=scheduler, workers=workers,
-            seeds=seed_list, episodes=episodes, train=_parse_head_options(train), resume=resume,
-            device=device, max_ram=max_ram, progress=progress,
-        )  # fmt: skip
-        summary = run_study(chosen, options)
-    except (PlanError, StudyError, StoreError) as error:
-        fail(str(error).splitlines()[0])
+        with user_errors(PlanError, StudyError, StoreError):
+            chosen = load_plan(plan)
+            options = StudyOptions(
+                store=store, out=out or f"studies/{chosen.name}", scheduler=scheduler,
+                workers=workers, seeds=seed_list, episodes=episodes, train=key_values(train),
+                resume=resume, device=device, max_ram=max_ram, progress=progress,
+            )  # fmt: skip
+            summary = run_study(chosen, options)
     except StudyInterrupted as stop:
         fail(str(stop), 130)
     for line in summary.lines():
@@ -721,10 +680,8 @@ def study_compare(
     """Paired comparison B - A of two per-episode files: mean, 95% CI and paired t-test."""
     from heads.study import StudyError, paired_comparison, read_per_episode
 
-    try:
+    with user_errors(StudyError):
         (ep_a, acc_a, meta_a), (ep_b, acc_b, meta_b) = read_per_episode(a), read_per_episode(b)
-    except StudyError as error:
-        fail(str(error))
     if len(ep_a) != len(ep_b) or not (ep_a == ep_b).all():
         fail(
             f"{a} and {b} score different episodes ({len(ep_a)} and {len(ep_b)}): pair files of one evaluation setting"
@@ -738,9 +695,6 @@ def study_compare(
         typer.echo("note: no episode metadata in both files; pairing by episode index", err=True)
     typer.echo(f"A {a}: {acc_a.mean() * 100:.2f}%   B {b}: {acc_b.mean() * 100:.2f}%")
     typer.echo(paired_comparison(acc_a, acc_b).summary("A", "B"))
-
-
-# STUDY-COMMANDS-END
 
 
 if __name__ == "__main__":

@@ -253,13 +253,14 @@ def vit_b16_spec(recipe: str = "emp", codec: dict | None = None, frames: int = 8
     )
 
 
-def tiny_spec(recipe: str = "emp", codec: dict | None = None, frames: int = 4) -> dict:
-    """Shapes of the tiny ViT (D 32, W 64, 16 patches) for quick mode."""
+def tiny_spec(
+    recipe: str = "emp", codec: dict | None = None, frames: int = 4, **shape: Any
+) -> dict:
+    """Shapes of the tiny ViT (D 32, W 64, 16 patches) for quick mode; `shape` overrides them."""
     from store.random_store import random_spec
 
-    return random_spec(
-        frames=frames, views=1, dim=32, width=64, patches=16, recipe=recipe, codec=codec
-    )
+    sizes = {"views": 1, "dim": 32, "width": 64, "patches": 16} | shape
+    return random_spec(frames=frames, recipe=recipe, codec=codec, **sizes)
 
 
 def peak_rss_of(
@@ -335,6 +336,12 @@ def evict(root: str | Path) -> str:
         finally:
             os.close(fd)
     return "posix_fadvise(DONTNEED) per store file after sync"
+
+
+def fsar_command(name: str) -> list[str]:
+    """The command line of `fsar-<name>`: the installed script, else `python -m cli <name>`."""
+    script = Path(sys.executable).parent / f"fsar-{name}"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "cli", name]
 
 
 def run_cli(app: str, args: list[str]) -> float:

@@ -1,7 +1,7 @@
 """Study benchmark: cells per hour of `fsar-study` on a LocalCluster of 1 and of 2 workers.
 
-The store is the demo's stand-in (`bench.demo.token_store`: 22 classes x 12 videos of reversal-pair
-tokens, T=8, 16 patches, D=64; `--quick`: a tiny random store). The plan has 8 trained cells (emp,
+The store is `store.random_store.hidden_order_store` with 22 classes (10 train, 6 val, 6 test) x 12
+videos of reversal-pair tokens, T=8, 16 patches, D=64 (`--quick`: a tiny random store). The plan has 8 trained cells (emp,
 emp token level only, emp without text, emp without skip fusion; seeds 0 and 1), each training
 60 episodes (validation at the end on 100) and testing on 1,000 episodes (`--quick`: 2 cells, 8
 and 20). The same plan runs into two fresh folders through `heads.study.run_study`, on a
@@ -17,8 +17,11 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 from bench.common import Result, Scratch, parser, resolve_device, tiny_spec
+from bench.workload import build_store
+from store.random_store import hidden_order_store
 
 ROWS = [
     {"id": "emp", "head": "emp"},
@@ -41,11 +44,38 @@ def plan(quick: bool) -> dict:
     }
 
 
+def bench_store(path: Path, quick: bool) -> str:
+    """Write the study's store at `path` (unless it is there); returns what it is."""
+    if quick:
+        if not path.exists():
+            build_store(path, tiny_spec("emp"), {"train": (5, 6), "val": (5, 2), "test": (5, 2)})
+        return "tiny random store"
+    if not path.exists():
+        hidden_order_store(path, classes={"train": 10, "val": 6, "test": 6}).close()
+    return "hidden_order_store, 22 classes x 12 videos (T=8, 16 patches, D=64)"
+
+
+def timed_study(study_plan: Any, store: Path, out: Path, workers: int, device: str):
+    """run_study on a fresh LocalCluster of `workers`: (summary, wall seconds, load averages)."""
+    from heads.study import StudyOptions, run_study
+
+    options = StudyOptions(
+        store=str(store), out=str(out), workers=workers, device=device, progress=False
+    )
+    load = os.getloadavg()[0]
+    start = time.perf_counter()
+    summary = run_study(study_plan, options)
+    wall = time.perf_counter() - start
+    if summary.failed or summary.ok != summary.cells:
+        raise RuntimeError(f"study with {workers} worker(s): {summary.lines()}")
+    loads = f"{workers} worker(s): load average {load:.1f} before, {os.getloadavg()[0]:.1f} after"
+    return summary, wall, loads
+
+
 def main(argv: list[str] | None = None) -> Path:
     p = parser("study", __doc__.splitlines()[0])
     args = p.parse_args(argv)
     device = resolve_device(args.device)
-    from heads.study import StudyOptions, run_study
     from heads.study.plans import parse_plan
     from heads.study.runner import cores
 
@@ -53,43 +83,21 @@ def main(argv: list[str] | None = None) -> Path:
     res = Result("study", args.quick, device)
     with Scratch(args.work, "study") as work:
         store = work / "store"
-        if not store.exists():
-            if args.quick:
-                from bench.workload import build_store
-
-                build_store(
-                    store, tiny_spec("emp"), {"train": (5, 6), "val": (5, 2), "test": (5, 2)}
-                )
-            else:
-                from bench.demo import token_store
-
-                token_store(store)
         n_cores = cores()
         res.config = {
-            "store": "tiny random store"
-            if args.quick
-            else "bench.demo token store (T=8, 16 patches, D=64)",
+            "store": bench_store(store, args.quick),
             "plan": plan(args.quick),
             "cores": n_cores,
             "device": device,
         }
         rates, loads = {}, []
         for workers in (1, 2):
-            out = work / f"study-{workers}"
-            options = StudyOptions(
-                store=str(store), out=str(out), workers=min(workers, n_cores), device=device,
-                progress=False,
-            )  # fmt: skip
-            load = os.getloadavg()[0]
-            start = time.perf_counter()
-            summary = run_study(study_plan, options)
-            wall = time.perf_counter() - start
-            loads.append(
-                f"{workers} worker(s): load average {load:.1f} before, {os.getloadavg()[0]:.1f} after"
+            used = min(workers, n_cores)
+            summary, wall, load = timed_study(
+                study_plan, store, work / f"study-{workers}", used, device
             )
-            if summary.failed or summary.ok != summary.cells:
-                raise RuntimeError(f"study with {workers} worker(s): {summary.lines()}")
-            threads = max(1, n_cores // min(workers, n_cores))
+            loads.append(load)
+            threads = max(1, n_cores // used)
             label = f"{workers} worker{'s' if workers > 1 else ''} x {threads} torch thread{'s' if threads > 1 else ''}"  # fmt: skip
             res.add(f"wall_s.{workers}", f"{label}: {summary.cells} cells, wall", wall, "s")
             rates[workers] = res.add(

@@ -14,36 +14,16 @@ import torch
 from typer.testing import CliRunner
 
 import cli
-from heads.lastblock import LastBlock
-from tests.heads_fixtures import reversal_pair_store
 
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True)
-def quiet_allocator(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The commands keep freed memory for speed; not in the long-lived test process."""
-    monkeypatch.setattr("runtime.memory.keep_freed_memory", lambda: False)
+pytestmark = pytest.mark.usefixtures("quiet_allocator")
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("cli") / "store"  # D = 32, not 512
-    reversal_pair_store(
-        path, frames=4, views=1, classes={"train": 6, "val": 6, "test": 6}, videos_per_class=4
-    ).close()
-    return path
-
-
-@pytest.fixture(scope="module")
-def last_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("cli_last") / "store"
-    s = reversal_pair_store(path, recipe="emp+last", views=1, frames=4, videos_per_class=4)
-    torch.manual_seed(0)
-    block = LastBlock(width=48, heads=4, dim=32)
-    s.write_lastblock(block.state_tensors(), block.config)
-    s.close()
-    return path
+def store(pair_store: Path) -> Path:
+    return pair_store  # D = 32, not 512
 
 
 def run(app, *args: object) -> tuple[int, str]:  # type: ignore[no-untyped-def]
@@ -323,16 +303,3 @@ def test_help_texts_are_shown_whole(app, option: str, text: str) -> None:  # typ
     assert result.exit_code == 0
     flat = " ".join(result.output.split())
     assert re.search(re.escape(option) + r"\b.*?" + re.escape(text), flat), flat
-
-
-# ---------------------------------------------------------------------- first contact (README)
-def test_readme_first_steps_hold() -> None:
-    from pipeline.synth import split_pairs
-
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    assert "source .venv/bin/activate" in readme  # the fsar-* commands are in .venv/bin
-    example = re.search(r"fsar-synth --out data/synth --classes (\d+)", readme)
-    assert example is not None
-    val_classes = 2 * len(split_pairs(int(example.group(1)) // 2)["val"])
-    assert f"--val-way {val_classes}" in readme and val_classes < 5  # default --way is 5
-    assert "docs/threat-model.md" in readme

@@ -20,15 +20,6 @@ from store import SpecMismatchError, open_store
 from tests.heads_fixtures import reversal_pair_store
 
 
-@pytest.fixture(scope="module")
-def pair_store(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("eval") / "store"
-    reversal_pair_store(
-        path, frames=4, views=1, classes={"train": 6, "val": 6, "test": 6}, videos_per_class=4
-    ).close()
-    return path
-
-
 def test_ci_half_width_formula() -> None:
     values = np.array([1.0, 0.8, 0.6, 1.0, 0.4, 0.8])
     want = 1.96 * np.std(values * 100, ddof=1) / math.sqrt(6)

@@ -50,6 +50,12 @@ def extract_args(data_root: Path, store: Path, *extra: str) -> list[str]:
     return [*fsar_extract_command(), *cli_args(data_root, store, *extra)]
 
 
+def run_extract(data_root: Path, store: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    """fsar-extract in a subprocess (with the hanging test video), its output captured."""
+    args = extract_args(data_root, store, *extra)
+    return subprocess.run(args, env=run_env(), capture_output=True, text=True, timeout=300)
+
+
 def cli_args(data_root: Path, store: Path, *extra: str) -> list[str]:
     return [
         "--dataset",
@@ -89,13 +95,7 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def reference_store(data_root: Path) -> tuple[Path, subprocess.CompletedProcess[str]]:
     """One uninterrupted run with a 3 s decode timeout (the hanging video times out)."""
     store = data_root.parent / "reference"
-    result = subprocess.run(
-        extract_args(data_root, store, "--timeout", "3"),
-        env=run_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_extract(data_root, store, "--timeout", "3")
     return store, result
 
 
@@ -177,13 +177,7 @@ def test_splits_part_sigkill_and_resume_equal_an_uninterrupted_run(
     store = data_root.parent / "resumed"
 
     # 1. only part 1 of 2 of the train split
-    first = subprocess.run(
-        extract_args(data_root, store, "--splits", "train", "--part", "1/2", "--timeout", "3"),
-        env=run_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    first = run_extract(data_root, store, "--splits", "train", "--part", "1/2", "--timeout", "3")
     assert first.returncode == 0, first.stderr[-3000:]
     rows = manifest(store)
     chosen = select_videos(rows, ["train"], (1, 2)).to_numpy()
@@ -227,13 +221,7 @@ def test_splits_part_sigkill_and_resume_equal_an_uninterrupted_run(
         pytest.fail("processes of the killed run survive")
 
     # 3. rerun: the stale lock is taken over, pending rows are done, ok rows are not redone
-    again = subprocess.run(
-        extract_args(data_root, store, "--timeout", "3"),
-        env=run_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    again = run_extract(data_root, store, "--timeout", "3")
     assert again.returncode == 0, again.stderr[-3000:]
     n_pending_after_kill = int((killed["status"] == "pending").sum())
     assert f"{n_pending_after_kill} videos to extract" in again.stdout
@@ -452,26 +440,6 @@ def test_local_cluster_workers_reuse_freed_memory_and_skip_the_profiler(tmp_path
     assert report["trim"] == str(1 << 30)
     assert report["profile"] is False
     assert min(report["faults"]) < 1000, report
-
-
-def test_readme_worker_command_gives_the_local_cluster_settings() -> None:
-    # README tells teams how to start `dask worker` for --scheduler with our workers' settings
-    import re
-
-    import dask.config
-
-    from pipeline.cluster import LOCAL_WORKER_CONFIG, WORKER_ENVIRON
-
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    block = readme[readme.index("DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED") :]
-    block = block[: block.index("dask worker")]
-    env = dict(re.findall(r"(DASK_\w+)=('[^']*'|\S+)", block))
-    env = {k: v.strip("'") for k, v in env.items()}
-    parsed = dask.config.collect_env(env)
-    get = lambda key: dask.config.get(key, config=parsed)  # noqa: E731  (as the nanny reads it)
-    assert get("distributed.worker.profile.enabled") is False
-    assert get("distributed.nanny.pre-spawn-environ") == WORKER_ENVIRON
-    assert LOCAL_WORKER_CONFIG["distributed.nanny.pre-spawn-environ"] == WORKER_ENVIRON
 
 
 def test_rows_to_extract_and_row_bytes(data_root: Path) -> None:

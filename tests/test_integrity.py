@@ -147,14 +147,28 @@ def test_rows_of_zeros_are_written_as_chunks(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------- sizes checked before reading
-def test_compressed_zip_member_is_refused_before_inflating(good: Path, tmp_path: Path) -> None:
-    packed = tmp_path / "good.zip"
+def _packed_with(
+    good: Path, packed: Path, out: Path, name: str, data: bytes, **member: object
+) -> Path:
+    """`good` packed into `packed`, copied to `out` with one more member (zipfile's options)."""
     pack(good, packed)
-    bomb = tmp_path / "bomb.zip"
-    with zipfile.ZipFile(packed) as src, zipfile.ZipFile(bomb, "w") as dst:
+    with zipfile.ZipFile(packed) as src, zipfile.ZipFile(out, "w") as dst:
         for info in src.infolist():
             dst.writestr(info, src.read(info))
-        dst.writestr("text/big", b"\0" * (64 << 20), compress_type=zipfile.ZIP_DEFLATED)
+        dst.writestr(name, data, **member)  # type: ignore[arg-type]
+    return out
+
+
+def test_compressed_zip_member_is_refused_before_inflating(good: Path, tmp_path: Path) -> None:
+    packed = tmp_path / "good.zip"
+    bomb = _packed_with(
+        good,
+        packed,
+        tmp_path / "bomb.zip",
+        "text/big",
+        b"\0" * (64 << 20),
+        compress_type=zipfile.ZIP_DEFLATED,
+    )
     assert bomb.stat().st_size < packed.stat().st_size + (1 << 20)
     with pytest.raises(UnsafeStoreError, match="'text/big' is compressed"):
         open_store(bomb)
@@ -165,13 +179,13 @@ def test_compressed_zip_member_is_refused_before_inflating(good: Path, tmp_path:
 
 
 def test_zip_with_a_file_and_a_directory_of_one_name_is_refused(good: Path, tmp_path: Path) -> None:
-    packed = tmp_path / "good.zip"
-    pack(good, packed)
-    evil = tmp_path / "clash.zip"
-    with zipfile.ZipFile(packed) as src, zipfile.ZipFile(evil, "w") as dst:
-        for info in src.infolist():
-            dst.writestr(info, src.read(info))
-        dst.writestr("tokens/layer04", b"a file where a directory is")
+    evil = _packed_with(
+        good,
+        tmp_path / "good.zip",
+        tmp_path / "clash.zip",
+        "tokens/layer04",
+        b"a file where a directory is",
+    )
     code, out = _store_cli("unpack", str(evil), str(tmp_path / "out"))
     assert code == 2 and "'tokens/layer04' is both a file and a directory" in out
     assert not (tmp_path / "out").exists()

@@ -15,17 +15,11 @@ from typer.testing import CliRunner
 
 import heads
 from cli import app
+from heads.config import PRESETS, ConfigError, TrainConfig
 from heads.emp import released_text_ids
 from heads.episodes import EpisodeSampler, draw_keys
 from heads.evaluate import evaluate, with_random_views
-from heads.train import (
-    PRESETS,
-    RELEASED_NO_DECAY,
-    ConfigError,
-    TrainConfig,
-    learning_rate,
-    make_optimizer,
-)
+from heads.train import RELEASED_NO_DECAY, learning_rate, make_optimizer
 from pipeline.preprocess import (
     Augment,
     augment_params,

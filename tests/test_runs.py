@@ -18,24 +18,17 @@ from heads.checkpoint import CheckpointError, save_checkpoint
 from heads.evaluate import load_run
 from heads.train import TrainConfig, train
 from store import open_store
-from tests.heads_fixtures import reversal_pair_store
 from tests.share_fixtures import set_rows
 
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True)
-def quiet_allocator(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("runtime.memory.keep_freed_memory", lambda: False)
+pytestmark = pytest.mark.usefixtures("quiet_allocator")
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("runs") / "store"
-    reversal_pair_store(
-        path, frames=4, views=2, classes={"train": 6, "val": 6, "test": 6}, videos_per_class=4
-    ).close()
-    return path
+def store(pair_store: Path) -> Path:
+    return pair_store
 
 
 TRAIN = ["--episodes", "8", "--episodes-per-step", "2", "--val-every", "4", "--val-episodes", "10",

@@ -13,20 +13,12 @@ import torch
 from safetensors.torch import load_file
 
 import heads
+from heads.config import PRESETS, TrainConfig
 from heads.evaluate import evaluate
-from heads.lastblock import LastBlock
-from heads.train import PRESETS, TrainConfig, learning_rate, train
+from heads.train import learning_rate, train
 from store import open_store
-from tests.heads_fixtures import reversal_pair_store
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def pair_store(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("train") / "store"
-    reversal_pair_store(path).close()  # 8 train, 6 val, 6 test classes, 10 videos each, 2 views
-    return path
 
 
 def small_config(store: Path, out: Path, **kw) -> TrainConfig:
@@ -95,17 +87,6 @@ def test_presets_and_schedule() -> None:
     full = TrainConfig(store="x", preset="ssv2_full", lr=3e-4).resolved(explicit={"lr"})
     assert (full.lr, full.episodes, full.val_every) == (3e-4, 80_000, 2_000)
     assert set(PRESETS) == {"hmdb51", "ucf101", "kinetics100", "ssv2_small", "ssv2_full"}
-
-
-@pytest.fixture(scope="module")
-def last_store(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("last") / "store"
-    s = reversal_pair_store(path, recipe="emp+last", views=1, frames=4, videos_per_class=6)
-    torch.manual_seed(0)
-    block = LastBlock(width=48, heads=4, dim=32)
-    s.write_lastblock(block.state_tensors(), block.config)
-    s.close()
-    return path
 
 
 def test_lastlayer_cls_path_equals_full_block(last_store: Path) -> None:

@@ -48,9 +48,11 @@ def run_cell(task: CellTask) -> CellOutcome:
 
     import torch
 
-    from heads.allocator import keep_freed_memory
+    from heads.config import TrainConfig
     from heads.evaluate import evaluate, load_run
-    from heads.train import TrainConfig, build_head, pick_device, train
+    from heads.train import build_head, train
+    from runtime.device import pick_device
+    from runtime.memory import keep_freed_memory
     from store import open_store
 
     started = time.perf_counter()

@@ -143,7 +143,7 @@ def _dict(value: Any, what: str) -> dict[str, Any]:
 
 
 def _check_train_keys(train: dict[str, Any], where: str) -> None:
-    from heads.train import TrainConfig
+    from heads.config import TrainConfig
 
     known = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(train) - known)
@@ -346,7 +346,7 @@ def _train_config(
     notes: list[str],
 ) -> dict[str, Any]:
     """The resolved TrainConfig of a trained cell, minus the fields set when it runs."""
-    from heads.train import PRESETS, ConfigError, TrainConfig
+    from heads.config import PRESETS, ConfigError, TrainConfig
 
     values = {**plan.train, **row.train, **overrides}
     preset = values.pop("preset", None)
