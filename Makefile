@@ -30,7 +30,7 @@ extract:
 	$(VENV_BIN)/fsar-extract --dataset $(DATASET) --data-root $(DATA_ROOT) --store $(STORE) $(ARGS)
 
 demo:
-	$(PY) -m bench.demo $(ARGS)
+	$(PY) -m examples.demo $(ARGS)
 
 bench:
 	$(PY) -m bench.run_all $(ARGS)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import typer
 
@@ -15,35 +17,117 @@ import typer
 # spinning threads made training several times slower (docs/performance.md). Read when torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+# Help texts are plain text: rich markup would swallow defaults written as [runs/latest].
+PLAIN = dict(rich_markup_mode=None)
 app = typer.Typer(
-    help="fsar: offline CLIP feature store for few-shot action recognition.", no_args_is_help=True
+    help="fsar: offline CLIP feature store for few-shot action recognition.",
+    no_args_is_help=True,
+    **PLAIN,
 )
-store_app = typer.Typer(help="Inspect, verify and share feature stores.", no_args_is_help=True)
-extract_app = typer.Typer(help="Stage 1: extract CLIP features from videos into a store.")
-train_app = typer.Typer(help="Stage 2: train a reasoning head from a store.")
-eval_app = typer.Typer(help="Stage 2: evaluate a head on few-shot episodes from a store.")
-synth_app = typer.Typer(help="Generate a synthetic video dataset (time-reversal class pairs).")
+store_app = typer.Typer(
+    help="Inspect, verify and share feature stores.", no_args_is_help=True, **PLAIN
+)
+extract_app = typer.Typer(help="Stage 1: extract CLIP features from videos into a store.", **PLAIN)
+train_app = typer.Typer(help="Stage 2: train a reasoning head from a store.", **PLAIN)
+eval_app = typer.Typer(help="Stage 2: evaluate a head on few-shot episodes from a store.", **PLAIN)
+synth_app = typer.Typer(
+    help="Generate a synthetic video dataset (time-reversal class pairs).", **PLAIN
+)
+study_app = typer.Typer(
+    help="Studies: a plan of heads trained and tested on identical episodes, as Dask tasks.",
+    no_args_is_help=True,
+    **PLAIN,
+)
 app.add_typer(store_app, name="store")
+app.add_typer(study_app, name="study")
 
 
+# ---------------------------------------------------------------- shared option and error helpers
 def fail(message: str, code: int = 2) -> None:
     """Print a one-line error and exit (no traceback)."""
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
 
 
-# ---------------------------------------------------------------- store (issue 2, 5)
-# STORE-COMMANDS-BEGIN
+def first_line(error: BaseException) -> str:
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+@contextmanager
+def user_errors(*kinds: type[BaseException]) -> Iterator[None]:
+    """Errors of `kinds` (ones users can fix) print their first line and exit 2."""
+    try:
+        yield
+    except kinds as error:
+        fail(first_line(error))
+
+
+def check_output_file(option: str, path: str) -> None:
+    """Refuse an output path that cannot be written, before any long work starts."""
+    import os
+    from pathlib import Path
+
+    target = Path(path)
+    parent = target.parent if str(target.parent) else Path(".")
+    if target.is_dir():
+        fail(f"{option} {path} is a directory; give a file name")
+    if not parent.is_dir():
+        fail(f"{option} {path}: directory {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        fail(f"{option} {path} cannot be written (permission denied)")
+
+
+def check_counts(**counts: float | None) -> None:
+    """Options that count episodes, classes or videos must be positive."""
+    for name, value in counts.items():
+        if value is not None and value < 1:
+            fail(f"--{name.replace('_', '-')} {value}: use a positive number")
+
+
+def comma_list(text: str | None) -> list[str] | None:
+    """`a,b,c` -> ["a", "b", "c"] (None stays None; an empty list is refused)."""
+    if text is None:
+        return None
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if not items:
+        fail(f"empty list {text!r}")
+    return items
+
+
+def key_values(pairs: list[str]) -> dict:
+    """--option KEY=VALUE pairs -> {key: JSON value, or the text when it is not JSON}."""
+    import json
+
+    options = {}
+    for pair in pairs:
+        if "=" not in pair:
+            fail(f"--option takes KEY=VALUE (got {pair!r})")
+        key, value = pair.split("=", 1)
+        try:
+            options[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.replace("-", "_")] = value
+    return options
+
+
+def heads_errors() -> tuple[type[Exception], ...]:
+    """What stage-2 commands report in one line: store, episodes, options, unknown heads."""
+    from heads.config import ConfigError
+    from heads.episodes import EpisodeError
+    from store import StoreError
+
+    return (StoreError, EpisodeError, ConfigError, FileNotFoundError, ValueError)
+
+
+# ---------------------------------------------------------------- fsar-store
 CACHE_HELP = "Keep a remote store's fetched chunks in DIR (default: env FSAR_CACHE)."
 
 
 def _open_for_cli(path: str, cache: str | None = None):
     from store import StoreError, open_store
 
-    try:
+    with user_errors(StoreError):
         return open_store(path, cache=cache)
-    except StoreError as exc:
-        fail(str(exc))
 
 
 def _human_bytes(n: float | None) -> str:
@@ -67,10 +151,8 @@ def store_info(
 
     from store import StoreError
 
-    try:
+    with user_errors(StoreError):
         info = _open_for_cli(path, cache).info()
-    except StoreError as exc:
-        fail(str(exc))
     if json_out:
         typer.echo(json.dumps(info, indent=2, default=str))
         return
@@ -116,10 +198,8 @@ def store_verify(
     from store import StoreError
 
     s = _open_for_cli(path, cache)
-    try:
+    with user_errors(StoreError):
         problems = s.verify(progress=sys.stderr.isatty())
-    except StoreError as exc:
-        fail(str(exc))
     if problems:
         for p in problems:
             typer.echo(f"BAD {p}")
@@ -131,15 +211,6 @@ def store_verify(
     )
 
 
-def _split_list(text: str | None) -> list[str] | None:
-    if text is None:
-        return None
-    items = [x.strip() for x in text.split(",") if x.strip()]
-    if not items:
-        fail(f"empty list {text!r}")
-    return items
-
-
 @store_app.command("pack")
 def store_pack(
     path: str = typer.Argument(..., help="Store directory to pack."),
@@ -147,12 +218,10 @@ def store_pack(
 ) -> None:
     """Pack a store into one zip file (uncompressed members) that opens without unpacking."""
     from store import StoreError
-    from store.share import pack
+    from store.pack import pack
 
-    try:
+    with user_errors(StoreError):
         size = pack(path, out)
-    except StoreError as exc:
-        fail(str(exc))
     typer.echo(f"pack: {out} ({_human_bytes(size)})")
 
 
@@ -163,12 +232,10 @@ def store_unpack(
 ) -> None:
     """Restore a packed store into a directory; members that would land outside DIR are refused."""
     from store import StoreError
-    from store.share import unpack
+    from store.pack import unpack
 
-    try:
+    with user_errors(StoreError):
         s = unpack(file, directory)
-    except StoreError as exc:
-        fail(str(exc))
     typer.echo(f"unpack: {directory} ({s.n_rows} rows, fingerprint {s.fingerprint()})")
 
 
@@ -184,11 +251,11 @@ def store_merge(
 ) -> None:
     """Merge two stores of the same spec (videos de-duplicated, classes unioned)."""
     from store import StoreError
-    from store.share import describe_report, merge
+    from store.merge import describe_report, merge
 
     if prefer is not None and prefer.upper() not in ("A", "B"):
         fail(f"--prefer must be A or B, not {prefer!r}")
-    try:
+    with user_errors(StoreError):
         report = merge(
             a,
             b,
@@ -197,8 +264,6 @@ def store_merge(
             cache=cache,
             progress=sys.stderr.isatty(),
         )
-    except StoreError as exc:
-        fail(str(exc))
     typer.echo(describe_report(report, "merge"))
     for note in report.notes:
         typer.echo(f"  note: {note}")
@@ -217,28 +282,22 @@ def store_subset(
 ) -> None:
     """Copy some splits and/or tensors of a store into a new, complete store."""
     from store import StoreError
-    from store.share import describe_report, subset
+    from store.merge import describe_report, subset
 
-    try:
+    with user_errors(StoreError):
         report = subset(
             path,
             out,
-            splits=_split_list(splits),
-            tensors=_split_list(tensors),
+            splits=comma_list(splits),
+            tensors=comma_list(tensors),
             ok_only=ok_only,
             cache=cache,
             progress=sys.stderr.isatty(),
         )
-    except StoreError as exc:
-        fail(str(exc))
     typer.echo(describe_report(report, "subset"))
 
 
-# STORE-COMMANDS-END
-
-
-# ---------------------------------------------------------------- extract (issue 3)
-# EXTRACT-COMMANDS-BEGIN
+# ---------------------------------------------------------------- fsar-synth, fsar-extract
 @synth_app.command("synth")
 def synth_command(
     out: str = typer.Option(..., help="Directory to write {train,val,test}/<class>/<video> into."),
@@ -247,17 +306,26 @@ def synth_command(
     seed: int = typer.Option(0, help="Random seed (same seed, same dataset)."),
 ) -> None:
     """Write a synthetic `folder` dataset of moving shapes whose classes are time-reversal pairs."""
+    import shlex
+    from pathlib import Path
+
     from pipeline.synth import make_synthetic_dataset
 
     if classes % 2 or not 6 <= classes <= 24:
         fail(f"--classes {classes}: use an even number from 6 to 24 (reversal pairs)")
     if videos_per_class < 1:
         fail(f"--videos-per-class {videos_per_class}: use at least 1")
+    target = Path(out)
+    if target.exists() and not target.is_dir():
+        fail(f"--out {out} is a file; give a new directory")
+    if target.is_dir() and any(target.iterdir()):
+        fail(f"--out {out} exists and is not empty; give a new directory (datasets are not mixed)")
     description = make_synthetic_dataset(out, classes, videos_per_class, seed)
     counts = ", ".join(f"{len(v)} {k}" for k, v in description["classes"].items())
     typer.echo(
         f"wrote {description['videos']} videos of {classes} classes ({counts}) to {out}; "
-        f"extract with: make extract DATASET=folder DATA_ROOT={out}"
+        f"extract with: make extract DATASET=folder DATA_ROOT={shlex.quote(out)} "
+        'ARGS="--model fsar-tiny-vit --pretrained none"'
     )
 
 
@@ -302,18 +370,26 @@ def extract_command(
     ),
     templates: str | None = typer.Option(None, help="Template file (one per line, with {})."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    allow_torchscript: bool = typer.Option(
+        False,
+        "--allow-torchscript",
+        help="Accept a TorchScript --pretrained file (loading one runs its code: trusted files only).",
+    ),
 ) -> None:
     """Extract CLIP features of a dataset's videos into a feature store (resumable)."""
     from pipeline.datasets import DatasetError
-    from pipeline.encoder import EncoderError
-    from pipeline.extract import ExtractError, ExtractOptions, add_text_embeddings, run_extraction
+    from pipeline.errors import EncoderError, ExtractError
+    from pipeline.extract import ExtractOptions, run_extraction
+    from pipeline.text import add_text_embeddings
     from store import StoreError
 
     try:
         if text_only or templates:
             if not (text_only and templates):
                 fail("--text-only and --templates FILE go together")
-            name, shape = add_text_embeddings(store, templates, model, pretrained, device)
+            name, shape = add_text_embeddings(
+                store, templates, model, pretrained, device, allow_torchscript
+            )
             typer.echo(f"{store}: wrote text/{name} {shape}")
             return
         if dataset is None or data_root is None:
@@ -337,10 +413,11 @@ def extract_command(
             timeout=timeout,
             retry_failed=retry_failed,
             progress=progress,
+            allow_torchscript=allow_torchscript,
         )
         summary = run_extraction(options)
     except (DatasetError, ExtractError, StoreError, EncoderError) as error:
-        fail(str(error).splitlines()[0] if str(error) else type(error).__name__)
+        fail(first_line(error))
     except KeyboardInterrupt:
         fail(f"interrupted; finished rows are saved: rerun the same command to resume {store}", 130)
     for line in summary.lines():
@@ -348,40 +425,9 @@ def extract_command(
 
 
 app.command("extract")(extract_command)
-# EXTRACT-COMMANDS-END
 
 
-# ---------------------------------------------------------------- train / eval (issue 4)
-# HEADS-COMMANDS-BEGIN
-def _heads_user_errors(action):
-    """Run `action`; user-fixable errors (store, episodes, options) print one line and exit 2."""
-    from heads.episodes import EpisodeError
-    from heads.train import ConfigError
-    from store import StoreError
-
-    try:
-        return action()
-    except (StoreError, EpisodeError, ConfigError, FileNotFoundError) as error:
-        fail(str(error).splitlines()[0] if str(error) else type(error).__name__)
-    except ValueError as error:  # unknown head or head option
-        fail(str(error).splitlines()[0])
-
-
-def _parse_head_options(pairs: list[str]) -> dict:
-    import json
-
-    options = {}
-    for pair in pairs:
-        if "=" not in pair:
-            fail(f"--option takes KEY=VALUE (got {pair!r})")
-        key, value = pair.split("=", 1)
-        try:
-            options[key.replace("-", "_")] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key.replace("-", "_")] = value
-    return options
-
-
+# ---------------------------------------------------------------- fsar-train, fsar-eval
 @train_app.command("train")
 def train_command(
     store: str | None = typer.Option(None, help="Store path (stores/<dataset>)."),
@@ -397,9 +443,9 @@ def train_command(
     query: int | None = typer.Option(None, help="Query videos per class in training [5]."),
     episodes: int | None = typer.Option(None, help="Training episodes [2000]."),
     episodes_per_step: int | None = typer.Option(
-        None, help="Episodes per optimiser step (gradient accumulation) [4]."
+        None, help="Episodes per optimiser step (gradient accumulation) [1]."
     ),
-    lr: float | None = typer.Option(None, help="Peak learning rate [1e-4]."),
+    lr: float | None = typer.Option(None, help="Peak learning rate [1e-3]."),
     decay_groups: str | None = typer.Option(
         None, help="Weight decay on: matrices (not norms, biases, scalars) | released [matrices]."
     ),
@@ -414,6 +460,9 @@ def train_command(
     ),
     resume: bool = typer.Option(
         False, "--resume", help="Continue the run in --out (default runs/latest)."
+    ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Start afresh in an --out that holds a run (replaces it)."
     ),
     levels: str | None = typer.Option(None, help="emp: token | token,patch | token,patch,frame."),
     no_text: bool = typer.Option(
@@ -445,57 +494,34 @@ def train_command(
     ),
 ) -> None:
     """Train a head episodically from a store (never runs the CLIP encoder)."""
-    import json
     from pathlib import Path
 
-    from heads.allocator import keep_freed_memory
-    from heads.train import TrainConfig, config_from_run, train
+    from heads.config import config_from_options, resume_config
+    from heads.train import train
+    from runtime.memory import keep_freed_memory
 
-    def action():
-        if keep_freed_memory_:
-            keep_freed_memory()
+    if keep_freed_memory_:
+        keep_freed_memory()
+    if resume and overwrite:
+        fail("give --resume or --overwrite, not both")
+    with user_errors(*heads_errors()):
         if resume:
-            run_dir = Path(out) if out else Path("runs") / "latest"
-            if not (run_dir / "config.json").exists():
-                fail(f"nothing to resume: {run_dir}/config.json does not exist")
-            cfg = config_from_run(run_dir.resolve())
-            cfg.out = str(run_dir.resolve())
-            if episodes is not None:
-                cfg.episodes = episodes
-            cfg.progress = progress
-            return train(cfg, resume=True)
-        values = json.loads(Path(config).read_text()) if config else {}
-        cli = dict(
-            store=store, preset=preset, head=head, way=way, shot=shot, query=query, episodes=episodes,
-            episodes_per_step=episodes_per_step, lr=lr, decay_groups=decay_groups, val_every=val_every,
-            val_episodes=val_episodes,
-            val_way=val_way,
-            out=out, seed=seed, device=device, max_ram=max_ram,
-        )  # fmt: skip
-        values.update({k: v for k, v in cli.items() if v is not None})
-        head_opts = dict(values.get("head_options", {}))
-        head_opts.update(_parse_head_options(option))
-        flags = dict(levels=levels, loss=loss, temperature=temperature, strategy=strategy)
-        head_opts.update({k: v for k, v in flags.items() if v is not None})
-        for name, on in (
-            ("no_text", no_text),
-            ("no_skip_fusion", no_skip_fusion),
-            ("layer_weights", layer_weights),
-            ("score_weights", score_weights),
-        ):
-            if on:
-                head_opts[name] = True
-        values["head_options"] = head_opts
-        values["progress"] = progress
-        if not values.get("store"):
-            fail("--store is required (e.g. --store stores/hmdb51)")
-        unknown = set(values) - set(TrainConfig.__dataclass_fields__)
-        if unknown:
-            fail(f"unknown training option(s): {', '.join(sorted(unknown))}")
-        cfg = TrainConfig(**values).resolved(explicit=set(values))
-        return train(cfg)
-
-    run_dir = _heads_user_errors(action)
+            cfg = resume_config(Path(out or "runs/latest"), episodes, progress)
+        else:
+            options = dict(
+                store=store, preset=preset, head=head, way=way, shot=shot, query=query,
+                episodes=episodes, episodes_per_step=episodes_per_step, lr=lr,
+                decay_groups=decay_groups, val_every=val_every, val_episodes=val_episodes,
+                val_way=val_way, out=out, seed=seed, device=device, max_ram=max_ram,
+                progress=progress,
+            )  # fmt: skip
+            flags = dict(
+                levels=levels, loss=loss, temperature=temperature, strategy=strategy,
+                no_text=no_text, no_skip_fusion=no_skip_fusion, layer_weights=layer_weights,
+                score_weights=score_weights,
+            )  # fmt: skip
+            cfg = config_from_options(options, key_values(option), flags, config)
+        run_dir = train(cfg, resume=resume, overwrite=overwrite)
     typer.echo(f"run: {run_dir}")
 
 
@@ -529,13 +555,19 @@ def eval_command(
 
     import torch
 
-    from heads import create
-    from heads.allocator import keep_freed_memory
     from heads.evaluate import evaluate, load_run, store_of_run
-    from heads.train import head_options, pick_device
+    from heads.train import build_head
+    from runtime.device import pick_device
+    from runtime.memory import keep_freed_memory
     from store import open_store
 
-    def action():
+    check_counts(episodes=episodes, way=way, shot=shot, query=query)
+    if max_ram < 0:
+        fail(f"--max-ram {max_ram}: use a number of GB >= 0")
+    for option_name, path in (("--json", json_out), ("--per-episode", per_episode)):
+        if path is not None:
+            check_output_file(option_name, path)
+    with user_errors(*heads_errors()):
         target = pick_device(device)
         keep_freed_memory()
         if head is not None and checkpoint is not None:
@@ -551,11 +583,9 @@ def eval_command(
         s = open_store(store_path)
         if run_dir is not None:
             model = load_run(run_dir, s, target)
-        else:
-            torch.manual_seed(seed)  # an untrained trainable head: the same weights every time
-            model = create(head, **head_options(head, _parse_head_options(option), s.spec))
-            model.prepare(s)
-            model.to(target)
+        else:  # untrained: built at the store's dim, the same weights every time
+            torch.manual_seed(seed)
+            model = build_head(head, key_values(option), s, target)
         result = evaluate(
             model, s, split, way, shot, query, episodes, seed, target, max_ram, progress=progress,
             view=view,
@@ -569,14 +599,107 @@ def eval_command(
             pd.DataFrame({"episode": range(episodes), "accuracy": result.per_episode}).to_parquet(
                 per_episode
             )
-        return result
-
-    _heads_user_errors(action)
 
 
 app.command("train")(train_command)
 app.command("eval")(eval_command)
-# HEADS-COMMANDS-END
+
+
+# ---------------------------------------------------------------- fsar-study
+def study_command(
+    ctx: typer.Context,
+    store: str | None = typer.Option(
+        None, help="Store: directory, packed file or URL (workers read it too)."
+    ),
+    plan: str | None = typer.Option(
+        None, help="Built-in plan (ablation, baselines, shots) or a plan .json file."
+    ),
+    out: str | None = typer.Option(None, help="Study folder [studies/<plan>]."),
+    scheduler: str | None = typer.Option(
+        None, help="Address of a Dask scheduler [a LocalCluster]."
+    ),
+    workers: int | None = typer.Option(
+        None, help="LocalCluster worker processes [cores, one torch thread each]."
+    ),
+    seeds: str | None = typer.Option(None, help="Training seeds, e.g. 0,1,2 [the plan's]."),
+    episodes: int | None = typer.Option(None, help="Test episodes per cell [the plan's, 10000]."),
+    train: list[str] = typer.Option(
+        [], help="Training option KEY=VALUE for every trained cell (repeatable)."
+    ),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue the study in --out, even with a changed plan."
+    ),
+    device: str = typer.Option("cpu", help="cpu, cuda ... (on the workers)."),
+    max_ram: float = typer.Option(8.0, help="GB a split may take in a worker's RAM."),
+    progress: bool = typer.Option(True, help="Progress bar over cells."),
+) -> None:
+    """Run a study: every cell trains (selection on val) and is tested on the same episodes."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from heads.study import (
+        PlanError,
+        StudyError,
+        StudyInterrupted,
+        StudyOptions,
+        load_plan,
+        run_study,
+    )
+    from store import StoreError
+
+    if not store or not plan:
+        fail(
+            "--store and --plan are required (e.g. fsar-study --store stores/hmdb51 --plan ablation)"
+        )
+    try:
+        seed_list = [int(s) for s in comma_list(seeds)] if seeds is not None else None
+    except ValueError:
+        fail(f"--seeds {seeds!r}: give integers, e.g. 0,1,2")
+    try:
+        with user_errors(PlanError, StudyError, StoreError):
+            chosen = load_plan(plan)
+            options = StudyOptions(
+                store=store, out=out or f"studies/{chosen.name}", scheduler=scheduler,
+                workers=workers, seeds=seed_list, episodes=episodes, train=key_values(train),
+                resume=resume, device=device, max_ram=max_ram, progress=progress,
+            )  # fmt: skip
+            summary = run_study(chosen, options)
+    except StudyInterrupted as stop:
+        fail(str(stop), 130)
+    for line in summary.lines():
+        typer.echo(line)
+    if summary.failed:
+        raise typer.Exit(1)
+
+
+study_app.callback(invoke_without_command=True)(study_command)
+study_app.command("run")(study_command)
+
+
+@study_app.command("compare")
+def study_compare(
+    a: str = typer.Argument(
+        ..., help="Per-episode file A (fsar-eval --per-episode, or a study cell's)."
+    ),
+    b: str = typer.Argument(..., help="Per-episode file B, scored on the same episodes."),
+) -> None:
+    """Paired comparison B - A of two per-episode files: mean, 95% CI and paired t-test."""
+    from heads.study import StudyError, paired_comparison, read_per_episode
+
+    with user_errors(StudyError):
+        (ep_a, acc_a, meta_a), (ep_b, acc_b, meta_b) = read_per_episode(a), read_per_episode(b)
+    if len(ep_a) != len(ep_b) or not (ep_a == ep_b).all():
+        fail(
+            f"{a} and {b} score different episodes ({len(ep_a)} and {len(ep_b)}): pair files of one evaluation setting"
+        )
+    keys = ("store_fingerprint", "split", "way", "shot", "query", "seed")
+    if meta_a and meta_b:
+        differ = [k for k in keys if meta_a.get(k) != meta_b.get(k)]
+        if differ:
+            fail(f"{a} and {b} come from different episodes ({', '.join(differ)} differ)")
+    else:
+        typer.echo("note: no episode metadata in both files; pairing by episode index", err=True)
+    typer.echo(f"A {a}: {acc_a.mean() * 100:.2f}%   B {b}: {acc_b.mean() * 100:.2f}%")
+    typer.echo(paired_comparison(acc_a, acc_b).summary("A", "B"))
 
 
 if __name__ == "__main__":

@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 SCHEMA = 1
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO_ROOT / "bench" / "results"
 
 # ViT-B/16 at 224 px: what the published methods cache. Cost does not depend on the weights.
 VIT_B16 = {
@@ -91,13 +91,13 @@ def machine_info(device: str = "cpu") -> dict[str, Any]:
 
 
 def resolve_device(device: str) -> str:
-    import torch
+    """`runtime.device.pick_device` for a benchmark's --device; exits with its message."""
+    from runtime.device import DeviceError, pick_device
 
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but torch sees no CUDA device")
-    return device
+    try:
+        return str(pick_device(device))
+    except DeviceError as error:
+        raise SystemExit(f"error: {error}") from None
 
 
 def sync(device: str) -> None:
@@ -265,13 +265,14 @@ def vit_b16_spec(recipe: str = "emp", codec: dict | None = None, frames: int = 8
     )
 
 
-def tiny_spec(recipe: str = "emp", codec: dict | None = None, frames: int = 4) -> dict:
-    """Shapes of the tiny ViT (D 32, W 64, 16 patches) for quick mode."""
+def tiny_spec(
+    recipe: str = "emp", codec: dict | None = None, frames: int = 4, **shape: Any
+) -> dict:
+    """Shapes of the tiny ViT (D 32, W 64, 16 patches) for quick mode; `shape` overrides them."""
     from store.random_store import random_spec
 
-    return random_spec(
-        frames=frames, views=1, dim=32, width=64, patches=16, recipe=recipe, codec=codec
-    )
+    sizes = {"views": 1, "dim": 32, "width": 64, "patches": 16} | shape
+    return random_spec(frames=frames, recipe=recipe, codec=codec, **sizes)
 
 
 def peak_rss_of(
@@ -347,6 +348,12 @@ def evict(root: str | Path) -> str:
         finally:
             os.close(fd)
     return "posix_fadvise(DONTNEED) per store file after sync"
+
+
+def fsar_command(name: str) -> list[str]:
+    """The command line of `fsar-<name>`: the installed script, else `python -m cli <name>`."""
+    script = Path(sys.executable).parent / f"fsar-{name}"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "cli", name]
 
 
 def run_cli(app: str, args: list[str]) -> float:

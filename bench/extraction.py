@@ -10,11 +10,11 @@ on the weights), T=8 frames, 1 view, recipe `emp`, CPU; `--quick`: the tiny ViT,
             `--quick` runs only the full one and reports end-to-end figures.
   bare      the same FrameEncoder (same model, batch = one video's frames, torch threads = cores)
             in this process on the same videos' frames, decoded and preprocessed beforehand:
-            encoding only. This process keeps freed memory (heads.allocator), as fsar-extract's
+            encoding only. This process keeps freed memory (runtime.memory), as fsar-extract's
             workers do: with glibc's default, the loop's speed depends on the heap's history
             (2.5-2.9 frames/s against 3.3 on the same machine, minutes apart).
   ratio     pipeline frames/s / bare frames/s; the target (>= 0.9) is for the steady state.
-Decode-only: `pipeline.video.decode_sampled` (exact sequential decode, as the pipeline runs it) in a
+Decode-only: `pipeline.decoding.decode_sampled` (exact sequential decode, as the pipeline runs it) in a
 process pinned to one core, on 320x240 videos of 300 frames (HMDB51/UCF101 size), textured and
 panning so that the bitrate is closer to real footage than flat synthetic shapes.
 """
@@ -23,17 +23,18 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
 
-from bench.common import Result, Scratch, parser, resolve_device, timed
-from heads.allocator import keep_freed_memory
+from bench.common import Result, Scratch, fsar_command, parser, resolve_device, timed
+from runtime.memory import keep_freed_memory
 
 # `python -m bench.run_all --report` puts this above the figures in docs/performance.md
 HOW_TO_READ = """
@@ -48,14 +49,9 @@ encoder fed.
 DECODE_SIZE = (320, 240)
 
 
-def cli(name: str) -> list[str]:
-    script = Path(sys.executable).parent / f"fsar-{name}"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "cli", name]
-
-
 def run_extract(args: list[str]) -> tuple[float, str]:
     start = time.perf_counter()
-    proc = subprocess.run(cli("extract") + args, capture_output=True, text=True)
+    proc = subprocess.run(fsar_command("extract") + args, capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"fsar-extract failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -94,7 +90,7 @@ def _pin_one_core() -> None:
 
 def _decode_rate(path: str, frames: int, repeat: int) -> tuple[float, int]:
     """Frames/s of exact sequential decoding (the pipeline's method) in this pinned process."""
-    from pipeline.video import decode_sampled
+    from pipeline.decoding import decode_sampled
 
     best = float("inf")
     n = 0
@@ -121,9 +117,10 @@ def bare_rate(store_path: Path, data_root: Path, model: str, device: str) -> tup
     """Frames/s of the encoder alone on the store's videos, decoded and preprocessed beforehand."""
     import torch
 
-    from pipeline.encoder import FrameEncoder, load_clip
+    from pipeline.decode_child import DecodeRequest, decode_request
+    from pipeline.encoder import FrameEncoder
+    from pipeline.model import load_clip
     from pipeline.preprocess import build_transform
-    from pipeline.video import DecodeRequest, decode_request
     from store import open_store
 
     with open_store(store_path) as s:
@@ -147,6 +144,76 @@ def bare_rate(store_path: Path, data_root: Path, model: str, device: str) -> tup
     return n / seconds, n
 
 
+@dataclass
+class PipelineRun:
+    """One `fsar-extract` run into a fresh store: wall seconds, frames encoded, its output."""
+
+    seconds: float
+    frames: int
+    store: Path
+    log: str
+
+
+def pipeline_runs(work: Path, data: Path, model: str, frames: int, device: str, quick: bool):
+    """`fsar-extract` on the test split ("small") and on every split ("full"), as a command.
+
+    Quick mode (CI) has too few videos for the two-run difference to be above the noise of
+    start-up, so it runs once ("full") and reports the end-to-end figures only.
+    """
+    common = ["--dataset", "folder", "--data-root", str(data), "--model", model]
+    common += ["--pretrained", "none", "--frames", str(frames), "--device", device]
+    common += ["--no-progress"]
+    runs = {}
+    sizes = (("full", []),) if quick else (("small", ["--splits", "test"]), ("full", []))
+    for label, extra in sizes:
+        store = work / f"store-{label}"
+        shutil.rmtree(store, ignore_errors=True)
+        seconds, log = run_extract([*common, "--store", str(store), *extra])
+        runs[label] = PipelineRun(seconds, ok_rows(store) * frames, store, log)
+    return runs
+
+
+def add_ratio_figures(res: Result, runs: dict[str, PipelineRun], bare: float, frames: int) -> None:
+    """End to end and, with two runs, the steady state (marginal rate) against the bare loop."""
+    full, small = runs["full"], runs.get("small")
+    e2e = full.frames / full.seconds
+    res.add("bare_fps", "bare encoder loop (in process)", bare, "frames/s")
+    res.add("pipeline_fps_e2e", "fsar-extract end to end (with start-up)", e2e, "frames/s")
+    if small is not None:
+        if full.seconds <= small.seconds:
+            raise RuntimeError(
+                f"the full run ({full.seconds:.1f} s) was not slower than the small one "
+                f"({small.seconds:.1f} s): the machine is too busy to separate start-up; rerun"
+            )
+        marginal = (full.frames - small.frames) / (full.seconds - small.seconds)
+        res.add("pipeline_fps_steady", "fsar-extract steady state (marginal)", marginal, "frames/s")
+        startup = full.seconds - full.frames / marginal
+        res.add("startup_s", "fsar-extract fixed start-up (intercept)", startup, "s")
+        res.add("ratio_steady", "ratio pipeline / bare, steady state", marginal / bare, "x",
+                target=">= 0.9", met=marginal / bare >= 0.9)  # fmt: skip
+    else:
+        res.notes.append("quick: one run, so no steady-state figures (start-up dominates)")
+    label = f"ratio pipeline / bare, end to end ({full.frames // frames} videos)"
+    res.add("ratio_e2e", label, e2e / bare, "x")
+
+
+def add_decode_figures(
+    res: Result, work: Path, decode_frames: int, frames: int, repeat: int
+) -> None:
+    """Decode-only frames/s per core of the textured 320x240 mp4 and AVI."""
+    rates = decode_only(work, decode_frames, frames, repeat)
+    res.config["decode_kbps"] = {
+        kind: round((work / f"decode.{kind}").stat().st_size * 8 / 1000 / (decode_frames / 25))
+        for kind in ("mp4", "avi")
+    }
+    res.add("decode_fps_per_core.mp4", "decode h264 mp4, per core", rates["mp4"], "frames/s")
+    res.add("decode_fps_per_core.avi", "decode MPEG-4 AVI, per core", rates["avi"], "frames/s")
+    res.notes.append(
+        "decode-only: a pinned process, best of repeats; frames/s counts every decoded frame "
+        "(the pipeline decodes each video fully and sequentially, then keeps the sampled ones)"
+    )
+
+
 def main(argv: list[str] | None = None) -> Path:
     p = parser("extraction", __doc__.splitlines()[0])
     p.add_argument(
@@ -168,88 +235,26 @@ def main(argv: list[str] | None = None) -> Path:
         data = work / "data"
         if not (data / "synth.json").exists():
             make_synthetic_dataset(data, classes=6, videos_per_class=per_class, seed=0)
-        common = ["--dataset", "folder", "--data-root", str(data), "--model", model]
-        common += ["--pretrained", "none", "--frames", str(frames), "--device", device]
-        common += ["--no-progress"]
-        runs = {}
-        # Quick mode (CI) has too few videos for the two-run difference to be above the noise of
-        # start-up, so it runs once and reports the end-to-end figures only.
-        sizes = (("full", []),) if quick else (("small", ["--splits", "test"]), ("full", []))
-        for label, extra in sizes:
-            store = work / f"store-{label}"
-            if store.exists():
-                import shutil
-
-                shutil.rmtree(store)
-            seconds, log = run_extract([*common, "--store", str(store), *extra])
-            n = ok_rows(store) * frames
-            runs[label] = (seconds, n, store, log)
-        t_full, n_full, store_full, log = runs["full"]
-        t_small, n_small = runs["small"][:2] if "small" in runs else (None, 0)
-        match = re.search(r"in ([0-9.]+) s \(", log)
-        e2e = n_full / t_full
-        bare, n_bare = bare_rate(store_full, data, model, device)
+        runs = pipeline_runs(work, data, model, frames, device, quick)
+        full, small = runs["full"], runs.get("small")
+        bare, n_bare = bare_rate(full.store, data, model, device)
+        match = re.search(r"in ([0-9.]+) s \(", full.log)
         res.config = {
             "model": f"{model} (random init)",
             "frames_per_video": frames,
-            "videos": {"small run": n_small // frames, "full run": n_full // frames},
-            "pipeline_seconds": {
-                "small run": None if t_small is None else round(t_small, 1),
-                "full run": round(t_full, 1),
-            },
+            "videos": {"small run": (small.frames if small else 0) // frames,
+                       "full run": full.frames // frames},
+            "pipeline_seconds": {"small run": round(small.seconds, 1) if small else None,
+                                 "full run": round(full.seconds, 1)},
             "pipeline_summary_seconds": float(match.group(1)) if match else None,
             "bare_frames": n_bare,
             "bare_allocator": "glibc heap only, freed memory kept (as fsar-extract's workers)"
-            if allocator
-            else "glibc default (settings not available here)",
+            if allocator else "glibc default (settings not available here)",
             "decode_video": f"{DECODE_SIZE[0]}x{DECODE_SIZE[1]}, {decode_frames} frames, 25 fps",
-        }
-        res.add("bare_fps", "bare encoder loop (in process)", bare, "frames/s")
-        res.add("pipeline_fps_e2e", "fsar-extract end to end (with start-up)", e2e, "frames/s")
-        if t_small is not None:
-            if t_full <= t_small:
-                raise RuntimeError(
-                    f"the full run ({t_full:.1f} s) was not slower than the small one "
-                    f"({t_small:.1f} s): the machine is too busy to separate start-up; rerun"
-                )
-            marginal = (n_full - n_small) / (t_full - t_small)
-            res.add(
-                "pipeline_fps_steady", "fsar-extract steady state (marginal)", marginal, "frames/s"
-            )
-            res.add(
-                "startup_s",
-                "fsar-extract fixed start-up (intercept)",
-                t_full - n_full / marginal,
-                "s",
-            )
-            res.add(
-                "ratio_steady",
-                "ratio pipeline / bare, steady state",
-                marginal / bare,
-                "x",
-                target=">= 0.9",
-                met=marginal / bare >= 0.9,
-            )
-        else:
-            res.notes.append("quick: one run, so no steady-state figures (start-up dominates)")
-        res.add(
-            "ratio_e2e",
-            f"ratio pipeline / bare, end to end ({n_full // frames} videos)",
-            e2e / bare,
-            "x",
-        )
-        rates = decode_only(work, decode_frames, frames, repeat=1 if quick else 3)
-        res.config["decode_kbps"] = {
-            kind: round((work / f"decode.{kind}").stat().st_size * 8 / 1000 / (decode_frames / 25))
-            for kind in ("mp4", "avi")
-        }
-        res.add("decode_fps_per_core.mp4", "decode h264 mp4, per core", rates["mp4"], "frames/s")
-        res.add("decode_fps_per_core.avi", "decode MPEG-4 AVI, per core", rates["avi"], "frames/s")
-        res.notes.append(
-            "decode-only: a pinned process, best of repeats; frames/s counts every decoded frame "
-            "(the pipeline decodes each video fully and sequentially, then keeps the sampled ones)"
-        )
-        (work / "extract.log").write_text(log)
+        }  # fmt: skip
+        add_ratio_figures(res, runs, bare, frames)
+        add_decode_figures(res, work, decode_frames, frames, repeat=1 if quick else 3)
+        (work / "extract.log").write_text(full.log)
     return res.write(args.out)
 
 

@@ -12,6 +12,7 @@ The recipes are fsar's short run (`--episodes 300 --lr 3e-3`) with each loss, th
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -58,13 +59,44 @@ def train_recipe(store: Path, out: Path, episodes: int, recipe: dict) -> Path:
     return train(cfg.resolved(explicit=set(options) | {"episodes"}))
 
 
+def score_untrained(res: Result, store: Any, test: dict) -> dict[str, float]:
+    """Test accuracy of the training-free heads and of emp untrained; returns the training-free ones."""
+    from heads.evaluate import evaluate
+    from heads.train import build_head
+
+    free = {}
+    for name in ("zeroshot", "proto", "otam", "emp"):
+        torch.manual_seed(0)
+        accuracy = evaluate(
+            build_head(name, {}, store, torch.device("cpu")), store, **test
+        ).accuracy
+        label = "emp, untrained" if name == "emp" else f"{name} (training-free)"
+        res.add(f"untrained_{name}", label, accuracy, "% test")
+        if name != "emp":
+            free[name] = accuracy
+    return free
+
+
+def score_recipes(
+    res: Result, store: Any, work: Path, episodes: int, test: dict, free: dict
+) -> None:
+    """Train every recipe, test it; the short run's gain over the best training-free head."""
+    from heads.evaluate import evaluate, load_run
+
+    for i, (label, recipe) in enumerate(RECIPES.items()):
+        run = train_recipe(work / "store", work / f"run{i}", episodes, recipe)
+        accuracy = evaluate(load_run(run, store), store, **test).accuracy
+        res.add(f"recipe{i}", label, accuracy, "% test")
+        if i == 0:
+            gain = accuracy - max(free.values())
+            res.add("short_run_gain", "emp short run minus the best training-free head",
+                    gain, "points", ">= 25", gain >= 25)  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
     p = parser("learning", __doc__.splitlines()[0])
     p.add_argument("--episodes", type=int, default=300, help="training episodes per recipe")
     args = p.parse_args(argv)
-    import heads
-    from heads.evaluate import evaluate, load_run
-    from heads.train import head_options
     from store import open_store
     from store.random_store import hidden_order_store
 
@@ -76,24 +108,8 @@ def main(argv: list[str] | None = None) -> None:
         classes = {"train": 10, "val": 6, "test": 6} if args.quick else None
         hidden_order_store(work / "store", classes=classes).close()
         store = open_store(work / "store")
-        free = {}
-        for name in ("zeroshot", "proto", "otam", "emp"):
-            torch.manual_seed(0)
-            head = heads.create(name, **head_options(name, {}, store.spec))
-            head.prepare(store)
-            accuracy = evaluate(head, store, **test).accuracy
-            label = "emp, untrained" if name == "emp" else f"{name} (training-free)"
-            res.add(f"untrained_{name}", label, accuracy, "% test")
-            if name != "emp":
-                free[name] = accuracy
-        for i, (label, recipe) in enumerate(RECIPES.items()):
-            run = train_recipe(work / "store", work / f"run{i}", episodes, recipe)
-            accuracy = evaluate(load_run(run, store), store, **test).accuracy
-            res.add(f"recipe{i}", label, accuracy, "% test")
-            if i == 0:
-                gain = accuracy - max(free.values())
-                res.add("short_run_gain", "emp short run minus the best training-free head",
-                        gain, "points", ">= 25", gain >= 25)  # fmt: skip
+        free = score_untrained(res, store, test)
+        score_recipes(res, store, work, episodes, test, free)
     res.notes.append(
         f"learning: every recipe trains {episodes} episodes from seed 0 (5-way 1-shot, 5 queries); "
         f"test accuracy over the same {test['episodes']} episodes; chance is 20%"

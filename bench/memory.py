@@ -16,6 +16,7 @@ from pathlib import Path
 from bench.common import (
     Result,
     Scratch,
+    fsar_command,
     parser,
     peak_rss_of,
     resolve_device,
@@ -31,9 +32,23 @@ RAM: streaming must save memory; the baseline is what Python, torch and fsar cos
 """
 
 
-def cli(name: str) -> list[str]:
-    script = Path(sys.executable).parent / f"fsar-{name}"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "cli", name]
+def train_command(
+    store: Path, out: Path, episodes: int, max_ram_gb: float, device: str
+) -> list[str]:
+    """`fsar-train --head lastlayer`: `episodes` episodes in one optimiser step, one validation."""
+    cmd = fsar_command("train") + ["--store", str(store), "--head", "lastlayer"]
+    cmd += ["--episodes", str(episodes), "--episodes-per-step", str(episodes)]
+    cmd += ["--val-every", str(episodes), "--val-episodes", "5"]
+    cmd += ["--max-ram", f"{max_ram_gb:.6f}", "--device", device, "--no-progress"]
+    return cmd + ["--out", str(out)]
+
+
+def checked_peak_rss(cmd: list[str], what: str) -> float:
+    """Peak RSS (MiB) of `cmd` run as a child; RuntimeError with its output if it fails."""
+    peak, code, tail = peak_rss_of(cmd)
+    if code != 0:
+        raise RuntimeError(f"{what} failed ({code}):\n{tail}")
+    return peak
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -51,52 +66,34 @@ def main(argv: list[str] | None = None) -> Path:
     with Scratch(args.work, "memory") as work:
         store_path = work / "store"
         _, store = build_store(store_path, spec, {"train": (n_classes, per_class), "val": (5, 2)})
-        from heads.data import row_bytes
+        from store.layout import row_bytes
 
         split_bytes = row_bytes(store.spec, ["tokens/layer12_in"]) * n_classes * per_class
-        small = split_bytes / 4 / 1e9  # GB: the split is 4x larger than this
-        large = split_bytes * 4 / 1e9
+        max_ram = {"streamed": split_bytes / 4 / 1e9, "in RAM": split_bytes * 4 / 1e9}  # GB
         res.config = {
             "head": "lastlayer (reads tokens/layer12_in)",
             "shapes": {k: spec[k] for k in ("frames", "tokens", "width")},
             "train_videos": n_classes * per_class,
             "split_tensor_mb": round(split_bytes / 1e6, 1),
-            "max_ram_gb": {"streamed": round(small, 4), "in RAM": round(large, 4)},
+            "max_ram_gb": {label: round(gb, 4) for label, gb in max_ram.items()},
             "episodes": args.episodes,
         }
-        base, code, tail = peak_rss_of(
-            [sys.executable, "-c", "import torch, heads, store, heads.train"]
-        )
-        if code != 0:
-            raise RuntimeError(tail)
+        baseline = [sys.executable, "-c", "import torch, heads, store, heads.train"]
+        base = checked_peak_rss(baseline, "importing torch, heads and store")
         res.add("baseline_rss_mib", "baseline: python + torch + heads imported", base, "MiB")
         peaks = {}
-        for label, max_ram in (("streamed", small), ("in RAM", large)):
-            cmd = cli("train") + ["--store", str(store_path), "--head", "lastlayer"]
-            cmd += ["--episodes", str(args.episodes), "--episodes-per-step", str(args.episodes)]
-            cmd += ["--val-every", str(args.episodes), "--val-episodes", "5"]
-            cmd += ["--max-ram", f"{max_ram:.6f}", "--device", device, "--no-progress"]
-            cmd += ["--out", str(work / f"run-{label.replace(' ', '-')}")]
-            peak, code, tail = peak_rss_of(cmd)
-            if code != 0:
-                raise RuntimeError(f"fsar-train failed ({code}):\n{tail}")
-            peaks[label] = peak
-            res.add(
-                f"peak_rss_mib.{label.replace(' ', '_')}",
-                f"fsar-train peak RSS, split {'> --max-ram (streamed)' if label == 'streamed' else 'fits (in RAM)'}",
-                peak,
-                "MiB",
+        for label, gb in max_ram.items():
+            out = work / f"run-{label.replace(' ', '-')}"
+            peaks[label] = checked_peak_rss(
+                train_command(store_path, out, args.episodes, gb, device), "fsar-train"
             )
+            fits = "> --max-ram (streamed)" if label == "streamed" else "fits (in RAM)"
+            res.add(f"peak_rss_mib.{label.replace(' ', '_')}",
+                    f"fsar-train peak RSS, split {fits}", peaks[label], "MiB")  # fmt: skip
         res.add("split_mib", "train split tensors (layer12_in)", split_bytes / 2**20, "MiB")
         saved = peaks["in RAM"] - peaks["streamed"]
-        res.add(
-            "streaming_saves_mib",
-            "RAM saved by streaming",
-            saved,
-            "MiB",
-            target="> 0 (full mode)",
-            met=None if quick else saved > 0,
-        )
+        res.add("streaming_saves_mib", "RAM saved by streaming", saved, "MiB",
+                target="> 0 (full mode)", met=None if quick else saved > 0)  # fmt: skip
     return res.write(args.out)
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from bench.common import REPO_ROOT, RESULTS_DIR, format_value, markdown_table
 
-BENCHMARKS = ("extraction", "training", "evaluation", "store", "memory", "learning")
+BENCHMARKS = ("extraction", "training", "evaluation", "store", "memory", "learning", "study")
 DOC = REPO_ROOT / "docs" / "performance.md"
 README = REPO_ROOT / "README.md"
 HEADLINE_BEGIN = "<!-- performance headline: written by python -m bench.run_all --report -->"
@@ -214,6 +214,27 @@ def write_docs(out: Path, gpu_out: Path, doc: Path = DOC, readme: Path | None = 
             readme.write_text(pattern.sub(lambda _: readme_headline(out), text))
 
 
+def run_benchmark(name: str, device: str, out: Path, quick: bool) -> int:
+    """`python -m bench.<name>` in its own process; its exit code."""
+    cmd = [sys.executable, "-m", f"bench.{name}", "--device", device, "--out", str(out)]
+    if quick:
+        cmd.append("--quick")
+    print(f"== {' '.join(cmd[1:])}", flush=True)
+    start = time.perf_counter()
+    code = subprocess.run(cmd, cwd=Path(__file__).resolve().parent.parent).returncode
+    print(f"== {name}: exit {code} after {time.perf_counter() - start:.0f} s", flush=True)
+    return code
+
+
+def write_summary(out: Path, table: str, quick: bool, device: str) -> None:
+    """bench/results/summary.md: the command that made the results, then their table."""
+    command = "python -m bench.run_all" + (" --quick" if quick else "")
+    if device != "cpu":
+        command += f" --device {device}"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.md").write_text(f"Command: `{command}`\n\n{table}\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.run_all", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes, for CI")
@@ -234,31 +255,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown benchmark(s) {', '.join(sorted(unknown))}; choose from {BENCHMARKS}")
     failed = []
     if not args.report:
-        for name in names:
-            cmd = [
-                sys.executable,
-                "-m",
-                f"bench.{name}",
-                "--device",
-                args.device,
-                "--out",
-                str(out),
-            ]
-            if args.quick:
-                cmd.append("--quick")
-            print(f"== {' '.join(cmd[1:])}", flush=True)
-            start = time.perf_counter()
-            code = subprocess.run(cmd, cwd=Path(__file__).resolve().parent.parent).returncode
-            print(f"== {name}: exit {code} after {time.perf_counter() - start:.0f} s", flush=True)
-            if code != 0:
-                failed.append(name)
+        failed = [n for n in names if run_benchmark(n, args.device, out, args.quick) != 0]
     table = report(out, [n for n in names if n not in failed])
-    command = "python -m bench.run_all" + (" --quick" if args.quick else "")
-    if args.device != "cpu":
-        command += f" --device {args.device}"
-    out.mkdir(parents=True, exist_ok=True)
     if not args.report:
-        (out / "summary.md").write_text(f"Command: `{command}`\n\n{table}\n")
+        write_summary(out, table, args.quick, args.device)
     elif not args.print_only:
         if any(r["quick"] for r in load(out, BENCHMARKS)):
             print("quick results: docs/performance.md not written (it holds full runs only)")

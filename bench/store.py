@@ -17,6 +17,11 @@ loader (`heads.data.SplitData`) from a split that does not fit `--max-ram` (stre
               background thread while the head steps): seconds the loop waits for the next
               episode / loop seconds, over several episodes after the first (which only fills the
               prefetch queue). This is the figure the < 5% target is for.
+Checksums on read (the default for a store received from elsewhere), for the same episodes:
+  checksum share  seconds to hash one episode's rows as training reads them (whole rows of the
+                  head's tensors) / seconds of one head step: the work verification adds (< 5%);
+  verified stall  the stall share above with verification on (it runs in the prefetch thread).
+`python -m bench.store --verification-only` measures just these (a store of one episode's rows).
 """
 
 from __future__ import annotations
@@ -49,7 +54,9 @@ from bench.workload import (
     make_head,
     optimizer_for,
     random_pool,
+    read_inputs,
 )
+from store.layout import row_bytes
 
 # `python -m bench.run_all --report` puts this above the figures in docs/performance.md
 HOW_TO_READ = """
@@ -73,7 +80,8 @@ def encoder_rows(
     """Encoder outputs (random init) for `n` synthetic videos, T frames each, as store rows."""
     import torch
 
-    from pipeline.encoder import FrameEncoder, load_clip
+    from pipeline.encoder import FrameEncoder
+    from pipeline.model import load_clip
     from pipeline.synth import FAMILIES, render_video
 
     clip = load_clip(model, "none", device=device)
@@ -93,12 +101,6 @@ def encoder_rows(
     return rows
 
 
-def raw_row_bytes(spec: dict[str, Any]) -> int:
-    return sum(
-        int(np.prod(e["shape_per_row"])) * np.dtype(e["dtype"]).itemsize for e in spec["tensors"]
-    )
-
-
 def chunk_bytes(path: Path, spec: dict[str, Any]) -> int:
     total = 0
     for e in spec["tensors"]:
@@ -113,6 +115,9 @@ def main(argv: list[str] | None = None) -> Path:
     p = parser("store", __doc__.splitlines()[0])
     p.add_argument("--rows", type=int, default=None, help="videos per store for MB/s (default 48)")
     p.add_argument("--encoder-videos", type=int, default=None, help="videos encoded (default 6)")
+    p.add_argument(
+        "--verification-only", action="store_true", help="only the checksum-on-read figures"
+    )
     args = p.parse_args(argv)
     device = resolve_device(args.device)
     quick = args.quick
@@ -134,6 +139,13 @@ def main(argv: list[str] | None = None) -> Path:
     res.notes.append(
         "store codecs offered: zstd, blosc-zstd, none (all lossless); the store offers no lossy option"
     )
+    if args.verification_only:
+        with Scratch(args.work, "store") as work:
+            spec = spec_fn("emp+last", codec=CODECS["zstd"])
+            _, s = build_store(work / "s", spec, {"train": (n_classes, 6)}, random_pool(spec, 4))
+            for name in ("emp", "lastlayer"):
+                verification(res, s.location.local, name, device, quick)
+        return res.write(args.out)
     with Scratch(args.work, "store") as work:
         pools = {"random-normal": random_pool(spec_fn("emp+last"), 4)}
         t_enc, pools["vit-random-init"] = timed(
@@ -150,7 +162,7 @@ def main(argv: list[str] | None = None) -> Path:
                     path = work / f"{kind}-{recipe}-{codec_name}"
                     seconds, s = build_store(path, spec, {"train": (n_cls, wanted // n_cls)}, pool)
                     rows_here = s.n_rows
-                    raw = raw_row_bytes(spec) * rows_here
+                    raw = row_bytes(spec) * rows_here
                     per_video = chunk_bytes(path, spec) / rows_here
                     tag = f"{recipe} {codec_name}"
                     res.add(
@@ -261,6 +273,56 @@ def episodes(res: Result, stores: dict[str, Path], n_rows: int, device: str, qui
         )
         del head, opt
         torch.set_grad_enabled(True)
+        verification(res, stores["emp+last"], name, device, quick)
+
+
+def verification(res: Result, path: Path, name: str, device: str, quick: bool) -> None:
+    """What checking row checksums on read (stores received from elsewhere) adds to a step."""
+    import torch
+
+    from store import checksum, open_store
+
+    verified = open_store(path, verify=True)
+    head = make_head(name, verified.spec, verified).to(device)
+    head.train()
+    roles = head.inputs(verified.spec)
+    opt = optimizer_for(head)
+    rows = episode_rows(verified, "train", seed=1)
+    whole = verified.read(rows, list(roles.values()), verify=False)  # as training reads them
+
+    def hash_rows() -> None:
+        for array in whole.values():
+            for row in array:
+                checksum(row)
+
+    hashing = median_time(hash_rows, repeat=3)
+    inputs = {k: v.to(device) for k, v in read_inputs(verified, rows, roles).items()}
+    step = median_time(
+        lambda: head_step(head, inputs, opt), repeat=1 if quick else 2, device=device
+    )
+    mb = sum(a.nbytes for a in whole.values()) / 1e6
+    res.add(
+        f"checksum_share_pct.{name}",
+        f"checksum share of a {name} step (hash one episode's rows on read)",
+        100 * hashing / step,
+        "%",
+        target="< 5",
+        met=100 * hashing / step < 5,
+        note=f"{hashing:.3f} s to hash {mb:.0f} MB, step {step:.3f} s",
+    )
+    stall, per_step, n = loader_stall(
+        verified, head, roles, opt, device, episodes=2 if quick else 4
+    )
+    res.add(
+        f"loader_stall_pct.{name}.verified",
+        f"loader stall share of a {name} step (streamed, checksums checked, prefetched)",
+        stall,
+        "%",
+        target="< 5",
+        met=stall < 5,
+        note=f"{n} episodes after the first, {per_step:.3f} s each",
+    )
+    torch.set_grad_enabled(True)
 
 
 def loader_stall(

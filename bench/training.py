@@ -64,7 +64,7 @@ from bench.workload import (
     make_head,
     optimizer_for,
 )
-from heads.allocator import keep_freed_memory
+from runtime.memory import keep_freed_memory
 
 # `python -m bench.run_all --report` puts this above the figures in docs/performance.md
 HOW_TO_READ = """
@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> Path:
         "store_episodes_timed": repeat,
         "online_episodes_timed": online_repeat,
         "loader": "heads.data.SplitData, split in RAM",
-        "allocator": "glibc heap only, freed memory kept (heads.allocator, as fsar-train)"
+        "allocator": "glibc heap only, freed memory kept (runtime.memory, as fsar-train)"
         if allocator
         else "default",
     }

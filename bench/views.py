@@ -6,7 +6,7 @@
 Time: CPU seconds of this process (`time.process_time`, one torch thread, so that other load on the
 machine changes it little), per video of 320x240 pixels and
 100 frames (about an HMDB51 clip), T = 8, `--preprocess emp`, as a train-split video (views 1..V-1
-augmented): exact sequential decoding (`pipeline.video.decode_request`), preprocessing
+augmented): exact sequential decoding (`pipeline.decode_child.decode_request`), preprocessing
 (`pipeline.preprocess.transform_video`) and the frozen encoder (`pipeline.encoder.FrameEncoder`, one
 forward of the video's V x T frames). Medians over the videos after one warm-up video, the V values
 interleaved video by video (a busy machine slows both alike). This is not
@@ -30,9 +30,10 @@ def seconds_per_video(
     model: str, views: list[int], videos: list[Path]
 ) -> dict[int, dict[str, float]]:
     """Median seconds per video for each V, the V values interleaved video by video."""
-    from pipeline.encoder import FrameEncoder, load_clip
+    from pipeline.decode_child import DecodeRequest, decode_request
+    from pipeline.encoder import FrameEncoder
+    from pipeline.model import load_clip
     from pipeline.preprocess import build_transform, preprocess_spec, transform_video
-    from pipeline.video import DecodeRequest, decode_request
 
     clip = load_clip(model, "none")
     encoder = FrameEncoder(clip)
@@ -61,7 +62,7 @@ def seconds_per_video(
 
 def store_bytes(views: int) -> int:
     from bench.common import VIT_B16
-    from pipeline.extract import row_bytes
+    from store.layout import row_bytes
     from store.random_store import random_spec
 
     spec = random_spec(
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from bench.extraction import textured_video
-    from heads.allocator import keep_freed_memory
+    from runtime.memory import keep_freed_memory
 
     keep_freed_memory()
     threads = torch.get_num_threads()

@@ -17,11 +17,13 @@ WAY, SHOT, QUERY = 5, 1, 5  # the training episode of issue 6
 
 
 def token_shapes(spec: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    """Per-row shapes of the tensors ChunkWriter takes (tokens/...; cls/ is derived from them)."""
+    """Per-row shapes of the tensors ChunkWriter takes (cls/ arrays are derived from tokens/)."""
+    from store.layout import cls_source
+
     return {
         e["name"]: tuple(e["shape_per_row"])
         for e in spec["tensors"]
-        if e["name"].startswith("tokens/")
+        if cls_source(e["name"]) is None
     }
 
 
@@ -45,53 +47,30 @@ def build_store(
 ) -> tuple[float, Any]:
     """A store with `splits[name] = (classes, videos per class)`, every row ok; rows cycle `pool`.
 
-    Cycling a small pool of random rows keeps creation fast; every chunk is still compressed and
-    written on its own, so sizes and read costs are those of distinct rows. Adds `text/emp16` and,
-    for `emp+last`, the last block. Returns (seconds spent in ChunkWriter.write_row, open store).
+    `store.random_store.write_random_store` with rows from a small pool of random rows: creation
+    stays fast, and every chunk is still compressed and written on its own, so sizes and read costs
+    are those of distinct rows. Adds `text/emp16` and, for `emp+last`, a random last block. Returns
+    (seconds spent in ChunkWriter.write_row, the store open read-only).
     """
-    import time
-
-    import pandas as pd
-
-    from store import ChunkWriter, create_store, done_update, open_store
+    from store import open_store
+    from store.random_store import write_random_store
 
     pool = pool or random_pool(spec, 4)
-    classes, videos = [], []
-    for split, (n_classes, per_class) in splits.items():
-        for c in range(n_classes):
-            name = f"{split} class {c}"
-            classes.append(name)
-            for k in range(per_class):
-                vid = f"{split}/c{c:03d}/v{k:04d}"
-                videos.append(
-                    {"video_id": vid, "relpath": vid + ".mp4", "class_name": name, "split": split}
-                )
-    s = create_store(
-        path, spec, classes, pd.DataFrame(videos), dataset="bench", split_source="bench"
-    )
-    writer = ChunkWriter(path)
     names = set(token_shapes(spec))
-    t = int(spec["frames"])
-    seconds, updates = 0.0, []
-    for r in range(len(videos)):
-        tensors = {k: v for k, v in pool[r % len(pool)].items() if k in names}
-        start = time.perf_counter()
-        sums = writer.write_row(r, tensors)
-        seconds += time.perf_counter() - start
-        updates.append(
-            done_update(
-                r, sums, n_frames=t, fps=25.0, frame_indices=[list(range(t))] * spec["views"],
-                decoder="bench",
-            )
-        )  # fmt: skip
-    s.commit(updates)
-    text = np.random.default_rng(0).standard_normal((len(classes), 16, int(spec["dim"])))
-    s.write_text("emp16", text.astype(np.float32), [f"template {i} {{}}" for i in range(16)])
+    lastblock = None
     if spec["recipe"] == "emp+last":
         block = random_last_block(int(spec["width"]), int(spec["dim"]))
-        s.write_lastblock(block.state_tensors(), block.config)
-    s.close()
-    return seconds, open_store(path)
+        lastblock = (block.state_tensors(), block.config)
+    times: list[float] = []
+    write_random_store(
+        path,
+        spec,
+        splits,
+        tokens_fn=lambda row, _rng: {k: v for k, v in pool[row % len(pool)].items() if k in names},
+        lastblock=lastblock,
+        write_times=times,
+    ).close()
+    return sum(times), open_store(path)
 
 
 def random_last_block(width: int, dim: int) -> Any:

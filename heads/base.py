@@ -7,6 +7,8 @@ Every head follows easyfsl's two calls plus a third, episode-independent one:
     scores = head(query)                                    # (Q, N): argmax is the prediction
     loss = head.loss(query_labels)                          # uses what the two calls above kept
 
+Training draws its episodes from `head.train_sampler(...)` and takes `head.episode_loss(episode,
+inputs)`: the calls above by default; a head that trains otherwise (e.g. on batches) overrides both.
 `inputs` maps the roles a head declares in `head.inputs(spec)` to store tensors of one view,
 shape (B, T, ...). Feature dicts hold tensors with the video on axis 0. All episode calls also
 accept a leading episode axis (support (E, S, ...), labels (E, S), class_ids (E, N), query
@@ -16,10 +18,19 @@ accept a leading episode axis (support (E, S, ...), labels (E, S), class_ids (E,
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+from store.layout import TEXT_DEFAULT
+
+from .episodes import Episode, EpisodeSampler
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from .config import TrainConfig
 
 Features = dict[str, torch.Tensor]
 
@@ -137,7 +148,7 @@ class FewShotHead(nn.Module, ABC):
     def prepare(self, store: Any) -> None:
         """Load what the head needs from an open store besides row tensors (class texts, weights)."""
         if self.uses_text:
-            text, _ = store.text("emp16")
+            text, _ = store.text(TEXT_DEFAULT)
             self.set_class_text(torch.from_numpy(text))
 
     def config(self) -> dict[str, Any]:
@@ -190,6 +201,26 @@ class FewShotHead(nn.Module, ABC):
         if query_labels.dim() == 1:
             query_labels = query_labels.unsqueeze(0)
         return self._loss(query_labels)
+
+    # ---------------------------------------------------------------- training
+    def train_sampler(self, manifest: pd.DataFrame, cfg: TrainConfig) -> EpisodeSampler:
+        """The training episodes over the train split's `manifest`: `cfg`'s way, shot and query."""
+        return EpisodeSampler(
+            manifest, cfg.way, cfg.shot, cfg.query, cfg.seed, cfg.episodes, "train"
+        )
+
+    def episode_loss(self, episode: Episode, inputs: Features) -> torch.Tensor:
+        """Training loss of one episode; `inputs` hold its support rows, then its query rows."""
+        device = next(iter(inputs.values())).device
+        features = self.video_features(inputs)
+        n_support = len(episode.support_rows)
+        self.process_support_set(
+            {k: v[:n_support] for k, v in features.items()},
+            torch.as_tensor(episode.support_labels, device=device),
+            torch.as_tensor(episode.class_ids, device=device),
+        )
+        self({k: v[n_support:] for k, v in features.items()})
+        return self.loss(torch.as_tensor(episode.query_labels, device=device))
 
     @abstractmethod
     def _support(self, support: Features, labels: torch.Tensor, class_ids: torch.Tensor) -> None:

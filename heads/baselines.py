@@ -7,6 +7,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from store.layout import cls_name
+
 from .base import (
     Features,
     FewShotHead,
@@ -27,7 +29,7 @@ class _ClsHead(FewShotHead):
         self._config: dict[str, Any] = {}
 
     def inputs(self, spec: dict[str, Any]) -> dict[str, str]:
-        return {"cls": f"cls/layer{last_layer(spec):02d}"}
+        return {"cls": cls_name(last_layer(spec))}
 
     def _loss(self, query_labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(self._logits.flatten(0, 1), query_labels.flatten())

@@ -12,27 +12,17 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
 
+from store.layout import row_bytes
+
 from .episodes import Episode, EpisodeSampler
 
 Inputs = dict[str, torch.Tensor]
-
-
-def row_bytes(spec: dict[str, Any], names: list[str], views: int | None = None) -> int:
-    """Bytes of one row of `names` (all views, or `views` of them)."""
-    total = 0
-    for entry in spec["tensors"]:
-        if entry["name"] in names:
-            shape = list(entry["shape_per_row"])
-            if views is not None:
-                shape[0] = views
-            total += int(np.prod(shape)) * np.dtype(entry["dtype"]).itemsize
-    return total
 
 
 def prefetch(items: Iterator[Any], depth: int = 2) -> Iterator[Any]:
@@ -142,9 +132,3 @@ class SplitData:
             return ep, self.get(rows, view)
 
         return prefetch((load(i) for i in indices), depth=2)
-
-
-def map_features(
-    features: dict[str, torch.Tensor], fn: Callable[[torch.Tensor], torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    return {k: fn(v) for k, v in features.items()}

@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from store.layout import token_name
+
 from .base import Features, FewShotHead, class_means, cosine_similarity, frame_cosine
 from .dropout import ParallelDropout
 from .episodes import draw_keys
@@ -320,11 +322,11 @@ class EMPNet(FewShotHead):
     def inputs(self, spec: dict[str, Any]) -> dict[str, str]:
         layers = [int(k) for k in spec["layers"]]
         if not self.skip_fusion:
-            return {"deep": f"tokens/layer{layers[-1]:02d}"}
+            return {"deep": token_name(layers[-1])}
         return {
-            "shallow": f"tokens/layer{layers[0]:02d}",
-            "middle": f"tokens/layer{layers[1]:02d}",
-            "deep": f"tokens/layer{layers[-1]:02d}",
+            "shallow": token_name(layers[0]),
+            "middle": token_name(layers[1]),
+            "deep": token_name(layers[-1]),
         }
 
     def video_features(self, inputs: Features) -> Features:

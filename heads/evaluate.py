@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from runtime.progress import progress_bar
+
 from .base import FewShotHead, table_class_means
 from .data import SplitData
 from .episodes import EpisodeBatch, EpisodeSampler, draw_keys
@@ -161,7 +163,7 @@ def score_episodes(
     those rows) maps a store row to its index there. `buffers`, kept by the caller between
     calls, receive the gathered features: allocating megabytes afresh per batch costs page
     faults on CPU under glibc's default settings (library callers; fsar-eval also keeps freed
-    memory, see heads.allocator)."""
+    memory, see runtime.memory)."""
 
     def gather(rows: np.ndarray, role: str) -> dict[str, torch.Tensor]:
         index = torch.as_tensor(position[rows].reshape(-1), device=device)
@@ -249,7 +251,7 @@ def evaluate(
         episodes_per_batch = auto_episodes_per_batch(features, way * (shot + query))
     correct = np.zeros(episodes)
     buffers: dict[str, torch.Tensor] = {}
-    bar = _progress(episodes, progress)
+    bar = progress_bar(episodes, progress, unit="episode", desc="eval", leave=False)
     with (
         torch.no_grad()
     ):  # (lastlayer --strategy novel enables grad for its own support fine-tuning)
@@ -282,19 +284,15 @@ def evaluate(
     )
 
 
-def _progress(total: int, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="episode", desc="eval", leave=False)
-
-
 def load_run(run_dir: str | Path, store: Any, device: str | torch.device = "cpu") -> FewShotHead:
-    """The head of a training run (best.safetensors, else last), refusing a store with another spec."""
+    """The head of a training run (best.safetensors, else last), refusing a store with another spec.
+
+    The run's files are checked before a model is built: the head config must build (on the meta
+    device, allocating nothing) a head whose weight names and shapes are the checkpoint's.
+    """
     from store import SpecMismatchError, spec_differences
 
-    from .checkpoint import load_model, read_metadata
+    from .checkpoint import CheckpointError, check_fits, load_model, read_metadata
     from .registry import create
 
     run_dir = Path(run_dir)
@@ -302,14 +300,29 @@ def load_run(run_dir: str | Path, store: Any, device: str | torch.device = "cpu"
     if not checkpoint.exists():
         checkpoint = run_dir / "last.safetensors"
     if not checkpoint.exists():
-        raise FileNotFoundError(f"no checkpoint in {run_dir} (expected best.safetensors)")
+        raise CheckpointError(
+            f"no checkpoint in {run_dir} (expected best.safetensors or last.safetensors)"
+        )
     saved = read_metadata(checkpoint)
-    differences = spec_differences(saved["meta"]["store_spec"], store.spec)
+    spec = saved["meta"].get("store_spec")
+    if not isinstance(spec, dict):
+        raise CheckpointError(f"checkpoint {checkpoint} does not name the store spec it needs")
+    differences = spec_differences(spec, store.spec)
     if differences:
         raise SpecMismatchError(
             f"checkpoint {checkpoint} was trained on a store with another spec: "
             + "; ".join(differences)
         )
+    try:
+        with torch.device("meta"):
+            probe = create(saved["head"], **saved["head_config"])
+    except Exception as exc:  # unknown head, bad option values
+        text = " ".join(str(exc).split())[:160]
+        raise CheckpointError(
+            f"checkpoint {checkpoint}: head {saved['head']!r} with its saved config does not build "
+            f"({type(exc).__name__}: {text})"
+        ) from None
+    check_fits(checkpoint, probe)
     head = create(saved["head"], **saved["head_config"])
     head.prepare(store)
     load_model(checkpoint, head)
@@ -318,5 +331,17 @@ def load_run(run_dir: str | Path, store: Any, device: str | torch.device = "cpu"
 
 def store_of_run(run_dir: str | Path) -> str:
     """The store path a run's config.json names."""
-    config = json.loads((Path(run_dir) / "config.json").read_text())
-    return str(config["store"]["path"])
+    from .checkpoint import CheckpointError
+
+    path = Path(run_dir) / "config.json"
+    try:
+        path_in_config = json.loads(path.read_text())["store"]["path"]
+    except FileNotFoundError:
+        raise CheckpointError(f"no run at {run_dir}: {path} does not exist") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(
+            f"{path} is not a run's config ({type(exc).__name__}): pass --store"
+        ) from None
+    if not isinstance(path_in_config, str) or not path_in_config:
+        raise CheckpointError(f"{path} names no store: pass --store")
+    return path_in_config

@@ -14,7 +14,6 @@ Attention follows ``nn.MultiheadAttention`` (packed in-projection, scale 1/sqrt(
 
 from __future__ import annotations
 
-import json
 import math
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -25,20 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from store.layout import LASTBLOCK_KEYS, LASTBLOCK_LAYER_SCALE_KEYS
+__all__ = ["LastBlock", "load_last_block", "validate_config", "CONFIG_KEYS"]
 
-__all__ = [
-    "LastBlock",
-    "load_last_block",
-    "validate_config",
-    "lastblock_to_bytes",
-    "lastblock_from_bytes",
-    "BLOCK_KEYS",
-    "CONFIG_KEYS",
-]
-
-BLOCK_KEYS = LASTBLOCK_KEYS
-LAYER_SCALE_KEYS = LASTBLOCK_LAYER_SCALE_KEYS
 CONFIG_KEYS = ("width", "heads", "mlp_ratio", "act", "ln_eps", "layer_scale", "dim")
 
 
@@ -210,33 +197,3 @@ def load_last_block(
 ) -> LastBlock:
     """``LastBlock.from_state``: the rebuilt block with trainable parameters (float32, CPU)."""
     return LastBlock.from_state(tensors, config)
-
-
-def lastblock_to_bytes(
-    tensors: Mapping[str, torch.Tensor | np.ndarray], config: Mapping[str, Any]
-) -> bytes:
-    """Serialise tensors + config as safetensors bytes (config JSON in the ``config`` metadata key)."""
-    from safetensors.numpy import save
-
-    cfg = validate_config(config)
-    arrays = {
-        k: np.ascontiguousarray(
-            v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
-        )
-        for k, v in tensors.items()
-    }
-    return save(arrays, metadata={"config": json.dumps(cfg, sort_keys=True)})
-
-
-def lastblock_from_bytes(data: bytes) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Inverse of :func:`lastblock_to_bytes`: (numpy tensors, validated config)."""
-    from safetensors.numpy import load
-
-    arrays = load(data)
-    # the metadata lives in the JSON header: 8-byte little-endian length, then the header itself
-    header_len = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8 : 8 + header_len])
-    meta = header.get("__metadata__") or {}
-    if "config" not in meta:
-        raise ValueError("last-block safetensors lacks the 'config' metadata")
-    return arrays, validate_config(json.loads(meta["config"]))

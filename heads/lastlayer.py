@@ -16,15 +16,23 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from store.layout import layer_in_name
+
 from .base import Features, FewShotHead, class_means, last_layer
+from .episodes import Episode, EpisodeSampler
 from .lastblock import LastBlock, load_last_block
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from .config import TrainConfig
 
 STRATEGIES = ("meta", "finetune", "novel")
 
@@ -59,7 +67,7 @@ class LastLayer(FewShotHead):
 
     # ---------------------------------------------------------------- set-up
     def inputs(self, spec: dict[str, Any]) -> dict[str, str]:
-        return {"tokens_in": f"tokens/layer{last_layer(spec):02d}_in"}
+        return {"tokens_in": layer_in_name(last_layer(spec))}
 
     def prepare(self, store: Any) -> None:
         super().prepare(store)
@@ -110,6 +118,26 @@ class LastLayer(FewShotHead):
         assert self.classifier is not None, "call init_classifier first"
         v = F.normalize(features["video"], dim=-1)
         return self.logit_scale.exp() * v @ F.normalize(self.classifier, dim=-1).T
+
+    # ---------------------------------------------------------------- training
+    def train_sampler(self, manifest: pd.DataFrame, cfg: TrainConfig) -> EpisodeSampler:
+        """`finetune`: batches spread over as many base classes as fit in `cfg.batch_size`."""
+        if self.strategy != "finetune":
+            return super().train_sampler(manifest, cfg)
+        n_classes = len(EpisodeSampler(manifest, 1, 1, 0, split="train").class_names)
+        way, shot = min(n_classes, cfg.batch_size), max(1, cfg.batch_size // n_classes)
+        return EpisodeSampler(manifest, way, shot, 0, cfg.seed, cfg.episodes, "train")
+
+    def episode_loss(self, episode: Episode, inputs: Features) -> torch.Tensor:
+        """`finetune`: cross-entropy over all base classes, the episode's videos as the batch."""
+        if self.strategy != "finetune":
+            return super().episode_loss(episode, inputs)
+        logits = self.classifier_logits(self.video_features(inputs))
+        labels = episode.class_ids[np.concatenate([episode.support_labels, episode.query_labels])]
+        target = torch.searchsorted(
+            self.classifier_ids, torch.as_tensor(labels, device=logits.device)
+        )
+        return F.cross_entropy(logits.float(), target)
 
     # ---------------------------------------------------------------- per episode
     def _scores(self, query: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from store.layout import token_name
+
 from .base import Features, last_layer
 from .baselines import OTAM
 from .otam import DEFAULT_LAMBDA
@@ -32,7 +34,7 @@ class LinearProbe(OTAM):
         self._config = {"dim": dim, "otam_lambda": otam_lambda, "cosine_eps": cosine_eps}
 
     def inputs(self, spec: dict[str, Any]) -> dict[str, str]:
-        return {"tokens": f"tokens/layer{last_layer(spec):02d}"}
+        return {"tokens": token_name(last_layer(spec))}
 
     def video_features(self, inputs: Features) -> Features:
         patches = inputs["tokens"][:, :, 1:].float()  # (B, T, P, D)

@@ -3,11 +3,14 @@
     cfg = TrainConfig(store="stores/hmdb51", head="emp", preset="hmdb51")
     run_dir = train(cfg)
 
-Loop: sample episode -> per-video features -> support set -> query scores -> loss -> backward;
-an Adam step every `episodes_per_step` episodes (gradient accumulation); validation on the **val**
-split every `val_every` episodes; `best.safetensors` (best val accuracy) and `last.safetensors`
-(with optimizer and RNG state, for `--resume`) in the run directory, next to `config.json`,
-`metrics.jsonl` and `curves.png`; `runs/latest` points to the newest run.
+Loop: sample episode -> `head.episode_loss` (per-video features, support set, query scores, loss)
+-> backward; an Adam step every `episodes_per_step` episodes (gradient accumulation); validation on
+the **val** split every `val_every` episodes; `best.safetensors` (best val accuracy) and
+`last.safetensors` (with optimizer and RNG state, for `--resume`; also written after the first
+optimiser steps, so an early kill loses little) in the run directory, next to `config.json`,
+`metrics.jsonl` and `curves.png`; `runs/latest` points to the newest run. Every option is checked,
+and the store and episodes are loaded, before the run directory is touched; an existing run is never
+overwritten unless asked. Options and presets: heads/config.py.
 """
 
 from __future__ import annotations
@@ -15,122 +18,265 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+from runtime.device import pick_device
+from runtime.progress import progress_bar
+from runtime.versions import versions
 
 from . import registry
 from .base import FewShotHead
-from .checkpoint import load_model, load_training_state, read_metadata, save_checkpoint
+from .checkpoint import (
+    CheckpointError,
+    load_model,
+    load_training_state,
+    read_metadata,
+    save_checkpoint,
+)
+from .config import ConfigError, TrainConfig
 from .data import SplitData
-from .episodes import EpisodeSampler
+from .episodes import EpisodeError, EpisodeSampler
 from .evaluate import evaluate
 from .threads import restores_threads, step_threads
 
-
-class ConfigError(ValueError):
-    """A training option users can fix (one-line message)."""
-
-
-# The released schedules as they actually run (EMP-Net configs, read with the released config loader;
-# docs/reproducing.md lists every line). One iteration = 2 episodes (2 GPUs, gradients averaged), an
-# optimiser step every 4 iterations. The released epoch counter `cur_iter // STEPS_ITER + cur_iter /
-# STEPS_ITER` stays below 1 for the whole first STEPS_ITER and reaches the decay epochs 4 and 6 at
-# 2 and 3 x STEPS_ITER, so in iterations: linear warm-up from WARMUP_START_LR over STEPS_ITER, full
-# lr until 2 x STEPS_ITER, x0.1 until 3 x STEPS_ITER, x0.01 after. Weight decay is OPTIMIZER.WEIGHT_DECAY
-# (1e-3; the configs' SOLVER.WEIGHT_DECAY 5e-5 is never read) on every parameter whose name has no "norm".
-def _released(
-    lr: float, iterations: int, steps_iter: int, val_every_iter: int, warmup_start: float
-) -> dict[str, Any]:
-    return dict(
-        lr=lr, lr_start=warmup_start, episodes=2 * iterations, episodes_per_iteration=2,
-        episodes_per_step=8, warmup_episodes=2 * steps_iter, decay_episodes=[4 * steps_iter, 6 * steps_iter],
-        decay_factor=0.1, weight_decay=1e-3, decay_groups="released", query=5, val_query=1,
-        val_every=2 * val_every_iter,
-    )  # fmt: skip
-
-
-# The 1-shot and 5-shot configs of each benchmark differ only in SHOT, MERGE_BEFORE (what `emp` does
-# for K > 1 anyway) and the unused USE_CLASSIFICATION_VALUE: one preset per benchmark, --shot picks.
-PRESETS: dict[str, dict[str, Any]] = {
-    "hmdb51": _released(1e-4, 5_000, 1_000, 500, 1e-6),
-    "ucf101": _released(1e-4, 5_000, 1_000, 500, 1e-6),
-    "kinetics100": _released(1e-4, 5_000, 1_000, 500, 1e-6),
-    "ssv2_small": _released(1e-3, 10_000, 2_000, 1_000, 1e-5),
-    "ssv2_full": _released(1e-3, 40_000, 8_000, 1_000, 1e-5),
-}
-DECAY_GROUPS = ("matrices", "released")
+LOSS_POINTS = 100  # training-loss records per run in metrics.jsonl (at most one per optimiser step)
+RUN_FILES = ("config.json", "metrics.jsonl", "best.safetensors", "last.safetensors", "curves.png")
+CHECKPOINT_EVERY_S = 600.0  # between validations, last.safetensors at least this often
 # models/utils/optimizer.py: names with these substrings get weight decay 0 (BN.WEIGHT_DECAY is 0.0)
 RELEASED_NO_DECAY = ("embd", "cls_token", "bn", "norm")
 
 
-# A preset reproduces the released run, so its head options are the released ones too.
-PRESET_HEAD_OPTIONS: dict[str, dict[str, Any]] = {"emp": {"loss": "released"}}
+@restores_threads
+def train(
+    cfg: TrainConfig, resume: bool = False, stop_at: int | None = None, overwrite: bool = False
+) -> Path:
+    """Train; returns the run directory. `stop_at` ends early (as an interruption would).
+
+    Nothing in the run directory changes until every option is valid, the store is open and both
+    samplers and their data are ready. A new run refuses a directory that already holds a run
+    unless `overwrite`; `resume` refuses a store whose fingerprint changed.
+    """
+    run = Run.start(cfg, resume, overwrite)
+    end = cfg.episodes if stop_at is None else min(cfg.episodes, stop_at)
+    episodes = run.train_data.episodes(
+        run.sampler, range(run.resumed_at, end), cfg.seed, random_view=True
+    )
+    for episode, inputs in episodes:
+        lr = learning_rate(cfg, episode.index)
+        for group in run.optimizer.param_groups:
+            group["lr"] = lr
+        inputs = {k: v.to(run.device, non_blocking=True) for k, v in inputs.items()}
+        with run.autocast:
+            loss = run.head.episode_loss(episode, inputs)
+        (loss.float() / cfg.episodes_per_iteration).backward()
+        run.losses.append(float(loss.detach()))
+        run.step_losses.append(run.losses[-1])
+        done = episode.index + 1
+        if done % cfg.episodes_per_step == 0 or done == cfg.episodes:
+            run.optimiser_step(done, lr)
+        run.show_progress(done)
+        if done % cfg.val_every == 0 or done == cfg.episodes:
+            run.validate_and_checkpoint(done, lr)
+    if run.bar is not None:
+        run.bar.close()
+    return run.dir
 
 
 @dataclass
-class TrainConfig:
-    store: str = ""
-    head: str = "emp"
-    head_options: dict[str, Any] = field(default_factory=dict)
-    preset: str | None = None
-    way: int = 5
-    shot: int = 1
-    query: int = 5
-    episodes: int = 2_000
-    episodes_per_step: int = 1
-    episodes_per_iteration: int = 1  # the per-episode loss is divided by this (released: 2 GPUs)
-    lr: float = 1e-3
-    lr_start: float = 1e-6
-    warmup_episodes: int | None = None  # default: 5% of episodes
-    decay_episodes: list[int] | None = None  # default: 70% and 90% of episodes
-    decay_factor: float = 0.1
-    weight_decay: float = 1e-3
-    decay_groups: str = "matrices"  # or "released": by name, as models/utils/optimizer.py
-    batch_size: int = 32  # lastlayer --strategy finetune: videos per step
-    val_every: int = 500
-    val_episodes: int = 1_000
-    val_query: int = 1
-    val_way: int | None = None  # default: way (small val splits may need fewer)
-    val_split: str = "val"
-    out: str | None = None
-    seed: int = 0
-    device: str = "auto"
-    max_ram: float = 8.0  # GB
-    progress: bool = True
+class Run:
+    """A run's head, optimiser, data and position: what the loop uses and a checkpoint keeps."""
 
-    def resolved(self, explicit: set[str] | None = None) -> TrainConfig:
-        """Apply the preset (explicit options win) and fill schedule defaults."""
-        cfg = TrainConfig(**asdict(self))
-        if cfg.preset is not None:
-            if cfg.preset not in PRESETS:
-                raise ConfigError(f"unknown preset {cfg.preset!r}; presets: {', '.join(PRESETS)}")
-            for key, value in PRESETS[cfg.preset].items():
-                if explicit is None or key not in explicit:
-                    setattr(cfg, key, value)
-            for key, value in PRESET_HEAD_OPTIONS.get(cfg.head, {}).items():
-                cfg.head_options.setdefault(key, value)
-        if cfg.warmup_episodes is None:
-            cfg.warmup_episodes = cfg.episodes // 20
-        if cfg.decay_episodes is None:
-            cfg.decay_episodes = [cfg.episodes * 7 // 10, cfg.episodes * 9 // 10]
-        if cfg.decay_groups not in DECAY_GROUPS:
-            raise ConfigError(
-                f"--decay-groups {cfg.decay_groups!r}: use {' or '.join(DECAY_GROUPS)}"
+    cfg: TrainConfig
+    dir: Path
+    store: Any
+    device: torch.device
+    head: FewShotHead
+    optimizer: torch.optim.Optimizer
+    sampler: EpisodeSampler
+    train_data: SplitData
+    val_data: SplitData
+    autocast: Any  # bf16 autocast on CUDA, a no-op on CPU
+    base_meta: dict[str, Any]
+    resumed_at: int = 0  # episodes trained before this process (resume)
+    best: float = -1.0  # best validation accuracy so far
+    losses: list[float] = field(default_factory=list)  # since the last validation
+    step_losses: list[float] = field(default_factory=list)  # since the last training-loss record
+    steps: int = 0  # optimiser steps in this process
+    last_saved: float = 0.0
+    bar: Any = None
+    tic: float = 0.0
+    log_every: int = 1  # optimiser steps between training-loss records
+
+    # ---------------------------------------------------------------- set up or resume
+    @classmethod
+    def start(cls, cfg: TrainConfig, resume: bool, overwrite: bool) -> Run:
+        """Check options, open the store, build head, optimiser and data; then start or restore."""
+        run = _prepare(cfg, resume, overwrite)
+        if resume:
+            run.restore()
+        else:
+            run.create_dir(overwrite)
+        _point_latest(run.dir)
+        run.last_saved = time.monotonic()
+        run.head.train()
+        run.bar = _progress(cfg, run.resumed_at)
+        run.log_every = max(1, -(-cfg.episodes // cfg.episodes_per_step // LOSS_POINTS))
+        run.tic = time.perf_counter()
+        return run
+
+    def restore(self) -> None:
+        """Weights, optimiser state, position and pending losses from last.safetensors."""
+        last = self.dir / "last.safetensors"
+        if not last.exists():  # killed before its first optimiser step, nothing to restore
+            return
+        meta = read_metadata(last)["meta"]
+        load_model(last, self.head)
+        load_training_state(last, self.optimizer)
+        try:
+            self.resumed_at, self.best = int(meta["episode"]), float(meta["best_accuracy"])
+            self.losses = [float(x) for x in meta.get("pending_losses", [])]
+            self.step_losses = [float(x) for x in meta.get("pending_step_losses", [])]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"checkpoint {last} holds no training position") from None
+
+    def create_dir(self, overwrite: bool) -> None:
+        """A new run: config.json and an empty metrics.jsonl (`overwrite`: the old run's files go)."""
+        if overwrite:
+            for name in RUN_FILES:
+                (self.dir / name).unlink(missing_ok=True)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "config.json").write_text(
+            json.dumps(run_metadata(self.cfg, self.store), indent=2, default=str)
+        )
+        (self.dir / "metrics.jsonl").write_text("")
+
+    # ---------------------------------------------------------------- optimiser step and log
+    def optimiser_step(self, done: int, lr: float) -> None:
+        """Adam step, then the training-loss record and an early checkpoint when they are due."""
+        cfg = self.cfg
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.steps += 1
+        if (done // cfg.episodes_per_step) % self.log_every == 0 or done == cfg.episodes:
+            loss = float(np.mean(self.step_losses))
+            self.log({"kind": "train", "episode": done, "loss": loss, "lr": lr})
+            self.step_losses = []
+        validating = done % cfg.val_every == 0 or done == cfg.episodes
+        early = self.steps & (self.steps - 1) == 0  # steps 1, 2, 4, 8: an early kill loses little
+        if not validating and (early or time.monotonic() - self.last_saved > CHECKPOINT_EVERY_S):
+            meta = {**self.base_meta, "episode": done, "best_accuracy": self.best}
+            pending = {"pending_losses": self.losses, "pending_step_losses": self.step_losses}
+            save_checkpoint(
+                self.dir / "last.safetensors", self.head, {**meta, **pending}, self.optimizer
             )
-        if cfg.val_every % cfg.episodes_per_step:
-            raise ConfigError(
-                f"--val-every ({cfg.val_every}) must be a multiple of --episodes-per-step ({cfg.episodes_per_step})"
+            self.last_saved = time.monotonic()
+
+    def log(self, record: dict[str, Any]) -> None:
+        with open(self.dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def show_progress(self, done: int) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(
+                loss=f"{np.mean(self.losses[-50:]):.3f}",
+                best=f"{self.best:.1f}",
+                eps=f"{(done - self.resumed_at) / (time.perf_counter() - self.tic):.1f}",
             )
-        return cfg
+
+    # ---------------------------------------------------------------- validate and checkpoint
+    def validate_and_checkpoint(self, done: int, lr: float) -> None:
+        """Score the val episodes; save best.safetensors if better, last.safetensors always."""
+        cfg = self.cfg
+        result = evaluate(
+            self.head, self.store, cfg.val_split, cfg.val_way or cfg.way, cfg.shot, cfg.val_query,
+            cfg.val_episodes, cfg.seed + 1, self.device, data=self.val_data,
+        )  # fmt: skip
+        record = {
+            "episode": done, "loss": float(np.mean(self.losses)) if self.losses else math.nan, "lr": lr,
+            "val_accuracy": result.accuracy, "val_ci95": result.ci95,
+            "episodes_per_s": (done - self.resumed_at) / (time.perf_counter() - self.tic), "time": time.time(),
+        }  # fmt: skip
+        self.losses = []
+        self.log(record)
+        meta = {**self.base_meta, "episode": done, "val_accuracy": result.accuracy,
+                "pending_step_losses": self.step_losses}  # fmt: skip
+        if result.accuracy > self.best:
+            self.best = result.accuracy
+            save_checkpoint(
+                self.dir / "best.safetensors", self.head, {**meta, "best_accuracy": self.best}
+            )
+        save_checkpoint(
+            self.dir / "last.safetensors",
+            self.head,
+            {**meta, "best_accuracy": self.best},
+            self.optimizer,
+        )
+        self.last_saved = time.monotonic()
+        plot_curves(self.dir)
+        if self.bar is not None:
+            self.bar.set_postfix(
+                loss=f"{record['loss']:.3f}", val=f"{result.accuracy:.1f}", best=f"{self.best:.1f}"
+            )
+        self.head.train()
+
+
+def _prepare(cfg: TrainConfig, resume: bool, overwrite: bool) -> Run:
+    """Everything a run needs, checked and loaded, with the run directory still untouched."""
+    from store import open_store
+
+    cfg.validate()
+    device = pick_device(cfg.device)
+    store = open_store(cfg.store)
+    run_dir = (
+        Path(cfg.out)
+        if cfg.out
+        else Path("runs") / f"{cfg.head}-{Path(cfg.store).name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
+    fingerprint = store.fingerprint()
+    if resume:
+        _check_resumable(run_dir, cfg, fingerprint)
+    else:
+        _check_new_run_dir(run_dir, overwrite)
+    torch.manual_seed(cfg.seed)
+    cfg.head_options = head_options(cfg.head, cfg.head_options, store.spec)
+    head = build_head(cfg.head, cfg.head_options, store, device)
+    if not head.trainable:
+        raise ConfigError(
+            f"head {cfg.head!r} has nothing to train; evaluate it with fsar-eval --head {cfg.head}"
+        )
+    optimizer = make_optimizer(head, cfg)
+    manifest = store.manifest
+    sampler = head.train_sampler(manifest[manifest["split"] == "train"], cfg)
+    try:
+        val_rows = EpisodeSampler(
+            manifest[manifest["split"] == cfg.val_split], cfg.val_way or cfg.way, cfg.shot,
+            cfg.val_query, cfg.seed, 0, cfg.val_split,
+        ).rows  # fmt: skip
+    except EpisodeError as error:
+        raise ConfigError(f"{error}: validate with fewer classes (--val-way N)") from None
+    roles = head.inputs(store.spec)
+    videos = sampler.way * (sampler.shot + sampler.query)
+    torch.set_num_threads(step_threads(store.spec, list(roles.values()), videos))
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if device.type == "cuda"
+        else torch.autocast("cpu", enabled=False)
+    )
+    return Run(
+        cfg=cfg, dir=run_dir, store=store, device=device, head=head, optimizer=optimizer,
+        sampler=sampler, train_data=SplitData(store, sampler.rows, roles, cfg.max_ram),
+        val_data=SplitData(store, val_rows, roles, cfg.max_ram, views=1), autocast=autocast,
+        base_meta={"store_fingerprint": fingerprint, "store_spec": store.spec, "config": asdict(cfg)},
+    )  # fmt: skip
 
 
 def learning_rate(cfg: TrainConfig, episode: int) -> float:
@@ -141,12 +287,6 @@ def learning_rate(cfg: TrainConfig, episode: int) -> float:
         return it / warmup * (cfg.lr - cfg.lr_start) + cfg.lr_start
     drops = sum(it >= d // cfg.episodes_per_iteration for d in cfg.decay_episodes or [])
     return cfg.lr * cfg.decay_factor**drops
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def decays(name: str, parameter: torch.Tensor, groups: str) -> bool:
@@ -195,180 +335,42 @@ def run_metadata(cfg: TrainConfig, store: Any) -> dict[str, Any]:
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        fsar_version = version("fsar")
-    except PackageNotFoundError:
-        fsar_version = "unknown"
     return {
         "config": asdict(cfg),
         "store": {"path": str(cfg.store), "fingerprint": store.fingerprint(), "spec": store.spec},
         "git_commit": commit,
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "fsar": fsar_version,
-        },
+        "versions": versions("python", "torch", "fsar"),
         "command_line": sys.argv,
     }
 
 
-@restores_threads
-def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) -> Path:
-    """Train; returns the run directory. `stop_at` ends early (as an interruption would)."""
-    from store import open_store
-
-    store = open_store(cfg.store)
-    device = pick_device(cfg.device)
-    run_dir = (
-        Path(cfg.out)
-        if cfg.out
-        else Path("runs") / f"{cfg.head}-{Path(cfg.store).name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    )
-    torch.manual_seed(cfg.seed)
-    cfg.head_options = head_options(cfg.head, cfg.head_options, store.spec)
-    head = build_head(cfg.head, cfg.head_options, store, device)
-    if not head.trainable:
+def _check_new_run_dir(run_dir: Path, overwrite: bool) -> None:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--out {run_dir} is a file, not a run directory")
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not overwrite:
         raise ConfigError(
-            f"head {cfg.head!r} has nothing to train; evaluate it with fsar-eval --head {cfg.head}"
+            f"--out {run_dir} already holds a run: continue it with --resume, replace it with "
+            "--overwrite, or choose another --out"
         )
-    optimizer = make_optimizer(head, cfg)
-    start, best = 0, -1.0
-    if resume:
-        last = run_dir / "last.safetensors"
-        if not last.exists():
-            raise ConfigError(f"nothing to resume: {last} does not exist")
-        meta = read_metadata(last)["meta"]
-        load_model(last, head)
-        load_training_state(last, optimizer)
-        start, best = int(meta["episode"]), float(meta["best_accuracy"])
-    else:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(
-            json.dumps(run_metadata(cfg, store), indent=2, default=str)
+    existing = next(p for p in (run_dir, *run_dir.absolute().parents) if p.exists())
+    if not os.access(existing, os.W_OK):
+        raise ConfigError(f"--out {run_dir}: cannot write in {existing} (permission denied)")
+
+
+def _check_resumable(run_dir: Path, cfg: TrainConfig, fingerprint: str) -> None:
+    """The run's config.json must name this store with the fingerprint it had when the run began."""
+    path = run_dir / "config.json"
+    try:
+        started_on = json.loads(path.read_text())["store"]["fingerprint"]
+    except FileNotFoundError:
+        raise ConfigError(f"nothing to resume: {path} does not exist") from None
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ConfigError(f"{path} is not a run's config: cannot resume it") from None
+    if started_on != fingerprint:
+        raise ConfigError(
+            f"--resume: {cfg.store} has changed since {run_dir} began (fingerprint {fingerprint}, "
+            f"the run's is {started_on}); resume on the same store or start a new run"
         )
-        (run_dir / "metrics.jsonl").write_text("")
-    _point_latest(run_dir)
-
-    manifest = store.manifest
-    train_manifest = manifest[manifest["split"] == "train"]
-    finetune = getattr(head, "strategy", None) == "finetune"
-    way, shot, query = cfg.way, cfg.shot, cfg.query
-    if finetune:  # batches spread over as many base classes as fit in batch_size
-        n_classes = len(EpisodeSampler(train_manifest, 1, 1, 0, split="train").class_names)
-        way, shot, query = min(n_classes, cfg.batch_size), max(1, cfg.batch_size // n_classes), 0
-    train_sampler = EpisodeSampler(
-        train_manifest, way, shot, query, cfg.seed, cfg.episodes, "train"
-    )
-    train_data = SplitData(store, train_sampler.rows, head.inputs(store.spec), cfg.max_ram)
-    roles = list(head.inputs(store.spec).values())
-    torch.set_num_threads(step_threads(store.spec, roles, way * (shot + query)))
-    val_rows = EpisodeSampler(
-        manifest[manifest["split"] == cfg.val_split],
-        cfg.val_way or cfg.way,
-        cfg.shot,
-        cfg.val_query,
-        cfg.seed,
-        0,
-        cfg.val_split,
-    ).rows
-    val_data = SplitData(store, val_rows, head.inputs(store.spec), cfg.max_ram, views=1)
-    labels_all = torch.as_tensor(manifest["label"].to_numpy().copy())
-    amp = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if device.type == "cuda"
-        else torch.autocast("cpu", enabled=False)
-    )
-
-    head.train()
-    bar = _progress(cfg, start)
-    losses: list[float] = []
-    tic = time.perf_counter()
-    end = min(cfg.episodes, stop_at) if stop_at is not None else cfg.episodes
-    for episode, inputs in train_data.episodes(
-        train_sampler, range(start, end), cfg.seed, random_view=True
-    ):
-        step = episode.index
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(cfg, step)
-        inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
-        with amp:
-            if (
-                finetune
-            ):  # batch cross-entropy over all base classes (episode rows serve as the batch)
-                rows = np.concatenate([episode.support_rows, episode.query_rows])
-                logits = head.classifier_logits(head.video_features(inputs))
-                target = torch.searchsorted(head.classifier_ids, labels_all[rows].to(device))
-                loss = F.cross_entropy(logits.float(), target)
-            else:
-                feats = head.video_features(inputs)
-                n_support = len(episode.support_rows)
-                support = {k: v[:n_support] for k, v in feats.items()}
-                query = {k: v[n_support:] for k, v in feats.items()}
-                head.process_support_set(
-                    support,
-                    torch.as_tensor(episode.support_labels, device=device),
-                    torch.as_tensor(episode.class_ids, device=device),
-                )
-                head(query)
-                loss = head.loss(torch.as_tensor(episode.query_labels, device=device))
-        (loss.float() / cfg.episodes_per_iteration).backward()
-        losses.append(float(loss.detach()))
-        if (step + 1) % cfg.episodes_per_step == 0 or step + 1 == cfg.episodes:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        done = step + 1
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(
-                loss=f"{np.mean(losses[-50:]):.3f}",
-                best=f"{best:.1f}",
-                eps=f"{(done - start) / (time.perf_counter() - tic):.1f}",
-            )
-        if done % cfg.val_every == 0 or done == cfg.episodes:
-            result = evaluate(
-                head,
-                store,
-                cfg.val_split,
-                cfg.val_way or cfg.way,
-                cfg.shot,
-                cfg.val_query,
-                cfg.val_episodes,
-                cfg.seed + 1,
-                device,
-                data=val_data,
-            )
-            record = {
-                "episode": done, "loss": float(np.mean(losses)) if losses else math.nan, "lr": learning_rate(cfg, step),
-                "val_accuracy": result.accuracy, "val_ci95": result.ci95,
-                "episodes_per_s": (done - start) / (time.perf_counter() - tic), "time": time.time(),
-            }  # fmt: skip
-            losses = []
-            with open(run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-            meta = {
-                "episode": done,
-                "val_accuracy": result.accuracy,
-                "store_fingerprint": store.fingerprint(),
-                "store_spec": store.spec,
-                "config": asdict(cfg),
-            }
-            if result.accuracy > best:
-                best = result.accuracy
-                save_checkpoint(run_dir / "best.safetensors", head, {**meta, "best_accuracy": best})
-            save_checkpoint(
-                run_dir / "last.safetensors", head, {**meta, "best_accuracy": best}, optimizer
-            )
-            plot_curves(run_dir)
-            if bar is not None:
-                bar.set_postfix(
-                    loss=f"{record['loss']:.3f}", val=f"{result.accuracy:.1f}", best=f"{best:.1f}"
-                )
-            head.train()
-    if bar is not None:
-        bar.close()
-    return run_dir
 
 
 def _point_latest(run_dir: Path) -> None:
@@ -383,12 +385,9 @@ def _point_latest(run_dir: Path) -> None:
 
 
 def _progress(cfg: TrainConfig, start: int):
-    if not cfg.progress:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(
-        total=cfg.episodes,
+    return progress_bar(
+        cfg.episodes,
+        cfg.progress,
         initial=start,
         unit="episode",
         desc=f"train {cfg.head}",
@@ -397,7 +396,7 @@ def _progress(cfg: TrainConfig, start: int):
 
 
 def plot_curves(run_dir: Path) -> None:
-    """curves.png: training loss and validation accuracy against episodes."""
+    """curves.png: training loss, validation accuracy with its 95% CI, and the learning rate."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -406,21 +405,30 @@ def plot_curves(run_dir: Path) -> None:
     records = [
         json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line
     ]
+    val = [r for r in records if "val_accuracy" in r]
+    trained = [r for r in records if r.get("kind") == "train"] or val  # older runs: loss at val
     if not records:
         return
-    x = [r["episode"] for r in records]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
-    ax_loss.plot(x, [r["loss"] for r in records], marker="o")
-    ax_loss.set(xlabel="episode", ylabel="training loss")
-    ax_acc.plot(x, [r["val_accuracy"] for r in records], marker="o", color="tab:green")
-    ax_acc.set(xlabel="episode", ylabel="val accuracy (%)")
+    fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(1, 3, figsize=(13, 3.6))
+    marker = "o" if len(trained) <= 30 else None
+    ax_loss.plot([r["episode"] for r in trained], [r["loss"] for r in trained], marker=marker, lw=1)
+    ax_loss.set(xlabel="training episode", ylabel="training loss", title="training loss")
+    x = np.array([r["episode"] for r in val], dtype=float)
+    acc = np.array([r["val_accuracy"] for r in val], dtype=float)
+    ci = np.array([r.get("val_ci95", math.nan) for r in val], dtype=float)
+    ax_acc.plot(x, acc, marker="o", color="tab:green", label="val accuracy")
+    ax_acc.fill_between(x, acc - ci, acc + ci, color="tab:green", alpha=0.2, lw=0, label="95% CI")
+    if len(val):
+        best = int(np.argmax(acc))
+        ax_acc.plot(x[best], acc[best], "*", color="black", ms=10, label="best (best.safetensors)")
+    ax_acc.set(xlabel="training episode", ylabel="val accuracy (%)", title="validation accuracy")
+    ax_acc.legend(fontsize=8, loc="best")
+    ax_lr.plot([r["episode"] for r in trained], [r["lr"] for r in trained], color="tab:purple")
+    ax_lr.set(xlabel="training episode", ylabel="learning rate", title="learning rate")
+    if trained and min(r["lr"] for r in trained) > 0:
+        ax_lr.set(yscale="log", title="learning rate (log scale)")
+    for ax in (ax_loss, ax_acc, ax_lr):
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(run_dir / "curves.png", dpi=80)
     plt.close(fig)
-
-
-def config_from_run(run_dir: Path) -> TrainConfig:
-    """The resolved TrainConfig a run was started with."""
-    saved = json.loads((run_dir / "config.json").read_text())["config"]
-    names = {f.name for f in fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in saved.items() if k in names})

@@ -67,6 +67,20 @@ class DatasetListing:
     notes: list[str] = field(default_factory=list)
 
 
+def video_path(data_root: str | Path, relpath: str) -> Path:
+    """The file of a manifest `relpath`: relative, no `..`, inside the data root (checked on read)."""
+    rel = str(relpath)
+    parts = rel.split("/")
+    drive = re.match(r"^[A-Za-z]:", rel)
+    if not rel or rel.startswith("/") or "\\" in rel or "\x00" in rel or ".." in parts or drive:
+        raise DatasetError(f"video path {rel!r} leaves the data root; refusing to read it")
+    root = os.path.normpath(os.path.abspath(data_root))
+    path = os.path.normpath(os.path.join(root, rel))
+    if os.path.commonpath([root, path]) != root:
+        raise DatasetError(f"video path {rel!r} leaves the data root; refusing to read it")
+    return Path(path)
+
+
 def _lines(path: Path) -> list[str]:
     return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 

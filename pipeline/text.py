@@ -1,18 +1,12 @@
-"""Class-name prompts for the store's ``text/<name>`` arrays (EMP-Net's 16 templates by default).
+"""Class texts for the store's `text/<name>` arrays: templates, raw `encode_text` features, --text-only.
 
-Features are the raw ``encode_text`` outputs in float32, not L2-normalised: EMP-Net's released code
-(cong-wu/EMP-Net, ``models/base/few_shot.py``) keeps ``backbone.encode_text(...)`` per template, averages
-the raw vectors over templates at test time and normalises only inside its cosine. Storing raw vectors
-keeps both choices open to the heads (normalise, or average then normalise).
-
-    names = ["brush hair", "cartwheel"]
-    feats = encode_class_texts(clip.model, clip.tokenizer(), names)   # (C, 16, D) float32
-    templates = load_templates("prompts.txt")                         # one template with {} per line
+EMP-Net's 16 templates by default; why the features are not normalised: docs/extraction.md.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.encoder import EncoderError
+from pipeline.errors import EncoderError, ExtractError
 
 __all__ = [
     "EMP16_TEMPLATES",
@@ -30,6 +24,7 @@ __all__ = [
     "load_templates",
     "fill_template",
     "encode_class_texts",
+    "add_text_embeddings",
 ]
 
 EMP16_TEMPLATES: tuple[str, ...] = (
@@ -138,3 +133,47 @@ def encode_class_texts(
         feats.append(model.encode_text(tokens).float().cpu())
     out = torch.cat(feats).reshape(len(names), len(templates), -1)
     return out.numpy().astype(np.float32, copy=False)
+
+
+def _templates_name(path: Path) -> str:
+    name = re.sub(r"[^a-z0-9_]+", "_", path.stem.lower()).strip("_")
+    if not name:
+        raise ExtractError(f"--templates {path}: cannot make an array name from the file name")
+    return name
+
+
+def add_text_embeddings(
+    store_path: str,
+    templates_file: str,
+    model: str | None,
+    pretrained: str | None,
+    device: str,
+    allow_torchscript: bool = False,
+) -> tuple[str, tuple[int, ...]]:
+    """`--text-only`: encode every class of an existing store under the templates in a file.
+
+    Writes `text/<file stem>`; the model must be the store's (its weights' sha256 is checked).
+    """
+    from pipeline.model import load_clip, resolve_device
+    from pipeline.weights import choose_weights
+    from store import SpecMismatchError, open_store
+
+    path = Path(store_path)
+    templates = load_templates(templates_file)
+    name = _templates_name(Path(templates_file))
+    with open_store(path, mode="a") as store:
+        model_name, weights = choose_weights(model, pretrained, store.spec, store_path)
+        clip = load_clip(
+            model_name, weights, device=resolve_device(device), allow_torchscript=allow_torchscript
+        )
+        if clip.model_name != store.spec["model"] or clip.weights_sha256 != store.spec.get(
+            "weights_sha256"
+        ):
+            raise SpecMismatchError(
+                f"{store_path} was extracted with {store.spec['model']} "
+                f"({store.spec['pretrained']}); --model/--pretrained give {clip.model_name} "
+                f"({clip.pretrained}): text features must come from the same model"
+            )
+        embeddings = encode_class_texts(clip.model, clip.tokenizer(), store.classes, templates)
+        store.write_text(name, embeddings, templates)
+    return name, tuple(embeddings.shape)

@@ -3,6 +3,10 @@
 The driver creates the store (all rows `pending`, arrays pre-sized, chunk = one video) and is the only
 writer of the manifest and root attributes. Workers write their own rows' chunks through `ChunkWriter`.
 A row becomes `ok` only when the driver commits it after its chunks are written.
+
+Reads check every row against its manifest checksum by default, except for a directory store written
+on this machine at its current path (`written_here`); `verify=` or env `FSAR_VERIFY_READS=0|1` decide
+otherwise. A chunk that is missing is always an error, never zeros.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import struct
+import socket
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -31,26 +35,36 @@ from .errors import (
     StoreError,
     UnsafeStoreError,
 )
+from .lastblock_file import lastblock_from_bytes, lastblock_to_bytes
 from .layout import (
     ALLOWED_DTYPES,
     CHECKSUM_ALGORITHM,
     LASTBLOCK_FILE,
+    LASTBLOCK_NAME,
     LOCK_FILE,
     MANIFEST_FILE,
+    MAX_ROWS,
     SCHEMA_VERSION,
     SPEC_IDENTITY_FIELDS,
+    TEXT_DEFAULT,
     checksum_column,
+    cls_source,
     manifest_columns,
+    row_bytes,
     row_tensors,
     spec_field,
+    text_name,
+    weights_file,
 )
-from .location import HINT, Location, one_line, resolve
+from .location import HINT, DirLocation, Location, one_line, resolve, safe_member
 from .lock import StoreLock
-from .manifest import new_manifest, read_manifest, write_manifest_atomic
+from .manifest import manifest_to_bytes, new_manifest, read_manifest
 from .safety import check_array, check_spec
 
 DEFAULT_CODEC: dict[str, Any] = {"name": "zstd", "level": 3}
-MAX_ROWS = 50_000_000  # refuse absurd shapes in metadata before allocating anything
+VERIFY_ENV = "FSAR_VERIFY_READS"
+WRITE_CONFIG = {"write_empty_chunks": True}  # a row of zeros is still a chunk: missing means lost
+MAX_TEMPLATES = 10_000
 
 
 def checksum(array: np.ndarray) -> str:
@@ -96,8 +110,35 @@ def _now() -> pd.Timestamp:
 def _open_group(location: Location, mode: Literal["r", "r+"]) -> zarr.Group:
     try:
         return zarr.open_group(location.zarr_store, mode=mode, zarr_format=3)
+    except StoreError:
+        raise
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError, KeyError) as exc:
         raise NotAStoreError(f"not a store: {location.describe()} {HINT}") from exc
+    except Exception as exc:  # metadata zarr cannot parse (wrong types, unknown fields)
+        raise CorruptStoreError(
+            f"{location.describe()}: zarr.json is damaged ({one_line(exc)})"
+        ) from exc
+
+
+def written_here(location: Location, attrs: Mapping[str, Any]) -> bool:
+    """True for a directory store that this machine created at the path it has now."""
+    mark = attrs.get("written_on")
+    return (
+        location.local is not None
+        and isinstance(mark, Mapping)
+        and mark.get("host") == socket.gethostname()
+        and mark.get("path") == os.path.realpath(location.local)
+    )
+
+
+def verify_by_default(location: Location, attrs: Mapping[str, Any]) -> bool:
+    """Whether reads check row checksums: env FSAR_VERIFY_READS (0/1), else unless written here."""
+    env = os.environ.get(VERIFY_ENV, "").strip().lower()
+    if env in ("0", "off", "no", "false"):
+        return False
+    if env in ("1", "on", "yes", "true"):
+        return True
+    return not written_here(location, attrs)
 
 
 def _validate_attrs(attrs: Mapping[str, Any], where: str) -> None:
@@ -118,13 +159,36 @@ def _validate_attrs(attrs: Mapping[str, Any], where: str) -> None:
     for name in attrs["tensors"]:
         if name.startswith("/") or ".." in name.split("/"):
             raise CorruptStoreError(f"{where}: tensor name {name!r} leaves the store")
+    classes = attrs["classes"]
+    if not all(isinstance(c, str) for c in classes) or len(set(classes)) != len(classes):
+        raise CorruptStoreError(f"{where}: root attribute classes is malformed")
+    text = attrs.get("text", {})
+    if not isinstance(text, Mapping) or not all(
+        isinstance(v, Mapping)
+        and isinstance(v.get("checksum"), str)
+        and isinstance(v.get("templates"), list)
+        and 0 < len(v["templates"]) <= MAX_TEMPLATES
+        and all(isinstance(t, str) for t in v["templates"])
+        for v in text.values()
+    ):
+        raise CorruptStoreError(f"{where}: root attribute text is malformed")
+    weights = attrs.get("weights", {})
+    if not isinstance(weights, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weights.items()
+    ):
+        raise CorruptStoreError(f"{where}: root attribute weights is malformed")
 
 
 class FeatureStore:
     """An open store. Use `create_store` / `open_store` rather than the constructor."""
 
     def __init__(
-        self, location: Location, group: zarr.Group, mode: str, lock: StoreLock | None
+        self,
+        location: Location,
+        group: zarr.Group,
+        mode: str,
+        lock: StoreLock | None,
+        verify: bool | None = None,
     ) -> None:
         self.location = location
         self.mode = mode
@@ -138,6 +202,8 @@ class FeatureStore:
         check_spec(self.spec, location.describe())
         self.classes: list[str] = list(attrs["classes"])
         self.row_tensors: list[str] = [t["name"] for t in self.spec["tensors"]]
+        # Check row checksums on every read (stores received from elsewhere), see `written_here`.
+        self.verify_reads: bool = verify_by_default(location, attrs) if verify is None else verify
         self.manifest: pd.DataFrame = self._load_manifest()
         self._check_arrays()
 
@@ -180,11 +246,18 @@ class FeatureStore:
             raise CorruptStoreError(
                 f"{self.location.describe()} has no {MANIFEST_FILE}; the store is incomplete"
             ) from None
-        return read_manifest(data, self.location.describe(), self.row_tensors)
-
-    def reload(self) -> None:
-        """Re-read the manifest (another process may have committed)."""
-        self.manifest = self._load_manifest()
+        manifest = read_manifest(data, self.location.describe(), self.row_tensors)
+        labels = manifest["label"].to_numpy()
+        if len(labels) and (labels.min() < 0 or labels.max() >= len(self.classes)):
+            raise CorruptStoreError(
+                f"manifest of {self.location.describe()}: a label is outside 0..{len(self.classes) - 1}"
+            )
+        named = np.asarray(self.classes, dtype=object)[labels] if len(labels) else labels
+        if len(labels) and not (named == manifest["class_name"].to_numpy()).all():
+            raise CorruptStoreError(
+                f"manifest of {self.location.describe()}: labels and class names disagree"
+            )
+        return manifest
 
     def array(self, name: str) -> zarr.Array:
         if name not in self.attrs["tensors"]:
@@ -196,11 +269,15 @@ class FeatureStore:
                 self._arrays[name] = zarr.open_array(
                     self.location.zarr_store, path=name, mode="r" if self.mode == "r" else "r+"
                 )
-            except (FileNotFoundError, KeyError, ValueError) as exc:
+            except StoreError:
+                raise
+            except Exception as exc:  # absent, or metadata zarr cannot parse
                 raise CorruptStoreError(
-                    f"{self.location.describe()}: array {name} is missing or unreadable ({exc})"
+                    f"{self.location.describe()}: array {name} is missing or unreadable "
+                    f"({one_line(exc)})"
                 ) from exc
             check_array(self._arrays[name], name, self.location.describe())
+            self.location.limits.register(name, self._arrays[name])
         return self._arrays[name]
 
     def _check_arrays(self) -> None:
@@ -249,25 +326,28 @@ class FeatureStore:
         *,
         view: int | None = None,
         as_torch: bool = False,
-        verify: bool = False,
+        verify: bool | None = None,
     ) -> dict[str, Any]:
         """Read rows (any order, repeats allowed) of the named tensors; touches only their chunks.
 
-        `view` picks one view (the view axis is dropped). `verify` checks each row against its manifest
-        checksum (only possible for whole rows, so not with `view`).
+        `view` picks one view (the view axis is dropped). `verify` (default: `self.verify_reads`)
+        checks each row against its manifest checksum; with `view`, whole rows are read in batches
+        (the chunk holds every view anyway), checked, then sliced.
         """
         idx = np.asarray(rows, dtype=np.int64).reshape(-1)
         if idx.size and (idx.min() < 0 or idx.max() >= self.n_rows):
             raise IndexError(f"rows out of range 0..{self.n_rows - 1}")
+        verify = self.verify_reads if verify is None else verify
         uniq, inverse = np.unique(idx, return_inverse=True)
         out: dict[str, Any] = {}
         for name in names:
             arr = self.array(name)
-            data = self._read_unique(arr, name, uniq, view)
-            if verify and name in self.row_tensors:
-                if view is not None:
-                    raise ValueError("verify=True needs whole rows: leave view=None")
-                self._verify_rows(name, uniq, data)
+            if verify and name in self.row_tensors and view is not None:
+                data = self._read_view_verified(arr, name, uniq, view)
+            else:
+                data = self._read_unique(arr, name, uniq, view)
+                if verify and name in self.row_tensors:
+                    self._verify_rows(name, uniq, data)
             data = data[inverse] if not (len(uniq) == len(idx) and (uniq == idx).all()) else data
             if as_torch:
                 import torch
@@ -298,26 +378,71 @@ class FeatureStore:
                     ) from exc
             raise
 
+    def _read_view_verified(
+        self, arr: zarr.Array, name: str, uniq: np.ndarray, view: int
+    ) -> np.ndarray:
+        per_row = int(np.prod(arr.chunks[1:], dtype=object)) * arr.dtype.itemsize
+        step = max(1, (64 << 20) // max(1, per_row))  # whole rows, at most ~64 MB at a time
+        parts = []
+        for start in range(0, len(uniq), step):
+            part = uniq[start : start + step]
+            whole = self._read_unique(arr, name, part, None)
+            self._verify_rows(name, part, whole)
+            parts.append(np.ascontiguousarray(whole[:, view]))
+        if not parts:
+            return np.empty((0, *arr.shape[2:]), dtype=arr.dtype)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
     def _verify_rows(self, name: str, uniq: np.ndarray, data: np.ndarray) -> None:
-        col = self.manifest[checksum_column(name)]
+        sums = self.manifest[checksum_column(name)].to_numpy()
+        status = self.manifest["status"].to_numpy()
         for pos, r in enumerate(uniq):
-            want = col.iat[int(r)]
-            if want is None or pd.isna(want):
-                continue  # not extracted yet: nothing to compare with
-            if checksum(data[pos]) != want:
+            want = sums[int(r)]
+            problem = None
+            if status[int(r)] != "ok" or not isinstance(want, str):
+                problem = f"has no recorded checksum (status {status[int(r)]})"
+            elif checksum(data[pos]) != want:
+                problem = "fails its checksum"
+            if problem is not None:
                 vid = self.manifest["video_id"].iat[int(r)]
                 raise CorruptStoreError(
-                    f"{self.location.describe()}: row {int(r)} ({vid}) {name} fails its checksum; "
+                    f"{self.location.describe()}: row {int(r)} ({vid}) {name} {problem}; "
                     "run fsar-store verify"
                 )
 
-    def text(self, name: str = "emp16") -> tuple[np.ndarray, list[str]]:
-        """Class text embeddings (C, M, D) float32 and their templates."""
+    def text(
+        self, name: str = TEXT_DEFAULT, verify: bool | None = None
+    ) -> tuple[np.ndarray, list[str]]:
+        """Class text embeddings (C, M, D) float32 and their templates (checked like rows)."""
         meta = self.attrs.get("text", {})
         if name not in meta:
             have = ", ".join(meta) or "none"
-            raise StoreError(f"{self.location.describe()} has no text/{name} (it has: {have})")
-        return np.asarray(self.array(f"text/{name}")[...]), list(meta[name]["templates"])
+            raise StoreError(
+                f"{self.location.describe()} has no {text_name(name)} (it has: {have})"
+            )
+        templates = list(meta[name]["templates"])
+        arr = self.array(text_name(name))
+        want = (len(self.classes), len(templates), int(self.spec["dim"]))
+        if tuple(arr.shape) != want or tuple(arr.chunks) != want:
+            raise CorruptStoreError(
+                f"{self.location.describe()}: {text_name(name)} has shape {arr.shape} chunks {arr.chunks}, "
+                f"expected {want} (classes, templates, dim) in one chunk"
+            )
+        try:
+            data = np.asarray(arr[...])
+        except (RemoteStoreError, UnsafeStoreError, CorruptStoreError):
+            raise
+        except Exception as exc:
+            raise CorruptStoreError(
+                f"{self.location.describe()}: {text_name(name)} is unreadable ({one_line(exc)})"
+            ) from exc
+        if (self.verify_reads if verify is None else verify) and checksum(data) != meta[name][
+            "checksum"
+        ]:
+            raise CorruptStoreError(
+                f"{self.location.describe()}: {text_name(name)} fails its checksum; run fsar-store verify"
+            )
+        return data, templates
 
     def read_lastblock(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """Weights and config of the last ViT block (recipe `emp+last`), parsed without pickle."""
@@ -327,12 +452,17 @@ class FeatureStore:
             raise StoreError(
                 f"{self.location.describe()} has no {LASTBLOCK_FILE}: extract with --recipe emp+last"
             ) from None
-        want = self.attrs.get("weights", {}).get("lastblock.safetensors")
-        if want is not None and hashlib.sha256(data).hexdigest() != want:
+        want = self.attrs.get("weights", {}).get(LASTBLOCK_NAME)
+        if want is None or hashlib.sha256(data).hexdigest() != want:
             raise CorruptStoreError(
                 f"{self.location.describe()}: {LASTBLOCK_FILE} fails its checksum"
             )
-        return parse_safetensors(data, self.location.describe())
+        try:
+            return lastblock_from_bytes(data)
+        except ValueError as exc:
+            raise CorruptStoreError(
+                f"{self.location.describe()}: {LASTBLOCK_FILE} is not a valid safetensors file"
+            ) from exc
 
     # ------------------------------------------------------------------ writing (driver)
     def _require_writer(self) -> None:
@@ -360,14 +490,14 @@ class FeatureStore:
                 if key == "extracted_at" and value is not None:
                     value = pd.Timestamp(value)
                 m.at[r, key] = value
-        write_manifest_atomic(self._local_dir() / MANIFEST_FILE, m, self.row_tensors)
+        self._writer().write_file(MANIFEST_FILE, manifest_to_bytes(m, self.row_tensors))
 
-    def _local_dir(self) -> Path:
-        if self.location.local is None:
+    def _writer(self) -> DirLocation:
+        if not isinstance(self.location, DirLocation):
             raise StoreError(
                 f"{self.location.describe()} is not a local directory: it cannot be written"
             )
-        return self.location.local
+        return self.location
 
     def _set_attrs(self, **updates: Any) -> None:
         self._group.attrs.update(updates)
@@ -379,10 +509,10 @@ class FeatureStore:
         emb = np.asarray(embeddings, dtype=np.float32)
         if emb.ndim != 3 or emb.shape[0] != len(self.classes) or emb.shape[1] != len(templates):
             raise ValueError(
-                f"text/{name} must be (classes={len(self.classes)}, templates={len(templates)}, D), "
+                f"{text_name(name)} must be (classes={len(self.classes)}, templates={len(templates)}, D), "
                 f"got {emb.shape}"
             )
-        path = f"text/{name}"
+        path = text_name(name)
         arr = self._group.create_array(
             path,
             shape=emb.shape,
@@ -390,7 +520,7 @@ class FeatureStore:
             dtype="float32",
             overwrite=True,
             compressors=None,
-        )
+        ).with_config(WRITE_CONFIG)
         arr[...] = emb
         self._arrays.pop(path, None)
         text = dict(self.attrs.get("text", {}))
@@ -401,18 +531,14 @@ class FeatureStore:
     def write_lastblock(self, tensors: Mapping[str, Any], config: Mapping[str, Any]) -> None:
         """Save the last block's weights + config as `weights/lastblock.safetensors`."""
         self._require_writer()
-        self.write_weights_file("lastblock.safetensors", dump_safetensors(tensors, config))
+        self.write_weights_file(LASTBLOCK_NAME, lastblock_to_bytes(tensors, config))
 
     def write_weights_file(self, name: str, data: bytes) -> None:
         """Store raw bytes as `weights/<name>` (temp file, rename) and record their sha256."""
         self._require_writer()
         if "/" in name or name.startswith("."):
             raise ValueError(f"bad weights file name {name!r}")
-        path = self._local_dir() / "weights" / name
-        path.parent.mkdir(exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        self._writer().write_file(weights_file(name), data)
         weights = dict(self.attrs.get("weights", {}))
         weights[name] = hashlib.sha256(data).hexdigest()
         self._set_attrs(weights=weights)
@@ -464,19 +590,27 @@ class FeatureStore:
         return problems
 
     def verify(self, rows: Sequence[int] | None = None, progress: bool = False) -> list[Problem]:
-        """Re-hash every `ok` row of every per-row tensor, the text arrays and the weights file."""
+        """Re-hash every `ok` row of every per-row tensor, the text arrays and the weights file;
+        report video paths that would leave a data root (absolute, `..`)."""
         todo = self.select(status="ok") if rows is None else np.asarray(rows, dtype=np.int64)
         problems = self.find_corrupt(todo, progress=progress)
-        for name, meta in self.attrs.get("text", {}).items():
+        m = self.manifest
+        for r in todo if rows is not None else range(self.n_rows):
+            if not safe_member(str(m["relpath"].iat[int(r)])):
+                problems.append(
+                    Problem(
+                        int(r), str(m["video_id"].iat[int(r)]), "relpath", "leaves the data root"
+                    )
+                )
+        for name in self.attrs.get("text", {}):
             try:
-                ok = checksum(np.asarray(self.array(f"text/{name}")[...])) == meta["checksum"]
+                self.text(name, verify=True)
             except (RemoteStoreError, UnsafeStoreError):
                 raise
-            except Exception:
-                ok = False
-            if not ok:
-                problems.append(Problem(None, None, f"text/{name}", "checksum mismatch"))
-        if "lastblock.safetensors" in self.attrs.get("weights", {}):
+            except Exception as exc:
+                reason = "checksum mismatch" if "checksum" in str(exc) else one_line(exc)
+                problems.append(Problem(None, None, text_name(name), reason))
+        if LASTBLOCK_NAME in self.attrs.get("weights", {}):
             try:
                 self.read_lastblock()
             except StoreError as exc:
@@ -495,20 +629,15 @@ class FeatureStore:
         for vid, *sums in ok[["video_id", *cols]].itertuples(index=False):
             h.update(f"{vid}\t{chr(9).join(map(str, sums))}\n".encode())
         for name in sorted(self.attrs.get("text", {})):
-            h.update(f"text/{name}:{self.attrs['text'][name]['checksum']}\n".encode())
+            h.update(f"{text_name(name)}:{self.attrs['text'][name]['checksum']}\n".encode())
         for name, digest in sorted(self.attrs.get("weights", {}).items()):
-            h.update(f"weights/{name}:{digest}\n".encode())
+            h.update(f"{weights_file(name)}:{digest}\n".encode())
         return h.hexdigest()[:16]
 
     def info(self) -> dict[str, Any]:
         """Spec, counts per split and status, size on disk and bytes per video."""
         m = self.manifest
         counts = m.groupby(["split", "status"]).size().unstack(fill_value=0).to_dict(orient="index")
-        raw_per_video = 0
-        for entry in self.spec["tensors"]:
-            raw_per_video += (
-                int(np.prod(entry["shape_per_row"])) * np.dtype(entry["dtype"]).itemsize
-            )
         chunk_bytes, total_bytes = self.location.sizes(self.row_tensors)
         n_written = int((m["status"] == "ok").sum())
         per_video = chunk_bytes / n_written if chunk_bytes is not None and n_written else None
@@ -531,35 +660,9 @@ class FeatureStore:
             "weights": sorted(self.attrs.get("weights", {})),
             "bytes_on_disk": total_bytes,
             "bytes_per_video": per_video,
-            "raw_bytes_per_video": raw_per_video,
+            "raw_bytes_per_video": row_bytes(self.spec),
             "fingerprint": self.fingerprint(),
         }
-
-
-# ---------------------------------------------------------------------- safetensors (no pickle)
-def dump_safetensors(tensors: Mapping[str, Any], config: Mapping[str, Any]) -> bytes:
-    from safetensors.numpy import save
-
-    arrays = {}
-    for key, value in tensors.items():
-        if hasattr(value, "detach"):  # torch tensor: weights travel as float32
-            value = value.detach().float().cpu().numpy()
-        arrays[key] = np.ascontiguousarray(value, dtype=np.float32)
-    return save(arrays, metadata={"config": json.dumps(dict(config), sort_keys=True)})
-
-
-def parse_safetensors(data: bytes, where: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    from safetensors.numpy import load
-
-    try:
-        (header_len,) = struct.unpack("<Q", data[:8])
-        header = json.loads(data[8 : 8 + header_len])
-        config = json.loads(header.get("__metadata__", {}).get("config", "{}"))
-        return load(data), config
-    except Exception as exc:
-        raise CorruptStoreError(
-            f"{where}: {LASTBLOCK_FILE} is not a valid safetensors file"
-        ) from exc
 
 
 # ---------------------------------------------------------------------- factories
@@ -571,13 +674,18 @@ def create_store(
     *,
     dataset: str,
     split_source: str,
+    written_here: bool = True,
 ) -> FeatureStore:
     """Create a store with every row `pending` and arrays pre-sized; returns it open for writing.
 
     `videos` needs columns `video_id`, `relpath`, `class_name`, `split` (optionally `status`/`error`
-    for rows known to have failed already, e.g. `missing`).
+    for rows known to have failed already, e.g. `missing`). `written_here` records this machine and
+    path in the root attributes, so that reads here skip checksums (merge and subset pass False:
+    their rows come from elsewhere).
     """
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise StoreError(f"{path} is a file, not a store directory: choose another path")
     if path.exists() and any(path.iterdir()):
         raise StoreError(
             f"{path} exists and is not empty: open it to resume, or choose another path"
@@ -612,9 +720,12 @@ def create_store(
             )
         names = [t["name"] for t in spec["tensors"]]
         manifest = new_manifest(videos, classes, names)
-        write_manifest_atomic(path / MANIFEST_FILE, manifest, names)
+        assert isinstance(location, DirLocation)
+        location.write_file(MANIFEST_FILE, manifest_to_bytes(manifest, names))
+        mark = {"host": socket.gethostname(), "path": os.path.realpath(path)}
         group.attrs.update(
             {
+                **({"written_on": mark} if written_here else {}),
                 "schema_version": SCHEMA_VERSION,
                 "spec": json.loads(json.dumps(spec)),
                 "classes": list(classes),
@@ -633,18 +744,23 @@ def create_store(
 
 
 def _dimension_names(name: str) -> list[str]:
-    if name.startswith("cls/"):
+    if cls_source(name) is not None:
         return ["video", "view", "frame", "channel"]
     return ["video", "view", "frame", "token", "channel"]
 
 
 def open_store(
-    path: str | Path, mode: Literal["r", "a"] = "r", *, cache: str | Path | None = None
+    path: str | Path,
+    mode: Literal["r", "a"] = "r",
+    *,
+    cache: str | Path | None = None,
+    verify: bool | None = None,
 ) -> FeatureStore:
     """Open read-only (`r`, any number of readers) or as the single writer (`a`, takes the lock).
 
     `path` is a directory, a packed file (`fsar-store pack`) or a URL (http(s)://, s3://, gs://);
     `cache` (default: env `FSAR_CACHE`) keeps a remote store's fetched chunks on local disk.
+    `verify` sets `verify_reads` (default: see `verify_by_default`).
     """
     if mode not in ("r", "a"):
         raise ValueError("mode must be 'r' or 'a'")
@@ -657,7 +773,7 @@ def open_store(
         lock.acquire()
     try:
         group = _open_group(location, "r" if mode == "r" else "r+")
-        return FeatureStore(location, group, mode, lock)
+        return FeatureStore(location, group, mode, lock, verify)
     except BaseException:
         if lock is not None:
             lock.release()
@@ -675,21 +791,21 @@ class ChunkWriter:
         self.spec = attrs["spec"]
         self._entries = {t["name"]: t for t in self.spec["tensors"]}
         self._arrays = {
-            name: zarr.open_array(self.location.zarr_store, path=name, mode="r+")
+            name: zarr.open_array(self.location.zarr_store, path=name, mode="r+").with_config(
+                WRITE_CONFIG
+            )
             for name in self._entries
         }
 
     def write_row(self, row: int, tensors: Mapping[str, np.ndarray]) -> dict[str, str]:
-        """Write one video's tensors (shape without the row axis); `cls/` is derived from `tokens/`.
-
-        Returns the manifest checksum columns for every tensor written.
+        """Write one video's tensors (shape without the row axis); `cls/` arrays are derived from
+        their `tokens/` arrays when not given. Returns the manifest checksum columns written.
         """
         data = dict(tensors)
-        for name in list(data):
-            if name.startswith("tokens/") and not name.endswith("_in"):
-                cls = "cls/" + name.split("/", 1)[1]
-                if cls in self._entries and cls not in data:
-                    data[cls] = np.asarray(data[name])[..., 0, :]
+        for name in self._entries:
+            source = cls_source(name)
+            if source is not None and name not in data and source in data:
+                data[name] = np.asarray(data[source])[..., 0, :]
         missing = set(self._entries) - set(data)
         if missing:
             raise ValueError(f"row {row}: missing tensors {sorted(missing)}")

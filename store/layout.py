@@ -1,14 +1,24 @@
-"""The store's fixed names: schema version, array paths, manifest columns, spec identity fields."""
+"""The store's fixed names: schema version, array paths, manifest columns, spec identity fields.
+
+Every tensor and file name of a store (`tokens/layer04`, `cls/layer04`, `tokens/layer12_in`,
+`text/emp16`, `weights/lastblock.safetensors`) and the bytes a row takes are computed here only.
+"""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+import numpy as np
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.parquet"
 LOCK_FILE = "fsar.lock"
-LASTBLOCK_FILE = "weights/lastblock.safetensors"
+RECIPES = ("emp", "emp+last")
+TEXT_DEFAULT = "emp16"  # the class texts fsar-extract writes (EMP-Net's 16 templates)
+LASTBLOCK_NAME = "lastblock.safetensors"
+LASTBLOCK_FILE = f"weights/{LASTBLOCK_NAME}"
 # Keys of `weights/lastblock.safetensors`: the open_clip resblock, then ln_post and proj.
 LASTBLOCK_RESBLOCK_KEYS = (
     "ln_1.weight",
@@ -28,6 +38,7 @@ LASTBLOCK_KEYS = (*LASTBLOCK_RESBLOCK_KEYS, "ln_post.weight", "ln_post.bias", "p
 LASTBLOCK_LAYER_SCALE_KEYS = ("ls_1.gamma", "ls_2.gamma")
 CHECKSUM_ALGORITHM = "blake2b-128"
 STATUSES = ("pending", "ok", "failed")
+MAX_ROWS = 10_000_000  # videos a store may list; refused beyond, before allocating anything
 ALLOWED_DTYPES = ("float16", "float32")
 
 # Manifest columns besides the per-tensor checksums, in order.
@@ -79,15 +90,47 @@ def default_layers(depth: int) -> list[int]:
 
 
 def token_name(layer: int) -> str:
+    """`tokens/layerKK`: every token of layer K (1-based), ln_post and proj applied."""
     return f"tokens/layer{layer:02d}"
 
 
 def cls_name(layer: int) -> str:
+    """`cls/layerKK`: token 0 of `tokens/layerKK`."""
     return f"cls/layer{layer:02d}"
 
 
 def layer_in_name(layer: int) -> str:
+    """`tokens/layerKK_in`: the residual stream entering block K (recipe emp+last)."""
     return f"tokens/layer{layer:02d}_in"
+
+
+def text_name(name: str = TEXT_DEFAULT) -> str:
+    """`text/<name>`: class text embeddings under one template set."""
+    return f"text/{name}"
+
+
+def weights_file(name: str) -> str:
+    """`weights/<name>`: a plain file of weights (e.g. the last block)."""
+    return f"weights/{name}"
+
+
+_CLS = re.compile(r"^cls/layer(\d+)$")
+
+
+def cls_source(name: str) -> str | None:
+    """The `tokens/` array a `cls/` array is token 0 of; None for any other name."""
+    match = _CLS.match(name)
+    return token_name(int(match.group(1))) if match else None
+
+
+def encoded_names(recipe: str, layers: Sequence[int]) -> list[str]:
+    """Per-row arrays the encoder produces for a recipe (`cls/` arrays are derived from them)."""
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}: use emp or emp+last")
+    names = [token_name(k) for k in layers]
+    if recipe == "emp+last":
+        names.append(layer_in_name(layers[-1]))
+    return names
 
 
 def row_tensors(spec: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -123,7 +166,7 @@ def row_tensors(spec: Mapping[str, Any]) -> list[dict[str, Any]]:
                 "shape_per_row": [v, t, n_tok, spec["width"]],
             }
         )
-    elif spec["recipe"] != "emp":
+    elif spec["recipe"] not in RECIPES:
         raise ValueError(f"unknown recipe {spec['recipe']!r}: use emp or emp+last")
     keep = spec.get("subset")  # a subset store (fsar-store subset --tensors) keeps only these
     if keep is not None:
@@ -132,6 +175,21 @@ def row_tensors(spec: Mapping[str, Any]) -> list[dict[str, Any]]:
             raise ValueError(f"subset names tensors the spec does not have: {unknown}")
         out = [e for e in out if e["name"] in set(keep)]
     return out
+
+
+def row_bytes(
+    spec: Mapping[str, Any], names: Sequence[str] | None = None, views: int | None = None
+) -> int:
+    """Uncompressed bytes of one row of the spec's per-row tensors (those in `names`, all by
+    default), with all views or `views` of them."""
+    total = 0
+    for entry in spec["tensors"]:
+        if names is None or entry["name"] in names:
+            shape = list(entry["shape_per_row"])
+            if views is not None:
+                shape[0] = views
+            total += int(np.prod(shape)) * np.dtype(entry["dtype"]).itemsize
+    return total
 
 
 def manifest_columns(tensors: Sequence[str]) -> list[str]:

@@ -34,6 +34,26 @@ class StoreLock:
         # Dead pid, or a reused pid whose process started after the lock was taken.
         return started is None or abs(started - float(info.get("pid_started", 0))) > 1.0
 
+    def check_free(self) -> None:
+        """Raise StoreLockedError when a live writer holds the lock; a stale lock is no obstacle."""
+        try:
+            info = json.loads(self.path.read_text() or "{}")
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError):
+            info = {}
+        if not isinstance(info, dict):
+            info = {}
+        if not info:
+            if time.time() - self.path.stat().st_mtime > 10:
+                return  # an empty lock file left by a crash between create and write
+        elif self._is_stale(info):
+            return
+        raise StoreLockedError(
+            f"store is being written by pid {info.get('pid')} on {info.get('host')}: "
+            f"wait for it to finish, or if that run is dead remove {self.path}"
+        )
+
     def acquire(self) -> None:
         me = os.getpid()
         payload = {

@@ -1,18 +1,21 @@
-"""The Parquet manifest: one row per video, written only by the driver, atomically."""
+"""The Parquet manifest: one row per video, written only by the driver, atomically.
+
+Written with page checksums (CRC-32 per data page) so that a damaged manifest is an error when read,
+never a table with changed values; its schema and values are checked before anything uses them.
+"""
 
 from __future__ import annotations
 
 import io
-import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import CorruptStoreError
-from .layout import MANIFEST_BASE_COLUMNS, checksum_column, manifest_columns
+from .layout import MANIFEST_BASE_COLUMNS, MAX_ROWS, STATUSES, checksum_column, manifest_columns
+from .location import one_line
 
 _BASE_TYPES: dict[str, pa.DataType] = {
     "video_id": pa.string(),
@@ -83,41 +86,52 @@ def to_table(df: pd.DataFrame, tensors: Sequence[str]) -> pa.Table:
     )
 
 
-def write_manifest_atomic(path: Path, df: pd.DataFrame, tensors: Sequence[str]) -> None:
-    """Temp file, fsync, rename: a crash leaves the old or the new manifest, never a torn one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(to_table(df, tensors), tmp)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
-
-
 def manifest_to_bytes(df: pd.DataFrame, tensors: Sequence[str]) -> bytes:
     sink = io.BytesIO()
-    pq.write_table(to_table(df, tensors), sink)
+    pq.write_table(to_table(df, tensors), sink, write_page_checksum=True)
     return sink.getvalue()
 
 
-def read_manifest(data: bytes, where: str, tensors: Sequence[str]) -> pd.DataFrame:
+def read_manifest(
+    data: bytes, where: str, tensors: Sequence[str], max_rows: int = MAX_ROWS
+) -> pd.DataFrame:
+    """Parse and check a manifest: row count, column types and values, before anything uses it."""
     try:
-        table = pq.read_table(io.BytesIO(data))
+        meta = pq.ParquetFile(io.BytesIO(data)).metadata
+        if meta.num_rows > max_rows:
+            raise CorruptStoreError(f"manifest of {where} claims {meta.num_rows} rows; refusing it")
+        table = pq.read_table(io.BytesIO(data), page_checksum_verification=True)
+    except CorruptStoreError:
+        raise
     except Exception as exc:  # pyarrow raises several types for damaged files
         raise CorruptStoreError(
-            f"manifest of {where} is unreadable ({exc}); restore it from a copy"
+            f"manifest of {where} is unreadable ({one_line(exc)}); restore it from a copy"
         ) from exc
-    want = manifest_columns(tensors)
-    missing = [c for c in want if c not in table.column_names]
+    want = manifest_schema(tensors)
+    missing = [c for c in want.names if c not in table.column_names]
     if missing:
         raise CorruptStoreError(f"manifest of {where} lacks columns {missing}")
-    df = table.to_pandas()
+    for name in want.names:
+        have = table.schema.field(name).type
+        if not have.equals(want.field(name).type):
+            raise CorruptStoreError(
+                f"manifest of {where}: column {name} is {have}, expected {want.field(name).type}"
+            )
+    try:
+        df = table.to_pandas()
+    except Exception as exc:  # damaged pandas metadata in the file's key-value metadata
+        raise CorruptStoreError(f"manifest of {where} is unreadable ({one_line(exc)})") from exc
+    if list(df.columns) != table.column_names:
+        raise CorruptStoreError(f"manifest of {where} has damaged column metadata")
     if not (df["row"].to_numpy() == range(len(df))).all():
         raise CorruptStoreError(f"manifest of {where} has rows out of order")
+    for name in ("video_id", "relpath", "class_name", "split", "status", "label"):
+        if df[name].isna().any():
+            raise CorruptStoreError(f"manifest of {where}: column {name} has empty values")
+    if df["video_id"].duplicated().any():
+        dup = df.loc[df["video_id"].duplicated(), "video_id"].iat[0]
+        raise CorruptStoreError(f"manifest of {where}: video_id {dup!r} appears twice")
+    bad = sorted(set(df["status"]) - set(STATUSES))
+    if bad:
+        raise CorruptStoreError(f"manifest of {where}: unknown status {bad[0]!r}")
     return df

@@ -1,19 +1,20 @@
-"""Stores filled with seeded random tokens of the right shape, for tests and benchmarks.
+"""Stores filled with seeded random tokens of the right shapes, for tests and benchmarks.
 
-Extracting a large split on a CPU takes hours (ViT-B/16 runs at a few frames/s); these stores let the
-benchmarks and tests exercise the store and the heads at realistic sizes in seconds.
+`write_random_store` is the one builder; `hidden_order_store` hides a signal only training finds.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from .featurestore import FeatureStore, create_store, done_update
-from .layout import build_spec
+from .featurestore import ChunkWriter, FeatureStore, create_store, done_update
+from .layout import TEXT_DEFAULT, build_spec, cls_source, token_name
 
 TokenFn = Callable[[int, np.random.Generator], dict[str, np.ndarray]]
 
@@ -51,21 +52,31 @@ def random_spec(
 def write_random_store(
     path: str | Path,
     spec: dict,
-    classes_per_split: dict[str, int],
-    videos_per_class: int,
+    classes_per_split: Mapping[str, int | tuple[int, int]],
+    videos_per_class: int = 0,
     *,
     seed: int = 0,
     tokens_fn: TokenFn | None = None,
     text: bool = True,
+    lastblock: tuple[Mapping[str, Any], Mapping[str, Any]] | None = None,
+    write_times: list[float] | None = None,
 ) -> FeatureStore:
-    """Create a store with every row `ok`. `tokens_fn(row, rng)` may supply each row's tensors."""
+    """Create a store with every row `ok`, open for writing; the one random-store builder.
+
+    `classes_per_split[split]` is a number of classes (of `videos_per_class` videos each) or a pair
+    (classes, videos per class). Each row holds N(0, 1) float16 tokens, unless `tokens_fn(row, rng)`
+    supplies its tensors. Adds `text/emp16` (`text`) and the last block's (tensors, config)
+    (`lastblock`). `write_times` receives each row's seconds in `ChunkWriter.write_row`.
+    """
     classes: list[str] = []
     videos = []
     for split in ("train", "val", "test"):
-        for c in range(classes_per_split.get(split, 0)):
+        count = classes_per_split.get(split, 0)
+        n_classes, per_class = count if isinstance(count, tuple) else (count, videos_per_class)
+        for c in range(n_classes):
             name = f"{split} class {c}"
             classes.append(name)
-            for k in range(videos_per_class):
+            for k in range(per_class):
                 vid = f"{split}/{name.replace(' ', '_')}/v{k:03d}"
                 videos.append(
                     {"video_id": vid, "relpath": vid + ".mp4", "class_name": name, "split": split}
@@ -73,25 +84,23 @@ def write_random_store(
     s = create_store(
         path, spec, classes, pd.DataFrame(videos), dataset="random", split_source="random"
     )
-    from .featurestore import ChunkWriter
-
     writer = ChunkWriter(path)
     rng = np.random.default_rng(seed)
-    v, t, n_tok, d, w = spec["views"], spec["frames"], spec["tokens"], spec["dim"], spec["width"]
+    v, t, d = spec["views"], spec["frames"], spec["dim"]
+    written = [e for e in spec["tensors"] if cls_source(e["name"]) is None]  # cls/ is derived
     updates = []
     for row in range(len(videos)):
         if tokens_fn is not None:
             tensors = tokens_fn(row, rng)
         else:
             tensors = {
-                name: rng.standard_normal((v, t, n_tok, d)).astype(np.float16)
-                for name in (e["name"] for e in spec["tensors"])
-                if name.startswith("tokens/") and not name.endswith("_in")
+                e["name"]: rng.standard_normal(e["shape_per_row"]).astype(np.float16)
+                for e in written
             }
-            for e in spec["tensors"]:
-                if e["name"].endswith("_in"):
-                    tensors[e["name"]] = rng.standard_normal((v, t, n_tok, w)).astype(np.float16)
+        start = time.perf_counter()
         sums = writer.write_row(row, tensors)
+        if write_times is not None:
+            write_times.append(time.perf_counter() - start)
         idx = [list(range(t)) for _ in range(v)]
         updates.append(
             done_update(row, sums, n_frames=t, fps=25.0, frame_indices=idx, decoder="random")
@@ -99,10 +108,12 @@ def write_random_store(
     s.commit(updates)
     if text:
         s.write_text(
-            "emp16",
+            TEXT_DEFAULT,
             rng.standard_normal((len(classes), 16, d)).astype(np.float32),
             [f"template {i} {{}}" for i in range(16)],
         )
+    if lastblock is not None:
+        s.write_lastblock(*lastblock)
     return s
 
 
@@ -140,7 +151,7 @@ def hidden_order_store(
     paths = rng.standard_normal((n_classes // 2, frames, 4))
     paths /= np.linalg.norm(paths, axis=-1, keepdims=True)
     carriers = 1 + rng.choice(patches, 4, replace=False)  # token positions of the signal patches
-    names = [e["name"] for e in spec["tensors"] if e["name"].startswith("tokens/")]
+    names = [token_name(k) for k in spec["layers"]]
 
     def tokens(row: int, row_rng: np.random.Generator) -> dict[str, np.ndarray]:
         label = row // videos_per_class
@@ -166,5 +177,7 @@ def hidden_order_store(
     text = np.repeat(pair_text, 2, axis=0)[:, None] + 0.3 / np.sqrt(dim) * rng.standard_normal(
         (n_classes, 16, dim)
     )
-    store.write_text("emp16", text.astype(np.float32), [f"template {i} {{}}" for i in range(16)])
+    store.write_text(
+        TEXT_DEFAULT, text.astype(np.float32), [f"template {i} {{}}" for i in range(16)]
+    )
     return store

@@ -1,10 +1,13 @@
-"""Test-wide guards: no network (loopback only), hub libraries offline, one torch thread per process."""
+"""Test-wide guards (no network but loopback, hub libraries offline) and the fixtures tests share."""
 
 from __future__ import annotations
 
 import ipaddress
 import os
 import socket
+from pathlib import Path
+
+import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -27,3 +30,39 @@ def _loopback_only(self: socket.socket, address: object) -> object:
 
 
 socket.socket.connect = _loopback_only  # type: ignore[method-assign]
+
+
+# ---------------------------------------------------------------------- shared stores
+@pytest.fixture(scope="session")
+def pair_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Time-reversal pairs (tests/heads_fixtures.py): 6 train, 6 val, 6 test classes of 6 videos,
+    T=4, 2 views, D=32: enough for 5-way 1-shot 5-query training episodes."""
+    from tests.heads_fixtures import reversal_pair_store
+
+    path = tmp_path_factory.mktemp("pairs") / "store"
+    classes = {"train": 6, "val": 6, "test": 6}
+    reversal_pair_store(path, frames=4, views=2, classes=classes, videos_per_class=6).close()
+    return path
+
+
+@pytest.fixture(scope="session")
+def last_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An `emp+last` pair store (8/6/6 classes of 6 videos, T=4, 1 view) with a random last block."""
+    import torch
+
+    from heads.lastblock import LastBlock
+    from tests.heads_fixtures import reversal_pair_store
+
+    path = tmp_path_factory.mktemp("last") / "store"
+    s = reversal_pair_store(path, recipe="emp+last", views=1, frames=4, videos_per_class=6)
+    torch.manual_seed(0)
+    block = LastBlock(width=48, heads=4, dim=32)
+    s.write_lastblock(block.state_tensors(), block.config)
+    s.close()
+    return path
+
+
+@pytest.fixture
+def quiet_allocator(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The commands keep freed memory for speed; not in the long-lived test process."""
+    monkeypatch.setattr("runtime.memory.keep_freed_memory", lambda: False)

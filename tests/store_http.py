@@ -14,10 +14,15 @@ from pathlib import Path
 
 @dataclass
 class Faults:
-    """Per-path misbehaviour: `404`, `500` or `truncate` (half the body, then close)."""
+    """Per-path misbehaviour: `404`, `500`, `truncate` (half the body, then close) or `flood`
+    (1 MiB blocks, no length, until the client hangs up or FLOOD_LIMIT bytes: `sent` counts them)."""
 
     by_path: dict[str, str] = field(default_factory=dict)
     requests: Counter = field(default_factory=Counter)
+    sent: Counter = field(default_factory=Counter)
+
+
+FLOOD_LIMIT = 256 << 20
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
@@ -39,6 +44,19 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
             return
         if mode == "500":
             self.send_error(500)
+            return
+        if mode == "flood":
+            self.send_response(200)
+            self.end_headers()
+            self.close_connection = True
+            block = b"\0" * (1 << 20)
+            try:
+                while self.faults.sent[path] < FLOOD_LIMIT:
+                    self.wfile.write(block)
+                    self.wfile.flush()
+                    self.faults.sent[path] += len(block)
+            except OSError:  # the client hung up
+                pass
             return
         if mode == "truncate":
             local = Path(self.translate_path(path))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pathlib
 import time
 
 import numpy as np
@@ -11,18 +12,9 @@ import open_clip
 import pytest
 import torch
 
-from pipeline.encoder import (
-    TINY_MODEL,
-    EncoderError,
-    FrameEncoder,
-    PretrainedUnavailable,
-    UnsupportedModel,
-    WeightsFileError,
-    default_layers,
-    export_last_block,
-    load_clip,
-    tensor_names,
-)
+from pipeline.encoder import FrameEncoder, export_last_block, tensor_names
+from pipeline.errors import EncoderError, PretrainedUnavailable, UnsupportedModel, WeightsFileError
+from pipeline.model import TINY_MODEL, default_layers, load_clip
 
 torch.set_num_threads(1)
 
@@ -310,17 +302,43 @@ def test_quick_gelu_option(tmp_path):
     assert export_last_block(c.model)[1]["act"] == "quick_gelu"
 
 
-def test_torchscript_archive_loads(tiny, tmp_path):
+def test_torchscript_archive_loads_only_when_allowed(tiny, tmp_path, monkeypatch):
+    """TorchScript runs code at load (`__setstate__`): only behind allow_torchscript, or for the
+    archive OpenAI published for the model (its sha256 is in the tag's URL)."""
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         archive = tmp_path / "tiny-jit.pt"
         torch.jit.save(torch.jit.script(tiny.model), str(archive))
-    c = load_clip(TINY_MODEL, str(archive))
+    real_load = torch.jit.load
+    calls = []
+    monkeypatch.setattr(torch.jit, "load", lambda *a, **k: calls.append(a) or real_load(*a, **k))
+    with pytest.raises(WeightsFileError, match="TorchScript archive, which runs code when loaded"):
+        load_clip(TINY_MODEL, str(archive))
+    assert calls == []  # refused before anything of it ran
+    c = load_clip(TINY_MODEL, str(archive), allow_torchscript=True)
     assert c.weights_sha256 == hashlib.sha256(archive.read_bytes()).hexdigest()
     torch.testing.assert_close(c.model.visual.proj, tiny.model.visual.proj, rtol=0, atol=0)
     assert export_last_block(c.model)[1]["act"] == "gelu"
+    fake_tag(monkeypatch, sha=c.weights_sha256)  # the published archive itself
+    assert load_clip(TINY_MODEL, str(archive)).weights_sha256 == c.weights_sha256
+
+
+def test_garbage_weights_file_is_one_whole_sentence(tmp_path):
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(bytes(range(256)) * 12)
+    with pytest.raises(WeightsFileError) as error:
+        load_clip(TINY_MODEL, str(garbage))
+    assert str(error.value) == (
+        "cannot read weights file garbage.pt: it is not a torch state dict or safetensors file "
+        "(UnpicklingError); pass a state dict saved by torch.save(model.state_dict()) or safetensors"
+    )
+
+    # an object besides tensors (here a path object): unpickling it could run code
+    torch.save({"visual.proj": torch.zeros(2), "extra": pathlib.PurePosixPath("x")}, garbage)
+    with pytest.raises(WeightsFileError, match="holds Python objects besides tensors"):
+        load_clip(TINY_MODEL, str(garbage))
 
 
 def fake_tag(monkeypatch, sha: str = "0" * 64, **cfg) -> None:

@@ -20,15 +20,6 @@ from store import SpecMismatchError, open_store
 from tests.heads_fixtures import reversal_pair_store
 
 
-@pytest.fixture(scope="module")
-def pair_store(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("eval") / "store"
-    reversal_pair_store(
-        path, frames=4, views=1, classes={"train": 6, "val": 6, "test": 6}, videos_per_class=4
-    ).close()
-    return path
-
-
 def test_ci_half_width_formula() -> None:
     values = np.array([1.0, 0.8, 0.6, 1.0, 0.4, 0.8])
     want = 1.96 * np.std(values * 100, ddof=1) / math.sqrt(6)
@@ -119,7 +110,7 @@ def test_keep_freed_memory_reuses_freed_blocks() -> None:
     each step touches ~60,000 new pages."""
     import resource
 
-    from heads.allocator import keep_freed_memory
+    from runtime.memory import keep_freed_memory
 
     applied = keep_freed_memory()
     assert applied is sys.platform.startswith("linux")

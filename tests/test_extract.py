@@ -17,17 +17,12 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from pipeline.cluster import ClusterPlan, _start_client, plan_cluster
 from pipeline.datasets import list_dataset, select_videos
-from pipeline.extract import (
-    ClusterPlan,
-    ExtractError,
-    ExtractOptions,
-    _start_client,
-    plan_cluster,
-    row_bytes,
-    rows_to_extract,
-)
+from pipeline.errors import ExtractError
+from pipeline.extract import ExtractOptions, rows_to_extract
 from pipeline.synth import make_synthetic_dataset
+from store.layout import row_bytes
 from tests.bad_videos import EXPECTED_ERRORS, write_bad_videos
 
 TINY = ["--model", "fsar-tiny-vit", "--pretrained", "none"]
@@ -53,6 +48,12 @@ def run_env(hang: bool = True) -> dict[str, str]:
 def extract_args(data_root: Path, store: Path, *extra: str) -> list[str]:
     """The fsar-extract command line for a subprocess."""
     return [*fsar_extract_command(), *cli_args(data_root, store, *extra)]
+
+
+def run_extract(data_root: Path, store: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    """fsar-extract in a subprocess (with the hanging test video), its output captured."""
+    args = extract_args(data_root, store, *extra)
+    return subprocess.run(args, env=run_env(), capture_output=True, text=True, timeout=300)
 
 
 def cli_args(data_root: Path, store: Path, *extra: str) -> list[str]:
@@ -94,13 +95,7 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def reference_store(data_root: Path) -> tuple[Path, subprocess.CompletedProcess[str]]:
     """One uninterrupted run with a 3 s decode timeout (the hanging video times out)."""
     store = data_root.parent / "reference"
-    result = subprocess.run(
-        extract_args(data_root, store, "--timeout", "3"),
-        env=run_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_extract(data_root, store, "--timeout", "3")
     return store, result
 
 
@@ -143,9 +138,10 @@ def test_end_to_end_bad_inputs_and_timeout(
 def test_cached_tokens_equal_a_direct_forward(
     reference_store: tuple[Path, subprocess.CompletedProcess[str]], data_root: Path
 ) -> None:
-    from pipeline.encoder import FrameEncoder, load_clip
+    from pipeline.decoding import decode_sampled
+    from pipeline.encoder import FrameEncoder
+    from pipeline.model import load_clip
     from pipeline.preprocess import build_transform
-    from pipeline.video import decode_sampled
     from store import open_store
 
     store_path, _ = reference_store
@@ -181,13 +177,7 @@ def test_splits_part_sigkill_and_resume_equal_an_uninterrupted_run(
     store = data_root.parent / "resumed"
 
     # 1. only part 1 of 2 of the train split
-    first = subprocess.run(
-        extract_args(data_root, store, "--splits", "train", "--part", "1/2", "--timeout", "3"),
-        env=run_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    first = run_extract(data_root, store, "--splits", "train", "--part", "1/2", "--timeout", "3")
     assert first.returncode == 0, first.stderr[-3000:]
     rows = manifest(store)
     chosen = select_videos(rows, ["train"], (1, 2)).to_numpy()
@@ -220,7 +210,8 @@ def test_splits_part_sigkill_and_resume_equal_an_uninterrupted_run(
     killed = manifest(store)
     assert (killed["status"] == "pending").any()
     assert (store / "fsar.lock").exists()  # left behind by the killed driver
-    for _ in range(50):  # every process of the group is gone
+    gone_by = time.monotonic() + 120  # every process of the group is gone (generous: loaded CI)
+    while time.monotonic() < gone_by:
         try:
             os.killpg(process.pid, 0)
         except ProcessLookupError:
@@ -230,13 +221,7 @@ def test_splits_part_sigkill_and_resume_equal_an_uninterrupted_run(
         pytest.fail("processes of the killed run survive")
 
     # 3. rerun: the stale lock is taken over, pending rows are done, ok rows are not redone
-    again = subprocess.run(
-        extract_args(data_root, store, "--timeout", "3"),
-        env=run_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    again = run_extract(data_root, store, "--timeout", "3")
     assert again.returncode == 0, again.stderr[-3000:]
     n_pending_after_kill = int((killed["status"] == "pending").sum())
     assert f"{n_pending_after_kill} videos to extract" in again.stdout
@@ -355,8 +340,8 @@ def test_batching_frames_across_videos_matches_one_forward_per_video(
     reference_store: tuple[Path, subprocess.CompletedProcess[str]], data_root: Path, tmp_path: Path
 ) -> None:
     """The CUDA path (several videos per forward, split back per row), run on CPU."""
-    from pipeline.extract import EncoderConfig, decode_task, encode_task
-    from pipeline.video import DecodeRequest, close_decoders
+    from pipeline.decode_child import DecodeRequest, close_decoders
+    from pipeline.tasks import EncoderConfig, decode_task, encode_task
     from store import open_store
 
     store_path, _ = reference_store
@@ -455,26 +440,6 @@ def test_local_cluster_workers_reuse_freed_memory_and_skip_the_profiler(tmp_path
     assert report["trim"] == str(1 << 30)
     assert report["profile"] is False
     assert min(report["faults"]) < 1000, report
-
-
-def test_readme_worker_command_gives_the_local_cluster_settings() -> None:
-    # README tells teams how to start `dask worker` for --scheduler with our workers' settings
-    import re
-
-    import dask.config
-
-    from pipeline.extract import LOCAL_WORKER_CONFIG, WORKER_ENVIRON
-
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    block = readme[readme.index("DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED") :]
-    block = block[: block.index("dask worker")]
-    env = dict(re.findall(r"(DASK_\w+)=('[^']*'|\S+)", block))
-    env = {k: v.strip("'") for k, v in env.items()}
-    parsed = dask.config.collect_env(env)
-    get = lambda key: dask.config.get(key, config=parsed)  # noqa: E731  (as the nanny reads it)
-    assert get("distributed.worker.profile.enabled") is False
-    assert get("distributed.nanny.pre-spawn-environ") == WORKER_ENVIRON
-    assert LOCAL_WORKER_CONFIG["distributed.nanny.pre-spawn-environ"] == WORKER_ENVIRON
 
 
 def test_rows_to_extract_and_row_bytes(data_root: Path) -> None:

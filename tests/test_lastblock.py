@@ -11,14 +11,11 @@ import open_clip
 import pytest
 import torch
 
-from heads.lastblock import LastBlock, lastblock_from_bytes, lastblock_to_bytes, load_last_block
-from pipeline.encoder import (
-    TINY_MODEL,
-    FrameEncoder,
-    UnsupportedModel,
-    export_last_block,
-    load_clip,
-)
+from heads.lastblock import LastBlock, load_last_block
+from pipeline.encoder import FrameEncoder, export_last_block
+from pipeline.errors import UnsupportedModel
+from pipeline.model import TINY_MODEL, load_clip
+from store.lastblock_file import lastblock_from_bytes, lastblock_to_bytes
 
 torch.set_num_threads(1)
 

@@ -15,17 +15,11 @@ from typer.testing import CliRunner
 
 import heads
 from cli import app
+from heads.config import PRESETS, ConfigError, TrainConfig
 from heads.emp import released_text_ids
 from heads.episodes import EpisodeSampler, draw_keys
 from heads.evaluate import evaluate, with_random_views
-from heads.train import (
-    PRESETS,
-    RELEASED_NO_DECAY,
-    ConfigError,
-    TrainConfig,
-    learning_rate,
-    make_optimizer,
-)
+from heads.train import RELEASED_NO_DECAY, learning_rate, make_optimizer
 from pipeline.preprocess import (
     Augment,
     augment_params,
@@ -33,7 +27,7 @@ from pipeline.preprocess import (
     preprocess_spec,
     transform_video,
 )
-from pipeline.video import sample_frame_indices
+from pipeline.sampling import sample_frame_indices
 from store import open_store
 from tests.heads_fixtures import reversal_pair_store
 
@@ -311,9 +305,10 @@ def test_views_of_train_videos_are_augmented_and_other_videos_are_not() -> None:
 
 
 def test_extraction_augments_views_of_train_videos(tmp_path) -> None:
-    from pipeline.extract import EncoderConfig, decode_task
+    from pipeline.decode_child import DecodeRequest, close_decoders
+    from pipeline.decoding import decode_sampled
     from pipeline.synth import write_video
-    from pipeline.video import DecodeRequest, close_decoders, decode_sampled
+    from pipeline.tasks import EncoderConfig, decode_task
     from tests.bad_videos import moving_square_frames
 
     path = tmp_path / "clip.mp4"

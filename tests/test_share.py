@@ -73,7 +73,7 @@ def test_pack_writes_stored_zip_that_opens_directly_and_unpacks(base: Path, tmp_
 
 
 def test_packed_store_is_read_only(base: Path, tmp_path: Path) -> None:
-    from store.share import pack
+    from store.pack import pack
 
     pack(base, tmp_path / "p.zip")
     with pytest.raises(StoreError, match="packed store: it opens read-only"):
@@ -161,7 +161,7 @@ def test_merge_keeps_failed_rows_with_their_error(base: Path, tmp_path: Path) ->
     b = copy_store(base, tmp_path / "b")
     set_rows(a, [2], "failed", "missing file")
     set_rows(b, [2], "pending")
-    from store.share import merge
+    from store.merge import merge
 
     report = merge(a, b, tmp_path / "m")
     m = open_store(tmp_path / "m").manifest

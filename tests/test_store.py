@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -228,17 +227,18 @@ def test_workers_in_separate_processes_lose_nothing(store_path: Path, spec: dict
 
 
 _HOLD_LOCK = """
-import sys, time
+import sys
 from store import open_store
 s = open_store(sys.argv[1], mode="a")
 print("locked", flush=True)
-time.sleep(120)
+sys.stdin.read()  # holds the lock until killed
 """
 
 
 def test_second_writer_refused_then_allowed_after_stale_lock(store_path: Path) -> None:
     holder = subprocess.Popen(
         [sys.executable, "-c", _HOLD_LOCK, str(store_path)],
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
         cwd=Path(cli.__file__).parent,
@@ -429,14 +429,25 @@ i = 0
 while True:
     s.commit([{"row": i % s.n_rows, "error": f"note {i}"}])
     i += 1
+    print(i, flush=True)
 """
-    for delay in (0.3, 0.5, 0.7):
+    for commits in (1, 4, 16):  # killed at some point after its n-th commit, mid-loop
         p = subprocess.Popen(
-            [sys.executable, "-c", code, str(store_path)], cwd=Path(cli.__file__).parent
+            [sys.executable, "-c", code, str(store_path)],
+            cwd=Path(cli.__file__).parent,
+            stdout=subprocess.PIPE,
+            text=True,
         )
-        time.sleep(delay + 1.5)
-        os.kill(p.pid, signal.SIGKILL)
-        p.wait()
+        try:
+            assert p.stdout is not None
+            for line in p.stdout:  # the child's own report of each commit, however slow it runs
+                if int(line) >= commits:
+                    break
+            else:
+                pytest.fail(f"the committer exited with {p.wait()} before commit {commits}")
+        finally:
+            os.kill(p.pid, signal.SIGKILL)
+            p.wait()
         s = open_store(store_path)  # must parse
         assert s.n_rows == len(_videos())
         assert s.manifest["error"].notna().any()

@@ -36,6 +36,16 @@ def test_synthetic_dataset_layout_and_splits(tmp_path: Path) -> None:
         assert not np.array_equal(frames[0], frames[-1])
 
 
+def test_default_dataset_needs_a_smaller_validation_way() -> None:
+    # fsar-synth's default 20 classes: 10 train, 4 val, 6 test, so training it takes --val-way 4
+    from heads.config import TrainConfig
+    from pipeline.synth import split_pairs
+
+    classes = {split: 2 * len(pairs) for split, pairs in split_pairs(20 // 2).items()}
+    assert classes == {"train": 10, "val": 4, "test": 6}
+    assert classes["val"] < TrainConfig().way
+
+
 def test_same_seed_same_videos(tmp_path: Path) -> None:
     a = make_synthetic_dataset(tmp_path / "a", classes=6, videos_per_class=1, seed=3)
     b = make_synthetic_dataset(tmp_path / "b", classes=6, videos_per_class=1, seed=3)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.encoder import TINY_MODEL, load_clip
+from pipeline.model import TINY_MODEL, load_clip
 from pipeline.text import EMP16_TEMPLATES, TemplateError, encode_class_texts, load_templates
 
 torch.set_num_threads(1)

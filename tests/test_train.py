@@ -13,20 +13,12 @@ import torch
 from safetensors.torch import load_file
 
 import heads
+from heads.config import PRESETS, TrainConfig
 from heads.evaluate import evaluate
-from heads.lastblock import LastBlock
-from heads.train import PRESETS, TrainConfig, learning_rate, train
+from heads.train import learning_rate, train
 from store import open_store
-from tests.heads_fixtures import reversal_pair_store
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def pair_store(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("train") / "store"
-    reversal_pair_store(path).close()  # 8 train, 6 val, 6 test classes, 10 videos each, 2 views
-    return path
 
 
 def small_config(store: Path, out: Path, **kw) -> TrainConfig:
@@ -50,9 +42,8 @@ def test_resume_equals_uninterrupted(pair_store: Path, tmp_path: Path) -> None:
         assert torch.equal(a[key], b[key]), key
 
     def accuracies(run: Path) -> list[float]:
-        return [
-            json.loads(x)["val_accuracy"] for x in (run / "metrics.jsonl").read_text().splitlines()
-        ]
+        lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        return [r["val_accuracy"] for r in lines if r.get("kind") != "train"]
 
     assert accuracies(full) == accuracies(tmp_path / "part")
 
@@ -96,17 +87,6 @@ def test_presets_and_schedule() -> None:
     full = TrainConfig(store="x", preset="ssv2_full", lr=3e-4).resolved(explicit={"lr"})
     assert (full.lr, full.episodes, full.val_every) == (3e-4, 80_000, 2_000)
     assert set(PRESETS) == {"hmdb51", "ucf101", "kinetics100", "ssv2_small", "ssv2_full"}
-
-
-@pytest.fixture(scope="module")
-def last_store(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("last") / "store"
-    s = reversal_pair_store(path, recipe="emp+last", views=1, frames=4, videos_per_class=6)
-    torch.manual_seed(0)
-    block = LastBlock(width=48, heads=4, dim=32)
-    s.write_lastblock(block.state_tensors(), block.config)
-    s.close()
-    return path
 
 
 def test_lastlayer_cls_path_equals_full_block(last_store: Path) -> None:
@@ -157,3 +137,28 @@ def test_presets_train_the_released_loss_and_defaults_the_short_run() -> None:
     assert (short.warmup_episodes, short.decay_episodes) == (15, [210, 270])
     lr = [learning_rate(short, e) for e in (0, 15, 209, 210, 269, 270, 299)]
     assert lr == pytest.approx([1e-6, 3e-3, 3e-3, 3e-4, 3e-4, 3e-5, 3e-5])
+
+
+def test_training_loss_records_and_curves(
+    pair_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import matplotlib.image
+
+    import heads.train
+
+    monkeypatch.setattr(heads.train, "LOSS_POINTS", 5)  # 12 optimiser steps -> one record per 3
+    cfg = small_config(pair_store, tmp_path / "run", episodes=24, episodes_per_step=2, val_every=8)
+    run = train(cfg)
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [r for r in lines if r.get("kind") == "train"]
+    validation = [r for r in lines if r.get("kind") != "train"]
+    assert [r["episode"] for r in losses] == [6, 12, 18, 24]
+    assert [r["lr"] for r in losses] == [learning_rate(cfg, e - 1) for e in (6, 12, 18, 24)]
+    assert all(set(r) == {"kind", "episode", "loss", "lr"} and r["loss"] > 0 for r in losses)
+    assert [r["episode"] for r in validation] == [8, 16, 24]
+    assert all(
+        set(r) == {"episode", "loss", "lr", "val_accuracy", "val_ci95", "episodes_per_s", "time"}
+        for r in validation
+    )
+    height, width = matplotlib.image.imread(run / "curves.png").shape[:2]
+    assert width > 2.5 * height  # loss, validation accuracy with its CI, learning rate

@@ -11,20 +11,19 @@ import av
 import numpy as np
 import pytest
 
-from pipeline.hashing import in_part, stable_hash
-from pipeline.preprocess import CLIP_MEAN, CLIP_STD, build_transform, preprocess_spec
-from pipeline.synth import write_video
-from pipeline.video import (
+from bench.decode_fps import decode_fps
+from pipeline.decode_child import DecodeRequest, DecoderProcess, decode_request
+from pipeline.decoding import (
     DECODER_NAME,
     HANG_ENV,
-    DecodeRequest,
-    DecoderProcess,
+    HANG_MARKER_ENV,
     container_is_cut_short,
-    decode_fps,
-    decode_request,
     decode_sampled,
-    sample_frame_indices,
 )
+from pipeline.hashing import in_part, stable_hash
+from pipeline.preprocess import CLIP_MEAN, CLIP_STD, build_transform, preprocess_spec
+from pipeline.sampling import sample_frame_indices
+from pipeline.synth import write_video
 from tests.bad_videos import EXPECTED_ERRORS, moving_square_frames, write_bad_videos
 
 
@@ -114,103 +113,16 @@ def test_sampled_frames_equal_sequential_pyav_decode(
     assert not np.array_equal(reference[10], reference[11])
 
 
-DECORD_PROBE = """
-import json, sys
-import decord
-reader = decord.VideoReader(sys.argv[1])
-indices = json.loads(sys.argv[2])
-print(json.dumps(reader.get_batch(indices).asnumpy().tolist()))
-"""
-
-
-def test_generated_avi_reproduces_decords_seeking_bug(encoded_videos: dict[str, Path]) -> None:
-    """decord's seeking `get_batch` returns other frames than these indices on this AVI: the
-    exactness test above runs on a file where the shortcut really fails. (decord runs in a
-    subprocess: its bundled FFmpeg libraries can break PyAV's encoders in the same process.)"""
-    pytest.importorskip("decord")
-    import json
-    import subprocess
-    import sys
-
+def test_one_view_of_the_b_frame_avi_equals_sequential_pyav_decode(
+    encoded_videos: dict[str, Path],
+) -> None:
+    """The indices at which decord's seeking returns other frames on this AVI (python -m
+    bench.decord_evidence prints them): fsar's decoding returns the right ones."""
     reference = reference_frames(encoded_videos["avi"])
     indices = sample_frame_indices(57, 8, 1, "clip-avi")[0]
-    probe = subprocess.run(
-        [sys.executable, "-c", DECORD_PROBE, str(encoded_videos["avi"]), json.dumps(indices)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    if probe.returncode != 0:
-        pytest.skip(f"decord could not read the file: {probe.stderr.strip()[-200:]}")
-    batch = np.array(json.loads(probe.stdout), dtype=np.uint8)
-    wrong = [
-        i
-        for i, frame in zip(indices, batch, strict=True)
-        if not np.array_equal(frame, reference[i])
-    ]
-    if not wrong:
-        pytest.skip("this decord build returned the right frames")
     sampled = decode_sampled(encoded_videos["avi"], 8, 1, "clip-avi")
     for slot, index in enumerate(indices):
         np.testing.assert_array_equal(sampled.frames[0, slot], reference[index])
-
-
-DECORD_SEQUENTIAL_PROBE = """
-import sys
-import numpy as np
-import decord
-for path, out in zip(sys.argv[1::2], sys.argv[2::2]):
-    reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
-    frames = []
-    while True:
-        try:
-            frames.append(reader.next().asnumpy())  # sequential from frame 0, no seek requested
-        except StopIteration:
-            break
-    np.save(out, np.stack(frames))
-"""
-
-
-def test_decord_sequential_decoding_is_not_bit_exact_on_the_generated_avi(
-    encoded_videos: dict[str, Path], tmp_path: Path
-) -> None:
-    """Why extraction does not offer decord even without seeking: `VideoReader.next()` from frame 0
-    returns the right frames (each nearest the reference frame at its own index) and bit-identical
-    h264 and VP9 frames, but its bundled FFmpeg decodes this MPEG-4 Part 2 AVI with small pixel
-    differences (+-1 measured; not the RGB conversion, which matches PyAV's). decord runs in a
-    subprocess: its FFmpeg libraries can break PyAV's encoders in the same process."""
-    pytest.importorskip("decord")
-    import subprocess
-    import sys
-
-    arguments = []
-    for kind in ("avi", "mp4", "webm"):
-        arguments += [str(encoded_videos[kind]), str(tmp_path / f"{kind}.npy")]
-    probe = subprocess.run(
-        [sys.executable, "-c", DECORD_SEQUENTIAL_PROBE, *arguments],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=dict(os.environ, OMP_NUM_THREADS="1"),
-    )
-    if probe.returncode != 0:
-        pytest.skip(f"decord could not read the files: {probe.stderr.strip()[-200:]}")
-    for kind in ("mp4", "webm"):
-        np.testing.assert_array_equal(
-            np.load(tmp_path / f"{kind}.npy"), reference_frames(encoded_videos[kind])
-        )
-    reference = np.stack(reference_frames(encoded_videos["avi"])).astype(np.int16)
-    decoded = np.load(tmp_path / "avi.npy").astype(np.int16)
-    assert decoded.shape == reference.shape
-    for index, frame in enumerate(decoded):  # the right frames: no index is shifted
-        distances = [np.abs(frame - other).sum() for other in reference]
-        assert int(np.argmin(distances)) == index
-    difference = np.abs(decoded - reference)
-    if not difference.any():
-        pytest.skip("this decord build decodes the generated AVI bit-identically to PyAV")
-    assert difference.max() <= 2
-    # ... but not exact, which is what the cache promises: extraction decodes with PyAV
-    assert not np.array_equal(decoded, reference)
 
 
 def test_decode_fps_measures_sequential_decoding_in_a_child(
@@ -310,7 +222,7 @@ def test_hanging_decode_times_out_and_the_child_restarts(
     started = time.monotonic()
     outcome = decoder.decode(DecodeRequest(str(hanging), "h", 2, 1), timeout=1.5)
     assert outcome.error == "timeout"
-    assert 1.4 < time.monotonic() - started < 10
+    assert 1.4 < time.monotonic() - started < 120  # killed and restarted (loaded machines are slow)
     after = decoder.decode(DecodeRequest(str(encoded_videos["avi"]), "a", 2, 1), 60)
     assert after.error is None and after.pixels.shape == (1, 2, 72, 96, 3)
 
@@ -333,26 +245,29 @@ def test_decode_child_dies_with_its_parent(tmp_path: Path) -> None:
     stuck.write_bytes(b"not read: the hook hangs first")
     script = (
         "import os, sys, time\n"
-        "from pipeline.video import DecodeRequest, DecoderProcess\n"
+        "from pipeline.decode_child import DecodeRequest, DecoderProcess\n"
         "decoder = DecoderProcess()\n"
         "decoder._start()\n"
         "print(decoder._proc.pid, flush=True)\n"
         "request = DecodeRequest(sys.argv[1], 'stuck', 8, 1)\n"
         "decoder._proc.stdin.write((__import__('json').dumps(request.__dict__) + '\\n').encode())\n"
         "decoder._proc.stdin.flush()\n"
-        "time.sleep(1.0)\n"
+        "while not os.path.exists(sys.argv[2]):  # the child is stuck in the video\n"
+        "    time.sleep(0.05)\n"
         "os.kill(os.getpid(), 9)\n"
     )
-    env = dict(os.environ, **{HANG_ENV: "hang_here"})
+    marker = tmp_path / "stuck"
+    env = dict(os.environ, **{HANG_ENV: "hang_here", HANG_MARKER_ENV: str(marker)})
     result = subprocess.run(
-        [sys.executable, "-c", script, str(stuck)],
+        [sys.executable, "-c", script, str(stuck), str(marker)],
         capture_output=True,
         text=True,
         timeout=120,
         env=env,
     )
     child = int(result.stdout.split()[0])
-    deadline = time.monotonic() + 10
+    assert marker.exists()
+    deadline = time.monotonic() + 120  # generous: the machine may be loaded
     while _alive(child) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _alive(child)
@@ -366,7 +281,7 @@ def test_openclip_preprocess_is_exactly_open_clips_transform() -> None:
     import torch
     from PIL import Image
 
-    from pipeline.encoder import TINY_MODEL, load_clip
+    from pipeline.model import TINY_MODEL, load_clip
 
     clip = load_clip(TINY_MODEL, "none")
     spec = preprocess_spec("openclip", clip.preprocess.as_dict())

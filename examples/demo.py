@@ -1,6 +1,6 @@
 """`make demo`: the whole job twice, on synthetic videos and on a store where only training helps.
 
-    python -m bench.demo [--out demo] [--train-episodes 300] [--eval-episodes 10000] [--skip-videos]
+    python -m examples.demo [--out demo] [--train-episodes 300] [--eval-episodes 10000] [--skip-videos]
 
 1. Videos: `fsar-synth` writes moving shapes whose classes come in time-reversal pairs,
    `fsar-extract` encodes them with the tiny ViT (random weights, `--pretrained none`), `fsar-train`

@@ -1,16 +1,10 @@
-"""Sharing stores: pack into one zip file, unpack safely, merge two stores, export a subset.
+"""New stores from existing ones: `subset` keeps some splits or tensors, `merge` joins two stores.
 
-Merged and subset stores are written like any other store (`create_store`, `ChunkWriter`, `commit`),
-so they carry their own checksums and pass `verify`. Every copied row is re-hashed against its source
-manifest on the way, so corruption in a source is refused, never propagated.
+Every copied row is re-hashed against its source manifest, so a corrupt source is refused.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import stat
-import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,10 +13,12 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from .errors import CorruptStoreError, NotAStoreError, SpecMismatchError, StoreError
+from runtime.progress import progress_bar
+
+from .errors import CorruptStoreError, SpecMismatchError, StoreError
 from .featurestore import ChunkWriter, FeatureStore, create_store, open_store
-from .layout import LOCK_FILE, checksum_column, spec_differences
-from .location import check_zip_members, one_line, resolve
+from .layout import checksum_column, row_bytes, spec_differences, text_name, weights_file
+from .location import remove_partial
 
 SPLIT_ORDER = ("train", "val", "test")
 COSINE_SAME = 0.999  # below this, two copies of a video are different features, not fp16 rounding
@@ -37,112 +33,9 @@ _STANDARD_ATTRS = {
     "created_at",
     "text",
     "weights",
+    "written_on",
 }
 _COPIED_COLUMNS = ("n_frames", "fps", "frame_indices", "decoder", "extracted_at", "error")
-
-
-# ---------------------------------------------------------------------- pack / unpack
-def _is_temp(name: str) -> bool:
-    return name.startswith(".") and (".tmp-" in name or name.endswith(".part"))
-
-
-def pack(src: str | Path, out: str | Path) -> int:
-    """Write a local store directory into one zip file with uncompressed members; returns bytes.
-
-    The file opens directly (`open_store(out)`, `fsar-train --store out`): chunks are already
-    compressed, and stored members can be read without unpacking.
-    """
-    location = resolve(src)
-    if location.local is None:
-        raise StoreError(
-            f"pack needs a local store directory; {location.describe()} is a {location.kind} store "
-            "(fsar-store subset it to a directory first)"
-        )
-    root = location.local
-    if (root / LOCK_FILE).exists():
-        raise StoreError(f"{src} is being written ({LOCK_FILE} present): pack it when the run ends")
-    with open_store(root) as s:  # validates the store before anything is written
-        s.verify([])  # text and weights checksums only; rows are checked by `fsar-store verify`
-    out = Path(out)
-    if out.exists():
-        raise StoreError(f"{out} exists: remove it or choose another name")
-    members: list[tuple[Path, str]] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        here = Path(dirpath)
-        for name in sorted(dirnames + filenames):
-            path = here / name
-            rel = path.relative_to(root).as_posix()
-            if path.is_symlink():
-                raise StoreError(f"{src}: {rel} is a symbolic link; packs hold plain files only")
-        dirnames.sort()
-        for name in sorted(filenames):
-            rel = (here / name).relative_to(root).as_posix()
-            if rel == LOCK_FILE or _is_temp(name):
-                continue
-            members.append((here / name, rel))
-    members.sort(key=lambda m: (m[1] != "zarr.json", m[1]))
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-            for path, rel in members:
-                zf.write(path, rel)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out.stat().st_size
-
-
-def unpack(file: str | Path, dest: str | Path) -> FeatureStore:
-    """Restore a packed store into directory `dest`; nothing is ever written outside `dest`.
-
-    Members with absolute names, `..`, drive letters or link modes are refused before anything is
-    written; files are created exclusively (an existing file or link is never followed).
-    """
-    file, dest = Path(file), Path(dest)
-    if not file.is_file():
-        raise NotAStoreError(f"store not found: {file}")
-    if not zipfile.is_zipfile(file):
-        raise NotAStoreError(f"not a packed store: {file} (fsar-store pack writes one)")
-    if dest.is_symlink() or (dest.exists() and (not dest.is_dir() or any(dest.iterdir()))):
-        raise StoreError(f"{dest} exists and is not an empty directory: choose another")
-    with zipfile.ZipFile(file) as zf:
-        check_zip_members(zf, str(file))
-        if "zarr.json" not in zf.namelist():
-            raise NotAStoreError(f"not a packed store: {file} (no zarr.json inside)")
-        created = not dest.exists()
-        dest.mkdir(parents=True, exist_ok=True)
-        root_real = os.path.realpath(dest)
-        try:
-            for info in zf.infolist():
-                target = dest / info.filename
-                if info.is_dir():
-                    target.mkdir(parents=True, exist_ok=True)
-                    continue
-                target.parent.mkdir(parents=True, exist_ok=True)
-                parent_real = os.path.realpath(target.parent)
-                if parent_real != root_real and not parent_real.startswith(root_real + os.sep):
-                    raise StoreError(f"{file}: member {info.filename!r} would land outside {dest}")
-                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-                fd = os.open(
-                    target, flags, stat.S_IRUSR | stat.S_IWUSR | stat.S_IRGRP | stat.S_IROTH
-                )
-                with os.fdopen(fd, "wb") as fh, zf.open(info) as src:
-                    shutil.copyfileobj(src, fh, 1 << 20)
-        except zipfile.BadZipFile as exc:
-            _remove_partial(dest, created)
-            raise CorruptStoreError(f"{file} is damaged ({one_line(exc)})") from exc
-        except BaseException:
-            _remove_partial(dest, created)
-            raise
-    return open_store(dest)
-
-
-def _remove_partial(dest: Path, created: bool) -> None:
-    if created:
-        shutil.rmtree(dest, ignore_errors=True)
-    else:
-        for child in dest.iterdir():
-            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
 
 
 # ---------------------------------------------------------------------- class lists
@@ -233,11 +126,8 @@ class ShareReport:
 
 
 def _batch_rows(s: FeatureStore, names: Sequence[str]) -> int:
-    per_row = 0
-    for entry in s.spec["tensors"]:
-        if entry["name"] in names:
-            per_row += int(np.prod(entry["shape_per_row"])) * np.dtype(entry["dtype"]).itemsize
-    return max(1, min(256, (64 << 20) // max(1, per_row)))
+    """Rows per copy batch: at most 256, about 64 MB of the named tensors."""
+    return max(1, min(256, (64 << 20) // max(1, row_bytes(s.spec, names))))
 
 
 def _present(value: Any) -> bool:
@@ -281,6 +171,7 @@ def _write_store(
         videos,
         dataset=first.dataset,
         split_source=str(first.attrs.get("split_source", "")),
+        written_here=False,  # rows from elsewhere: reads keep checking checksums
     )
     try:
         names = dest.row_tensors
@@ -294,17 +185,14 @@ def _write_store(
                 todo.setdefault(id(src.store), []).append((out_row, src))
             elif src.record["status"] == "failed":
                 updates.append(upd)
-        bar = None
-        if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=sum(len(v) for v in todo.values()), desc="copy", unit="video")
+        total = sum(len(v) for v in todo.values())
+        bar = progress_bar(total, progress, desc="copy", unit="video")
         for items in todo.values():
             store = items[0][1].store
             step = _batch_rows(store, names)
             for start in range(0, len(items), step):
                 batch = items[start : start + step]
-                data = store.read([src.row for _, src in batch], names)
+                data = store.read([src.row for _, src in batch], names, verify=False)
                 for i, (out_row, src) in enumerate(batch):
                     sums = writer.write_row(out_row, {n: data[n][i] for n in names})
                     for n in names:
@@ -339,13 +227,20 @@ def _write_store(
         dest.close()
     except BaseException:
         dest.close()
-        if created:
-            shutil.rmtree(out, ignore_errors=True)
-        else:
-            for child in out.iterdir():
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
+        remove_partial(out, created)
         raise
     return open_store(out)
+
+
+def _report(out: str | Path, dest: FeatureStore, classes: list[str], **extra: Any) -> ShareReport:
+    return ShareReport(
+        Path(out),
+        dest.n_rows,
+        len(dest.select(status="ok")),
+        len(classes),
+        dest.row_tensors,
+        **extra,
+    )
 
 
 def _records(s: FeatureStore) -> list[dict[str, Any]]:
@@ -417,7 +312,9 @@ def subset(
     for name in s.text_names:
         array, templates = s.text(name)
         texts[name] = (array[index], templates)
-    weights = {name: s.location.read_file(f"weights/{name}") for name in s.attrs.get("weights", {})}
+    weights = {
+        name: s.location.read_file(weights_file(name)) for name in s.attrs.get("weights", {})
+    }
     dest = _write_store(
         Path(out),
         spec=spec,
@@ -429,13 +326,7 @@ def subset(
         extra_attrs=_extra_attrs(s),
         progress=progress,
     )
-    return ShareReport(
-        Path(out),
-        dest.n_rows,
-        len(dest.select(status="ok")),
-        len(classes),
-        dest.row_tensors,
-    )
+    return _report(out, dest, classes)
 
 
 # ---------------------------------------------------------------------- merge
@@ -486,7 +377,7 @@ def _merge_texts(
         have = [(s, *s.text(name)) for s in stores if name in s.text_names]
         templates = have[0][2]
         if any(t != templates for _, _, t in have):
-            raise SpecMismatchError(f"text/{name} uses different templates in the two stores")
+            raise SpecMismatchError(f"{text_name(name)} uses different templates in the two stores")
         rows: list[np.ndarray] = []
         for c in classes:
             row = next((arr[s.classes.index(c)] for s, arr, _ in have if c in s.classes), None)
@@ -494,7 +385,7 @@ def _merge_texts(
                 break
             rows.append(row)
         if len(rows) != len(classes):
-            notes.append(f"text/{name} dropped: it does not cover every merged class")
+            notes.append(f"{text_name(name)} dropped: it does not cover every merged class")
             continue
         out[name] = (np.stack(rows).astype(np.float32), templates)
     return out
@@ -577,10 +468,10 @@ def merge(
         da, db = a.attrs.get("weights", {}).get(name), b.attrs.get("weights", {}).get(name)
         if da and db and da != db and prefer is None:
             raise StoreError(
-                f"weights/{name} differs between {where_a} and {where_b}; choose with --prefer A|B"
+                f"{weights_file(name)} differs between {where_a} and {where_b}; choose with --prefer A|B"
             )
         source = first if name in first.attrs.get("weights", {}) else second
-        weights[name] = source.location.read_file(f"weights/{name}")
+        weights[name] = source.location.read_file(weights_file(name))
     texts = _merge_texts([first, second], classes, notes)
     rank = {c: i for i, c in enumerate(classes)}
     pos = {vid: i for i, vid in enumerate(order)}
@@ -604,15 +495,7 @@ def merge(
         extra_attrs=extra,
         progress=progress,
     )
-    return ShareReport(
-        Path(out),
-        dest.n_rows,
-        len(dest.select(status="ok")),
-        len(classes),
-        dest.row_tensors,
-        duplicates=duplicates,
-        notes=notes,
-    )
+    return _report(out, dest, classes, duplicates=duplicates, notes=notes)
 
 
 def describe_report(report: ShareReport, verb: str) -> str:

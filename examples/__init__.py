@@ -1,0 +1,1 @@
+"""Runnable examples of the whole job: `make demo` runs examples/demo.py."""

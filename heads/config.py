@@ -1,0 +1,240 @@
+"""Training options: `TrainConfig`, the released schedules as presets, and the checks that refuse
+bad values, from the command line, a --config file or a run's config.json, before a run starts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from runtime.device import pick_device
+
+
+class ConfigError(ValueError):
+    """A training option users can fix (one-line message)."""
+
+
+# Options that count something: (option, smallest value). None-able ones are checked when set.
+_COUNTS = (
+    ("way", 1), ("shot", 1), ("query", 1), ("episodes", 1), ("episodes_per_step", 1),
+    ("episodes_per_iteration", 1), ("batch_size", 1), ("val_every", 1), ("val_episodes", 1),
+    ("val_query", 1), ("val_way", 1), ("warmup_episodes", 0),
+)  # fmt: skip
+
+
+# The released schedules as they actually run (EMP-Net configs, read with the released config loader;
+# docs/reproducing.md lists every line). One iteration = 2 episodes (2 GPUs, gradients averaged), an
+# optimiser step every 4 iterations. The released epoch counter `cur_iter // STEPS_ITER + cur_iter /
+# STEPS_ITER` stays below 1 for the whole first STEPS_ITER and reaches the decay epochs 4 and 6 at
+# 2 and 3 x STEPS_ITER, so in iterations: linear warm-up from WARMUP_START_LR over STEPS_ITER, full
+# lr until 2 x STEPS_ITER, x0.1 until 3 x STEPS_ITER, x0.01 after. Weight decay is OPTIMIZER.WEIGHT_DECAY
+# (1e-3; the configs' SOLVER.WEIGHT_DECAY 5e-5 is never read) on every parameter whose name has no "norm".
+def _released(
+    lr: float, iterations: int, steps_iter: int, val_every_iter: int, warmup_start: float
+) -> dict[str, Any]:
+    return dict(
+        lr=lr, lr_start=warmup_start, episodes=2 * iterations, episodes_per_iteration=2,
+        episodes_per_step=8, warmup_episodes=2 * steps_iter, decay_episodes=[4 * steps_iter, 6 * steps_iter],
+        decay_factor=0.1, weight_decay=1e-3, decay_groups="released", query=5, val_query=1,
+        val_every=2 * val_every_iter,
+    )  # fmt: skip
+
+
+# The 1-shot and 5-shot configs of each benchmark differ only in SHOT, MERGE_BEFORE (what `emp` does
+# for K > 1 anyway) and the unused USE_CLASSIFICATION_VALUE: one preset per benchmark, --shot picks.
+PRESETS: dict[str, dict[str, Any]] = {
+    "hmdb51": _released(1e-4, 5_000, 1_000, 500, 1e-6),
+    "ucf101": _released(1e-4, 5_000, 1_000, 500, 1e-6),
+    "kinetics100": _released(1e-4, 5_000, 1_000, 500, 1e-6),
+    "ssv2_small": _released(1e-3, 10_000, 2_000, 1_000, 1e-5),
+    "ssv2_full": _released(1e-3, 40_000, 8_000, 1_000, 1e-5),
+}
+DECAY_GROUPS = ("matrices", "released")
+
+
+# A preset reproduces the released run, so its head options are the released ones too.
+PRESET_HEAD_OPTIONS: dict[str, dict[str, Any]] = {"emp": {"loss": "released"}}
+
+
+@dataclass
+class TrainConfig:
+    store: str = ""
+    head: str = "emp"
+    head_options: dict[str, Any] = field(default_factory=dict)
+    preset: str | None = None
+    way: int = 5
+    shot: int = 1
+    query: int = 5
+    episodes: int = 2_000
+    episodes_per_step: int = 1
+    episodes_per_iteration: int = 1  # the per-episode loss is divided by this (released: 2 GPUs)
+    lr: float = 1e-3
+    lr_start: float = 1e-6
+    warmup_episodes: int | None = None  # default: 5% of episodes
+    decay_episodes: list[int] | None = None  # default: 70% and 90% of episodes
+    decay_factor: float = 0.1
+    weight_decay: float = 1e-3
+    decay_groups: str = "matrices"  # or "released": by name, as models/utils/optimizer.py
+    batch_size: int = 32  # lastlayer --strategy finetune: videos per step
+    val_every: int = 500
+    val_episodes: int = 1_000
+    val_query: int = 1
+    val_way: int | None = None  # default: way (small val splits may need fewer)
+    val_split: str = "val"
+    out: str | None = None
+    seed: int = 0
+    device: str = "auto"
+    max_ram: float = 8.0  # GB
+    progress: bool = True
+
+    def validate(self) -> None:
+        """Refuse values no run can use, naming the option (ConfigError, one line)."""
+        for name, smallest in _COUNTS:
+            value = getattr(self, name)
+            if value is None and name in ("val_way", "warmup_episodes"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < smallest:
+                what = "a positive whole number" if smallest else "a whole number >= 0"
+                raise ConfigError(f"--{name.replace('_', '-')} {value!r}: use {what}")
+        for name, low, strict in (("lr", 0.0, True), ("lr_start", 0.0, False),
+                                  ("decay_factor", 0.0, True), ("weight_decay", 0.0, False),
+                                  ("max_ram", 0.0, False)):  # fmt: skip
+            value = getattr(self, name)
+            bad = isinstance(value, bool) or not isinstance(value, int | float)
+            if bad or not math.isfinite(value) or value < low or (strict and value == low):
+                sign = "positive" if strict else "non-negative"
+                raise ConfigError(f"--{name.replace('_', '-')} {value!r}: use a {sign} number")
+        if self.decay_episodes is not None and not (
+            isinstance(self.decay_episodes, list)
+            and all(isinstance(d, int) and not isinstance(d, bool) for d in self.decay_episodes)
+        ):
+            raise ConfigError(f"decay_episodes {self.decay_episodes!r}: use a list of episodes")
+        if not isinstance(self.head_options, dict):
+            raise ConfigError(f"head_options {self.head_options!r}: use a JSON object")
+        for name in ("store", "head", "val_split", "device"):
+            if not isinstance(getattr(self, name), str):
+                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: use text")
+        pick_device(self.device)
+
+    def resolved(self, explicit: set[str] | None = None) -> TrainConfig:
+        """Apply the preset (explicit options win), fill schedule defaults and validate."""
+        self.validate()
+        cfg = TrainConfig(**asdict(self))
+        if cfg.preset is not None:
+            if cfg.preset not in PRESETS:
+                raise ConfigError(f"unknown preset {cfg.preset!r}; presets: {', '.join(PRESETS)}")
+            for key, value in PRESETS[cfg.preset].items():
+                if explicit is None or key not in explicit:
+                    setattr(cfg, key, value)
+            if isinstance(cfg.head_options, dict):  # (anything else: validate() says so)
+                for key, value in PRESET_HEAD_OPTIONS.get(cfg.head, {}).items():
+                    cfg.head_options.setdefault(key, value)
+        if cfg.warmup_episodes is None:
+            cfg.warmup_episodes = cfg.episodes // 20
+        if cfg.decay_episodes is None:
+            cfg.decay_episodes = [cfg.episodes * 7 // 10, cfg.episodes * 9 // 10]
+        if cfg.decay_groups not in DECAY_GROUPS:
+            raise ConfigError(
+                f"--decay-groups {cfg.decay_groups!r}: use {' or '.join(DECAY_GROUPS)}"
+            )
+        cfg.validate()
+        if cfg.val_every % cfg.episodes_per_step:
+            raise ConfigError(
+                f"--val-every ({cfg.val_every}) must be a multiple of --episodes-per-step ({cfg.episodes_per_step})"
+            )
+        return cfg
+
+
+_TYPES: dict[str, tuple[type, ...]] = {
+    "str": (str,), "int": (int,), "float": (int, float), "bool": (bool,),
+    "dict[str, Any]": (dict,), "list[int]": (list,),
+}  # fmt: skip
+
+
+def config_values(path: str | Path) -> dict[str, Any]:
+    """Training options from a JSON file, each checked for its type (ConfigError naming the file)."""
+    where = f"--config {path}"
+    try:
+        values = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{where}: cannot read it ({type(exc).__name__})") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{where}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(
+            f"{where}: expected a JSON object of options, got {type(values).__name__}"
+        )
+    annotations = {f.name: str(f.type) for f in fields(TrainConfig)}
+    unknown = sorted(set(values) - set(annotations))
+    if unknown:
+        raise ConfigError(f"{where}: unknown training option(s) {', '.join(unknown)}")
+    for name, value in values.items():
+        kinds = [k.strip() for k in annotations[name].split("|")]
+        if (value is None and "None" in kinds) or any(
+            k not in _TYPES and k != "None" for k in kinds
+        ):
+            continue  # (a type this check does not know: the option's own validation decides)
+        allowed = tuple(t for k in kinds for t in _TYPES.get(k, ()))
+        wrong_bool = isinstance(value, bool) and bool not in allowed
+        if not isinstance(value, allowed) or wrong_bool:
+            want = " or ".join(k for k in kinds if k != "None")
+            raise ConfigError(f"{where}: {name} must be {want}, got {value!r}")
+    return values
+
+
+def config_from_run(run_dir: Path) -> TrainConfig:
+    """The resolved TrainConfig a run was started with (ConfigError naming the file if unusable)."""
+    path = run_dir / "config.json"
+    try:
+        saved = json.loads(path.read_text())["config"]
+        names = {f.name for f in fields(TrainConfig)}
+        cfg = TrainConfig(**{k: v for k, v in saved.items() if k in names})
+    except FileNotFoundError:
+        raise ConfigError(f"nothing to resume: {path} does not exist") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise ConfigError(f"{path} is not a run's config: cannot resume it") from None
+    try:
+        cfg.validate()
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
+    return cfg
+
+
+def config_from_options(
+    options: dict[str, Any],
+    head_pairs: dict[str, Any] | None = None,
+    head_flags: dict[str, Any] | None = None,
+    config_file: str | None = None,
+) -> TrainConfig:
+    """A new run's resolved config: `options` given (not None) win over the `config_file`'s, which
+    win over the defaults and the preset. Head options: the file's, then `head_pairs` (KEY=VALUE),
+    then `head_flags` that were given (neither None nor False)."""
+    values = config_values(config_file) if config_file else {}
+    values.update({k: v for k, v in options.items() if v is not None})
+    head = dict(values.get("head_options", {}))
+    head.update(head_pairs or {})
+    head.update({k: v for k, v in (head_flags or {}).items() if v is not None and v is not False})
+    values["head_options"] = head
+    if not values.get("store"):
+        raise ConfigError("--store is required (e.g. --store stores/hmdb51)")
+    unknown = set(values) - {f.name for f in fields(TrainConfig)}
+    if unknown:
+        raise ConfigError(f"unknown training option(s): {', '.join(sorted(unknown))}")
+    return TrainConfig(**values).resolved(explicit=set(values))
+
+
+def resume_config(run_dir: Path, episodes: int | None, progress: bool) -> TrainConfig:
+    """The config of the run in `run_dir`, to continue it (`episodes` may lengthen it)."""
+    if not (run_dir / "config.json").exists():
+        raise ConfigError(f"nothing to resume: {run_dir}/config.json does not exist")
+    cfg = config_from_run(run_dir.resolve())
+    cfg.out = str(run_dir.resolve())
+    if episodes is not None:
+        cfg.episodes = episodes
+    cfg.progress = progress
+    return cfg
