@@ -437,7 +437,7 @@ def train_command(
     preset: str | None = typer.Option(
         None, help="hmdb51|ucf101|kinetics100|ssv2_small|ssv2_full: the released schedule."
     ),
-    head: str | None = typer.Option(None, help="Head to train (emp, lastlayer)."),
+    head: str | None = typer.Option(None, help="Head to train (emp, lastlayer, probe)."),
     way: int | None = typer.Option(None, help="Classes per episode [5]."),
     shot: int | None = typer.Option(None, help="Support videos per class [1]."),
     query: int | None = typer.Option(None, help="Query videos per class in training [5]."),
@@ -490,7 +490,7 @@ def train_command(
         True,
         "--keep-freed-memory/--return-freed-memory",
         help="Reuse freed memory instead of returning it to the OS: faster steps on CPU "
-        "(no page faults), a higher peak RSS (see README Performance).",
+        "(no page faults), a higher peak RSS (see docs/performance.md).",
     ),
 ) -> None:
     """Train a head episodically from a store (never runs the CLIP encoder)."""

@@ -8,7 +8,7 @@ reference is every frame decoded sequentially with PyAV. Two questions, each ans
 child process (its bundled FFmpeg libraries can break PyAV's encoders in the same process):
   seeking     does `VideoReader.get_batch(indices)` return the frames at fsar's sampled indices?
   sequential  does `VideoReader.next()` from frame 0 return the reference frames, bit for bit?
-fsar's own decoding (`pipeline.video.decode_sampled`) is checked against the same reference by
+fsar's own decoding (`pipeline.decoding.decode_sampled`) is checked against the same reference by
 tests/test_video.py; this script only documents the third-party behaviour, run by hand.
 """
 

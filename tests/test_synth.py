@@ -47,12 +47,23 @@ def test_default_dataset_needs_a_smaller_validation_way() -> None:
 
 
 def test_same_seed_same_videos(tmp_path: Path) -> None:
-    a = make_synthetic_dataset(tmp_path / "a", classes=6, videos_per_class=1, seed=3)
-    b = make_synthetic_dataset(tmp_path / "b", classes=6, videos_per_class=1, seed=3)
+    a = make_synthetic_dataset(tmp_path / "a", classes=6, videos_per_class=3, seed=3)
+    b = make_synthetic_dataset(tmp_path / "b", classes=6, videos_per_class=3, seed=3)
     assert a == b
     files_a = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.*"))
     files_b = sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*.*"))
     assert files_a == files_b
+    videos = [f for f in files_a if f.suffix in (".mp4", ".avi", ".webm")]
+    assert {f.suffix for f in videos} == {".mp4", ".avi", ".webm"}
+    for name in videos:  # the same pixels (webm files differ in a random segment id only)
+        np.testing.assert_array_equal(
+            decoded(tmp_path / "a" / name), decoded(tmp_path / "b" / name), err_msg=str(name)
+        )
+
+
+def decoded(path: Path) -> np.ndarray:
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
 
 
 @pytest.mark.parametrize("family", range(len(FAMILIES)))
