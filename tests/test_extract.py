@@ -396,6 +396,38 @@ def test_batching_frames_across_videos_matches_one_forward_per_video(
         )
 
 
+def test_cpu_decode_task_preprocesses_on_one_torch_thread(data_root: Path) -> None:
+    """On CPU the other task thread's forward holds the cores: preprocessing must not add a team."""
+    import threading
+
+    import torch
+
+    from pipeline.decode_child import DecodeRequest, close_decoders
+    from pipeline.preprocess import preprocess_spec
+    from pipeline.tasks import EncoderConfig, decode_task
+
+    video = sorted((data_root / "train").rglob("*.mp4"))[0]
+    config = EncoderConfig(
+        "fsar-tiny-vit", "none", "", "emp", (4, 8, 12), "cpu", "fp32", 2, 8, False
+    )
+    spec = preprocess_spec("openclip", {"size": 64, "mean": [0.5] * 3, "std": [0.5] * 3})
+    seen: dict[str, object] = {}
+
+    def run() -> None:
+        torch.set_num_threads(2)
+        seen["outcome"] = decode_task(DecodeRequest(str(video), "v", 8, 1), spec, config, 60.0)
+        seen["threads"] = torch.get_num_threads()
+
+    try:
+        thread = threading.Thread(target=run)
+        thread.start()
+        thread.join(120)
+    finally:
+        close_decoders()
+    assert seen["threads"] == 1
+    assert seen["outcome"].error is None and seen["outcome"].pixels.shape == (1, 8, 3, 64, 64)
+
+
 # ------------------------------------------------------------------ in-process: planning helpers
 
 
