@@ -20,8 +20,8 @@ side (`sequential`: every frame from frame 0, the reference; `seek`: keyframe-aw
 so that the bitrate is closer to real footage than flat synthetic shapes, in each container the
 synthetic generator writes with its encoder's default keyframe interval: MPEG-4 Part 2 AVI with
 B-frames (12), h264 mp4 (x264: 250, as Kinetics clips cut with ffmpeg) and VP9 webm. Per core =
-frames per CPU second of that process (user + system, all threads), best of repeats; kept = the
-T sampled frames of view 0.
+frames per CPU second of that process (user + system, all threads), best of repeats after a
+warm-up pass; kept = the T sampled frames of view 0.
 """
 
 from __future__ import annotations
@@ -101,6 +101,7 @@ def _decode_rate(path: str, frames: int, repeat: int, mode: str) -> dict[str, fl
     """Decoded and kept frames per CPU second of `decode_sampled(mode=...)` in this pinned process."""
     from pipeline.decoding import decode_sampled
 
+    decode_sampled(path, frames, 1, Path(path).stem, mode=mode)  # warm-up: imports, file cache
     best = float("inf")
     for _ in range(repeat):
         start = time.process_time()
