@@ -364,6 +364,9 @@ def extract_command(
         None, help="Frames per forward (default V*T on CPU, 256 on CUDA)."
     ),
     timeout: float = typer.Option(120.0, help="Seconds one video may take to decode."),
+    decode: str = typer.Option(
+        "seek", help="seek (keyframe-aware, exact, else sequential) or sequential (from frame 0)."
+    ),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Retry failed rows too."),
     text_only: bool = typer.Option(
         False, "--text-only", help="Only add text/<name> for --templates to an existing store."
@@ -411,6 +414,7 @@ def extract_command(
             device=device,
             batch_size=batch_size,
             timeout=timeout,
+            decode=decode,
             retry_failed=retry_failed,
             progress=progress,
             allow_torchscript=allow_torchscript,

@@ -200,6 +200,7 @@ def run_tasks(
                         video_id=str(manifest.at[row, "video_id"]),
                         frames=spec["frames"],
                         views=spec["views"],
+                        decode=options.decode,
                     ),
                     spec["preprocess"],
                     config,

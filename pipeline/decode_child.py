@@ -24,12 +24,13 @@ CHILD_START_TIMEOUT_S = 120.0
 
 @dataclass
 class DecodeRequest:
-    """One video to decode: where, its id (seeds the random views), frames per view and views."""
+    """One video to decode: where, its id (seeds the random views), frames per view, views, mode."""
 
     path: str
     video_id: str
     frames: int
     views: int
+    decode: str = "seek"  # pipeline.decoding.DECODE_MODES
 
 
 @dataclass
@@ -51,7 +52,9 @@ def decode_request(request: DecodeRequest) -> DecodeOutcome:
     """Decode one video in this process. Unusable videos give an outcome with `error`."""
     started = time.perf_counter()
     try:
-        sampled = decode_sampled(request.path, request.frames, request.views, request.video_id)
+        sampled = decode_sampled(
+            request.path, request.frames, request.views, request.video_id, mode=request.decode
+        )
     except VideoError as error:
         return DecodeOutcome(error.reason, seconds=time.perf_counter() - started)
     except MemoryError:

@@ -1,6 +1,6 @@
-"""Exact frame decoding with PyAV: sequential from the first frame (no seeking), counted as decoded.
+"""Exact frame decoding with PyAV: keyframe-aware seeking where provably exact, else sequential.
 
-Why PyAV and not decord, and what each failure reason means: docs/extraction.md.
+Why PyAV and not decord, the seek rule, and what each failure reason means: docs/extraction.md.
 """
 
 from __future__ import annotations
@@ -14,8 +14,11 @@ from typing import Any
 import numpy as np
 
 from pipeline.sampling import sample_frame_indices
+from pipeline.seeking import NotExact, decode_frames, index_packets
 
-DECODER_NAME = "pyav-seq"
+DECODER_NAME = "pyav-seq"  # sequential from frame 0: the reference and the fallback
+SEEK_DECODER_NAME = "pyav-seek"  # pipeline/seeking.py, used only where it proves exactness
+DECODE_MODES = ("seek", "sequential")
 TRUNCATED_FRACTION = 0.9
 # Test hook: a video whose path contains $FSAR_TEST_HANG_DECODE hangs the decoder (like native code
 # stuck on a bad file); $FSAR_TEST_HANG_MARKER names a file touched when it does.
@@ -44,6 +47,7 @@ class SampledVideo:
     declared_frames: int  # what the container says (0 if unknown)
     fps: float
     decoder: str = DECODER_NAME
+    frames_decoded: int = 0  # frames that came out of the decoder (all passes)
 
 
 def check_file(path: Path) -> None:
@@ -207,17 +211,51 @@ def _stream_info(path: Path) -> tuple[int, float]:
         container.close()
 
 
+def _decode_seek(path: Path, frames: int, views: int, video_id: str) -> SampledVideo:
+    """The seek path (pipeline/seeking.py); raises `NotExact` where only sequential is exact."""
+    if container_is_cut_short(path):
+        raise NotExact("container cut short")
+    container = _open_container(path)
+    try:
+        if not container.streams.video:
+            raise VideoError("no video stream")
+        stream = container.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate
+        declared = _declared_frames(container, stream)
+        index = index_packets(container, stream, int(stream.frames or 0))
+        n_frames = index.n_frames
+        if declared > 0 and n_frames < TRUNCATED_FRACTION * declared:
+            raise NotExact("fewer packets than declared frames")
+        indices = sample_frame_indices(n_frames, frames, views, video_id)
+        kept, decoded = decode_frames(stream.codec_context, index, [i for v in indices for i in v])
+        by_index = {i: _to_rgb(frame) for i, frame in kept.items()}
+    finally:
+        container.close()
+    stacked = np.stack([np.stack([by_index[i] for i in view]) for view in indices])
+    fps = float(rate) if rate else 0.0
+    return SampledVideo(stacked, indices, n_frames, declared, fps, SEEK_DECODER_NAME, decoded)
+
+
 def _to_rgb(frame: Any) -> np.ndarray:
     return frame.to_ndarray(format="rgb24")
 
 
 def decode_sampled(
-    path: str | Path, frames: int, views: int, video_id: str, keep_bytes: int = KEEP_FRAMES_BYTES
+    path: str | Path,
+    frames: int,
+    views: int,
+    video_id: str,
+    keep_bytes: int = KEEP_FRAMES_BYTES,
+    mode: str = "seek",
 ) -> SampledVideo:
-    """Decode `path` sequentially and return the frames at `sample_frame_indices` of its decoded count.
+    """Decode `path` and return the frames at `sample_frame_indices` of its decoded count.
 
-    Raises `VideoError` with a short reason for unusable files.
+    `mode="seek"` tries the seek path and decodes sequentially where it cannot prove exactness
+    (`decoder` says which ran); `"sequential"` always decodes from frame 0. Raises `VideoError`
+    with a short reason for unusable files.
     """
+    if mode not in DECODE_MODES:
+        raise ValueError(f"decode mode {mode!r}: use one of {', '.join(DECODE_MODES)}")
     path = Path(path)
     check_file(path)
     hang = os.environ.get(HANG_ENV)
@@ -226,6 +264,11 @@ def decode_sampled(
             Path(os.environ[HANG_MARKER_ENV]).touch()
         while True:  # test hook: behave like a decoder stuck in native code
             time.sleep(3600)
+    if mode == "seek":
+        try:
+            return _decode_seek(path, frames, views, video_id)
+        except NotExact:
+            pass
     declared, fps = _stream_info(path)
     all_frames, n_decoded = decode_pass(path, None, keep_bytes)
     if n_decoded == 0:
@@ -236,12 +279,14 @@ def decode_sampled(
         raise VideoError("truncated")
     indices = sample_frame_indices(n_decoded, frames, views, video_id)
     needed = sorted({i for view in indices for i in view})
+    decoded = n_decoded
     if all_frames is not None:
         by_index = {i: _to_rgb(all_frames[i]) for i in needed}
     else:
-        kept, _ = decode_pass(path, set(needed), keep_bytes)
+        kept, second = decode_pass(path, set(needed), keep_bytes)
+        decoded += second
         if kept is None or len(kept) != len(needed):
             raise VideoError("decode error: second decoding pass returned fewer frames")
         by_index = {i: _to_rgb(frame) for i, frame in zip(needed, kept, strict=True)}
     stacked = np.stack([np.stack([by_index[i] for i in view]) for view in indices])
-    return SampledVideo(stacked, indices, n_decoded, declared, fps)
+    return SampledVideo(stacked, indices, n_decoded, declared, fps, DECODER_NAME, decoded)

@@ -22,6 +22,7 @@ from pipeline.datasets import (
     parse_splits,
     select_videos,
 )
+from pipeline.decoding import DECODE_MODES
 from pipeline.errors import ExtractError
 
 if TYPE_CHECKING:  # imported where used: `fsar-extract --help` stays fast
@@ -51,6 +52,7 @@ class ExtractOptions:
     device: str = "auto"
     batch_size: int | None = None
     timeout: float = 120.0
+    decode: str = "seek"  # pipeline.decoding.DECODE_MODES
     retry_failed: bool = False
     progress: bool = True
     allow_torchscript: bool = (
@@ -213,6 +215,8 @@ def run_extraction(options: ExtractOptions) -> ExtractSummary:
     part = parse_part(options.part)
     if options.timeout <= 0:
         raise ExtractError(f"--timeout {options.timeout}: use a positive number of seconds")
+    if options.decode not in DECODE_MODES:
+        raise ExtractError(f"--decode {options.decode}: use one of {', '.join(DECODE_MODES)}")
     listing = list_dataset(options.dataset, options.data_root)
     for note in listing.notes:
         print(f"note: {note}", flush=True)

@@ -29,12 +29,17 @@ FRAME_RATES = (12, 15, 24, 25, 30)
 
 
 def write_video(
-    path: str | Path, frames: np.ndarray, fps: int, container: str | None = None
+    path: str | Path,
+    frames: np.ndarray,
+    fps: int,
+    container: str | None = None,
+    gop: int | None = None,
 ) -> None:
     """Write RGB frames `(N, H, W, 3)` uint8 to `path`; the container (mp4/avi/webm) follows the suffix.
 
     mp4: H.264 (libx264, B-frames allowed); avi: MPEG-4 Part 2 with 2 B-frames; webm: VP9.
     One encoder thread each: the same frames give the same pixels however busy the machine is.
+    `gop`: the longest keyframe interval (default: the encoder's, 250 for x264, 12 for MPEG-4).
     """
     import av
 
@@ -50,6 +55,8 @@ def write_video(
         stream = output.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.options = options
+        if gop is not None:
+            stream.codec_context.gop_size = gop
         if kind == "avi":
             stream.codec_context.max_b_frames = 2
         for frame in frames:

@@ -102,7 +102,9 @@ def decode_task(
     outcome = decode_in_child(request, timeout)
     if outcome.error is not None:
         return outcome
-    _set_torch_threads(config.torch_threads)
+    # One thread (torch's count is per calling thread): on CPU the other task thread's forward
+    # holds every core, and a second team of threads would stall its barriers.
+    _set_torch_threads(1 if config.device == "cpu" else config.torch_threads)
     key = json.dumps(preprocess, sort_keys=True)
     transform = _transforms.get(key)
     if transform is None:
@@ -142,6 +144,7 @@ def encode_task(
 
     with _worker_lock:
         encoder = _worker_encoder(config)
+        _set_torch_threads(config.torch_threads)  # this thread may have preprocessed on one
         writer = _chunk_writer(store_path)
         updates: list[dict[str, Any]] = []
         good = [(r, o) for r, o in zip(rows, outcomes, strict=True) if o.error is None]

@@ -119,7 +119,7 @@ def test_end_to_end_bad_inputs_and_timeout(
         want = expected_error(row["relpath"])
         if want is None:
             assert row["status"] == "ok", (row["relpath"], row["error"])
-            assert row["decoder"] == "pyav-seq" and row["n_frames"] >= 1
+            assert row["decoder"] == "pyav-seek" and row["n_frames"] >= 1  # exact: test_video
             assert len(row["frame_indices"]) == 1 and len(row["frame_indices"][0]) == 8
         else:
             assert (row["status"], row["error"]) == ("failed", want), row["relpath"]
@@ -176,13 +176,17 @@ def test_splits_part_sigkill_and_resume_equal_an_uninterrupted_run(
     reference_path, _ = reference_store
     store = data_root.parent / "resumed"
 
-    # 1. only part 1 of 2 of the train split
-    first = run_extract(data_root, store, "--splits", "train", "--part", "1/2", "--timeout", "3")
+    # 1. only part 1 of 2 of the train split, decoded sequentially (the reference used seeking)
+    first = run_extract(
+        data_root, store, "--splits", "train", "--part", "1/2", "--timeout", "3", "--decode",
+        "sequential",
+    )  # fmt: skip
     assert first.returncode == 0, first.stderr[-3000:]
     rows = manifest(store)
     chosen = select_videos(rows, ["train"], (1, 2)).to_numpy()
     assert 0 < chosen.sum() < (rows["split"] == "train").sum()
     assert (rows.loc[chosen, "status"] != "pending").all()
+    assert set(rows.loc[chosen & (rows["status"] == "ok"), "decoder"]) == {"pyav-seq"}
     assert (rows.loc[~chosen, "status"] == "pending").all()
 
     # 2. a full run, killed with its whole process group once it has committed more rows; the
@@ -314,6 +318,7 @@ def test_not_enough_disk_space_is_refused_before_creating_the_store(
         (["--part", "3/2"], "--part '3/2'"),
         (["--splits", "train,dev"], "--splits 'train,dev'"),
         (["--timeout", "0"], "--timeout"),
+        (["--decode", "fast"], "--decode fast"),
         (["--preprocess", "fancy"], "--preprocess 'fancy'"),
         (["--pretrained", "/nonexistent/weights.pt"], "weights.pt"),
     ],
@@ -389,6 +394,38 @@ def test_batching_frames_across_videos_matches_one_forward_per_video(
         np.testing.assert_allclose(
             after[name].astype(np.float32), before[name].astype(np.float32), rtol=2e-3, atol=2e-3
         )
+
+
+def test_cpu_decode_task_preprocesses_on_one_torch_thread(data_root: Path) -> None:
+    """On CPU the other task thread's forward holds the cores: preprocessing must not add a team."""
+    import threading
+
+    import torch
+
+    from pipeline.decode_child import DecodeRequest, close_decoders
+    from pipeline.preprocess import preprocess_spec
+    from pipeline.tasks import EncoderConfig, decode_task
+
+    video = sorted((data_root / "train").rglob("*.mp4"))[0]
+    config = EncoderConfig(
+        "fsar-tiny-vit", "none", "", "emp", (4, 8, 12), "cpu", "fp32", 2, 8, False
+    )
+    spec = preprocess_spec("openclip", {"size": 64, "mean": [0.5] * 3, "std": [0.5] * 3})
+    seen: dict[str, object] = {}
+
+    def run() -> None:
+        torch.set_num_threads(2)
+        seen["outcome"] = decode_task(DecodeRequest(str(video), "v", 8, 1), spec, config, 60.0)
+        seen["threads"] = torch.get_num_threads()
+
+    try:
+        thread = threading.Thread(target=run)
+        thread.start()
+        thread.join(120)
+    finally:
+        close_decoders()
+    assert seen["threads"] == 1
+    assert seen["outcome"].error is None and seen["outcome"].pixels.shape == (1, 8, 3, 64, 64)
 
 
 # ------------------------------------------------------------------ in-process: planning helpers

@@ -1,4 +1,4 @@
-"""Frame sampling, exact sequential decoding, failure reasons, the killable decode child, preprocessing."""
+"""Frame sampling, exact sequential and seek decoding, failure reasons, the decode child, preprocessing."""
 
 from __future__ import annotations
 
@@ -17,12 +17,14 @@ from pipeline.decoding import (
     DECODER_NAME,
     HANG_ENV,
     HANG_MARKER_ENV,
+    SEEK_DECODER_NAME,
     container_is_cut_short,
     decode_sampled,
 )
 from pipeline.hashing import in_part, stable_hash
 from pipeline.preprocess import CLIP_MEAN, CLIP_STD, build_transform, preprocess_spec
 from pipeline.sampling import sample_frame_indices
+from pipeline.seeking import NotExact, PacketIndex, decode_frames, index_packets
 from pipeline.synth import write_video
 from tests.bad_videos import EXPECTED_ERRORS, moving_square_frames, write_bad_videos
 
@@ -144,6 +146,120 @@ def test_second_decoding_pass_when_frames_exceed_the_memory_budget(
             np.testing.assert_array_equal(sampled.frames[view, slot], reference[index])
 
 
+# ----------------------------------------------------------------------------------- seek path
+
+
+@pytest.fixture(scope="module")
+def gop_videos(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, int], Path]:
+    """Each container with keyframes every 4 frames and with one keyframe interval over 57 frames."""
+    folder = tmp_path_factory.mktemp("gop")
+    frames = moving_square_frames(57)
+    paths = {}
+    for kind in ("avi", "mp4", "webm"):
+        for gop in (4, 300):
+            paths[kind, gop] = folder / f"gop{gop}.{kind}"
+            write_video(paths[kind, gop], frames, 25, gop=gop)
+    return paths
+
+
+def seek_decode(path: Path, wanted: list[int]) -> tuple[dict[int, np.ndarray], int, PacketIndex]:
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        index = index_packets(container, stream, int(stream.frames or 0))
+        kept, decoded = decode_frames(stream.codec_context, index, wanted)
+        return {i: f.to_ndarray(format="rgb24") for i, f in kept.items()}, decoded, index
+
+
+INDEX_PATTERNS = {
+    "first": [0],
+    "last": [56],
+    "first and last": [0, 56],
+    "repeated": [3, 3, 3, 40, 40],
+    "adjacent at the end": [55, 56],
+    "every frame": list(range(57)),
+    "every 7th, unsorted": list(range(56, -1, -7)),
+    "one view": sample_frame_indices(57, 8, 1, "v")[0],
+    "three views": [i for view in sample_frame_indices(57, 8, 3, "v") for i in view],
+    "random": np.random.default_rng(0).integers(0, 57, 12).tolist(),
+}
+
+
+@pytest.mark.parametrize("kind", ["avi", "mp4", "webm"])
+@pytest.mark.parametrize("gop", [4, 300])
+def test_seek_path_returns_the_sequential_frames(
+    gop_videos: dict[tuple[str, int], Path], kind: str, gop: int
+) -> None:
+    path = gop_videos[kind, gop]
+    reference = reference_frames(path)
+    assert len(reference) == 57
+    for name, wanted in INDEX_PATTERNS.items():
+        kept, decoded, index = seek_decode(path, wanted)
+        assert index.n_frames == 57 and sorted(kept) == sorted(set(wanted)), name
+        for i in wanted:
+            np.testing.assert_array_equal(kept[i], reference[i], err_msg=f"{name}: frame {i}")
+        assert decoded >= len(set(wanted))
+    keys = len(seek_decode(path, [0])[2].key_positions)
+    if gop == 4:  # many keyframes: the last frame alone needs only its own group of pictures
+        assert keys > 10 and seek_decode(path, [56])[1] <= 8
+    else:
+        assert keys <= 3
+    assert (
+        seek_decode(path, [0])[1] <= 4
+    )  # no decoding past the wanted frame (and the reorder delay)
+
+
+@pytest.mark.parametrize("kind", ["avi", "mp4", "webm"])
+def test_seek_mode_equals_sequential_mode(
+    gop_videos: dict[tuple[str, int], Path], encoded_videos: dict[str, Path], kind: str
+) -> None:
+    for path in (gop_videos[kind, 4], gop_videos[kind, 300], encoded_videos[kind]):
+        seek = decode_sampled(path, 8, 3, f"seek-{kind}")
+        sequential = decode_sampled(path, 8, 3, f"seek-{kind}", mode="sequential")
+        assert (seek.decoder, sequential.decoder) == (SEEK_DECODER_NAME, DECODER_NAME)
+        assert (seek.n_frames, seek.declared_frames, seek.fps, seek.indices) == (
+            sequential.n_frames,
+            sequential.declared_frames,
+            sequential.fps,
+            sequential.indices,
+        )
+        np.testing.assert_array_equal(seek.frames, sequential.frames)
+        assert sequential.frames_decoded == 57 and seek.frames_decoded < 57
+    with pytest.raises(ValueError, match="decode mode"):
+        decode_sampled(encoded_videos[kind], 8, 1, "x", mode="fast")
+
+
+def test_seek_path_refuses_what_it_cannot_prove(
+    gop_videos: dict[tuple[str, int], Path], tmp_path: Path
+) -> None:
+    path = gop_videos["mp4", 4]
+    with av.open(str(path)) as container:  # the container's frame count must match the packets
+        with pytest.raises(NotExact, match="58 frames declared"):
+            index_packets(container, container.streams.video[0], 58)
+    with av.open(str(path)) as container:  # a frame the decoder gives that the index lacks
+        stream = container.streams.video[0]
+        index = index_packets(container, stream, 57)
+        index.display_pts.remove(index.packets[5].pts)
+        with pytest.raises(NotExact, match="did not come out next"):
+            decode_frames(stream.codec_context, index, list(range(56)))
+    # a raw H.264 stream has no pts: the seek mode falls back to the sequential decode
+    raw = tmp_path / "raw.h264"
+    with av.open(str(raw), mode="w", format="h264") as output:
+        stream = output.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 96, 72, "yuv420p"
+        for frame in moving_square_frames(30):
+            output.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        output.mux(stream.encode())
+    with av.open(str(raw)) as container:
+        with pytest.raises(NotExact, match="without pts"):
+            index_packets(container, container.streams.video[0], 0)
+    fallback = decode_sampled(raw, 8, 2, "raw")
+    assert fallback.decoder == DECODER_NAME and fallback.n_frames == 30
+    reference = reference_frames(raw)
+    for view, indices in enumerate(fallback.indices):
+        for slot, i in enumerate(indices):
+            np.testing.assert_array_equal(fallback.frames[view, slot], reference[i])
+
+
 @pytest.fixture(scope="module")
 def decoder() -> Iterator[DecoderProcess]:
     """One decode child for the module; it hangs on paths containing `hang_here` (test hook)."""
@@ -162,11 +278,15 @@ def test_decoder_child_returns_the_same_frames(
     encoded_videos: dict[str, Path], decoder: DecoderProcess
 ) -> None:
     outcome = decoder.decode(DecodeRequest(str(encoded_videos["webm"]), "w", 4, 2), timeout=60)
-    assert outcome.error is None and outcome.decoder == DECODER_NAME and outcome.fps == 24.0
+    assert outcome.error is None and outcome.decoder == SEEK_DECODER_NAME and outcome.fps == 24.0
     assert outcome.n_frames == 57 and outcome.indices == sample_frame_indices(57, 4, 2, "w")
-    direct = decode_sampled(encoded_videos["webm"], 4, 2, "w")
+    direct = decode_sampled(encoded_videos["webm"], 4, 2, "w", mode="sequential")
     np.testing.assert_array_equal(outcome.pixels, direct.frames)
     assert outcome.pixels.flags.writeable
+    request = DecodeRequest(str(encoded_videos["webm"]), "w", 4, 2, decode="sequential")
+    sequential = decoder.decode(request, timeout=60)
+    assert sequential.decoder == DECODER_NAME
+    np.testing.assert_array_equal(sequential.pixels, direct.frames)
     bad = decoder.decode(DecodeRequest(str(encoded_videos["webm"]) + ".gone", "x", 4, 2), 60)
     assert bad.error == "missing" and bad.pixels is None
 
