@@ -38,7 +38,7 @@ def write_video(
     """Write RGB frames `(N, H, W, 3)` uint8 to `path`; the container (mp4/avi/webm) follows the suffix.
 
     mp4: H.264 (libx264, B-frames allowed); avi: MPEG-4 Part 2 with 2 B-frames; webm: VP9.
-    One encoder thread each: the same frames give the same pixels however busy the machine is.
+    x264 and VP9 on one thread: the same frames give the same pixels however busy the machine is.
     `gop`: the longest keyframe interval (default: the encoder's, 250 for x264, 12 for MPEG-4).
     """
     import av
@@ -47,8 +47,8 @@ def write_video(
     kind = container or path.suffix.lstrip(".")
     codec, options = {
         "mp4": ("libx264", {"preset": "veryfast", "bf": "2", "threads": "1"}),
-        "avi": ("mpeg4", {"bf": "2", "qscale": "3", "threads": "1"}),
-        "webm": ("libvpx-vp9", {"deadline": "good", "cpu-used": "8", "threads": "1"}),
+        "avi": ("mpeg4", {"bf": "2", "qscale": "3"}),
+        "webm": ("libvpx-vp9", {"deadline": "realtime", "cpu-used": "8", "threads": "1"}),
     }[kind]
     height, width = frames.shape[1:3]
     with av.open(str(path), mode="w", format=kind) as output:
