@@ -491,3 +491,22 @@ def test_rows_to_extract_and_row_bytes(data_root: Path) -> None:
     assert set(todo) == set(np.flatnonzero((videos["split"] == "val").to_numpy()))
     spec = {"tensors": [{"shape_per_row": [1, 8, 17, 32], "dtype": "float16"}]}
     assert row_bytes(spec) == 8 * 17 * 32 * 2
+
+
+def test_documented_worker_command_gives_the_local_cluster_settings() -> None:
+    # docs/extraction.md gives teams the `dask worker` command for --scheduler: it must set what
+    # the local cluster's workers get (the environment as the nanny reads it, no profiler)
+    import re
+
+    import dask.config
+
+    from pipeline.cluster import LOCAL_WORKER_CONFIG, WORKER_ENVIRON
+
+    doc = (Path(__file__).parents[1] / "docs" / "extraction.md").read_text()
+    block = doc[doc.index("DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED") :]
+    block = block[: block.index("dask worker")]
+    env = dict(re.findall(r"(DASK_\w+)=('[^']*'|\S+)", block))
+    parsed = dask.config.collect_env({k: v.strip("'") for k, v in env.items()})
+    assert dask.config.get("distributed.worker.profile.enabled", config=parsed) is False
+    assert dask.config.get("distributed.nanny.pre-spawn-environ", config=parsed) == WORKER_ENVIRON
+    assert LOCAL_WORKER_CONFIG["distributed.nanny.pre-spawn-environ"] == WORKER_ENVIRON
