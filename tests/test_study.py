@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -237,6 +238,25 @@ def test_plan_errors_name_the_row_and_touch_nothing(
     assert not out.exists()
 
 
+def test_reported_accuracies_are_checked_and_matched_to_the_store() -> None:
+    reported = {"source": "paper, Table 3", "model": "ViT-B-16", "pretrained": "openai",
+                "accuracy": {"hmdb51": {"emp": {"1": 75.8, "5": 87.1}}}}  # fmt: skip
+    plan = parse_plan({**plan_data(ROWS), "reported": reported})
+    hmdb = {"dataset": "hmdb51", "model": "ViT-B-16", "pretrained": "openai"}
+    assert plan.reported.of(hmdb, "emp", 5) == 87.1
+    assert plan.reported.of(hmdb, "proto", 1) is None
+    assert plan.reported.of({**hmdb, "pretrained": "laion2b_s34b_b88k"}, "emp", 1) is None
+    assert plan.reported.of({**hmdb, "dataset": "ucf101"}, "emp", 1) is None
+    for bad, message in [
+        ({**reported, "source": ""}, "'reported' needs a 'source' string"),
+        ({**reported, "accuracy": {"hmdb51": {"nope": {"1": 50}}}}, "names row 'nope', not in the plan"),
+        ({**reported, "accuracy": {"hmdb51": {"emp": {"one": 50}}}}, "accuracy in %"),
+        ({**reported, "accuracy": {"hmdb51": {"emp": {"1": 150}}}}, "accuracy in %"),
+    ]:  # fmt: skip
+        with pytest.raises(PlanError, match=re.escape(message)):
+            parse_plan({**plan_data(ROWS), "reported": bad})
+
+
 def test_cells_that_cannot_get_episodes_are_refused(store: Path) -> None:
     s = open_store(store)
     plan = parse_plan({**plan_data(ROWS), "shots": [6]})  # 6 videos per class: no query left
@@ -284,7 +304,11 @@ def test_study_on_a_local_cluster(store: Path, by_hand: dict, tmp_path: Path) ->
     import matplotlib.image
 
     out = tmp_path / "study"
-    plan = parse_plan(plan_data([*ROWS, FAILING]))
+    reported = {
+        "source": "a worked example", "model": "random-tokens", "pretrained": "none",
+        "accuracy": {"random": {"emp": {"1": 61.25}}, "hmdb51": {"proto": {"1": 99.0}}},
+    }  # fmt: skip
+    plan = parse_plan({**plan_data([*ROWS, FAILING]), "reported": reported})
     summary = run_study(
         plan, StudyOptions(store=str(store), out=str(out), workers=2, progress=False)
     )
@@ -311,6 +335,11 @@ def test_study_on_a_local_cluster(store: Path, by_hand: dict, tmp_path: Path) ->
     paired = paired_comparison(by_hand["proto"], by_hand["emp"])
     assert f"| **prototypes** (reference) | {a:.2f} ± " in report
     assert f"| emp | {b:.2f} ± " in report
+    # the reported column: this store's dataset, model and weights only; empty where none is given
+    assert "| row | 1-shot | 1-shot reported |" in report
+    assert re.search(r"\| emp \| [0-9.]+ ± [0-9.]+ \| 61\.2 \|", report)
+    assert re.search(r"\| \*\*prototypes\*\* \(reference\) \| [0-9.]+ ± [0-9.]+ \|  \|", report)
+    assert "Reported: as published, not measured here; source: a worked example." in report
     assert f"| emp | {paired.mean:+.2f} | [{paired.low:+.2f}, {paired.high:+.2f}] |" in report
     assert "| emp token level only" not in report and "emp, token level only" in report
     assert "`broken.1shot.seed0`: RuntimeError" in report

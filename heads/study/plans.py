@@ -16,7 +16,7 @@ from typing import Any
 
 PLAN_DIR = Path(__file__).resolve().parent / "plans"
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
-_PLAN_KEYS = {"name", "title", "description", "reference", "marks", "shots", "seeds", "train", "eval", "rows", "notes"}  # fmt: skip
+_PLAN_KEYS = {"name", "title", "description", "reference", "marks", "shots", "seeds", "train", "eval", "rows", "notes", "reported"}  # fmt: skip
 _ROW_KEYS = {"id", "label", "head", "options", "train", "marks", "optional"}
 # Set by the study for every cell, or execution details that do not change a result.
 _TRAIN_PER_CELL = {"store", "head", "head_options", "shot", "seed", "out", "progress", "device", "max_ram"}  # fmt: skip
@@ -63,9 +63,51 @@ class Plan:
     description: str = ""
     notes: tuple[str, ...] = ()
     source: str = ""
+    reported: Reported | None = None
 
     def row(self, row_id: str) -> Row:
         return next(r for r in self.rows if r.id == row_id)
+
+
+@dataclass(frozen=True)
+class Reported:
+    """Published accuracies per row and shot, for stores of `dataset` encoded by `model` `pretrained`."""
+
+    source: str
+    model: str
+    pretrained: str
+    accuracy: dict[str, dict[str, dict[int, float]]]  # dataset -> row id -> shot -> accuracy (%)
+
+    def of(self, store: dict[str, Any], row_id: str, shot: int) -> float | None:
+        """The reported accuracy of a row when the store is that benchmark with those weights."""
+        if (store.get("model"), store.get("pretrained")) != (self.model, self.pretrained):
+            return None
+        return self.accuracy.get(str(store.get("dataset")), {}).get(row_id, {}).get(shot)
+
+
+def _reported(raw: Any, where: str, ids: list[str]) -> Reported:
+    raw = _dict(raw, f"{where}: 'reported'")
+    for key in ("source", "model", "pretrained"):
+        if not isinstance(raw.get(key), str) or not raw[key]:
+            raise PlanError(f"{where}: 'reported' needs a '{key}' string")
+    accuracy: dict[str, dict[str, dict[int, float]]] = {}
+    for dataset, rows in _dict(raw.get("accuracy"), f"{where}: reported 'accuracy'").items():
+        for row_id, shots in _dict(rows, f"{where}: reported {dataset}").items():
+            if row_id not in ids:
+                raise PlanError(
+                    f"{where}: reported {dataset} names row {row_id!r}, not in the plan"
+                )
+            for shot, value in _dict(shots, f"{where}: reported {dataset} {row_id}").items():
+                if (
+                    not str(shot).isdigit()
+                    or not isinstance(value, int | float)
+                    or not 0 <= value <= 100
+                ):
+                    raise PlanError(
+                        f'{where}: reported {dataset} {row_id}: use {{"SHOT": accuracy in %}}'
+                    )
+                accuracy.setdefault(dataset, {}).setdefault(row_id, {})[int(shot)] = float(value)
+    return Reported(raw["source"], raw["model"], raw["pretrained"], accuracy)
 
 
 @dataclass(frozen=True)
@@ -230,6 +272,7 @@ def parse_plan(data: Any, default_name: str = "plan", source: str = "") -> Plan:
         marks=marks,
         notes=tuple(str(n) for n in data.get("notes", [])),
         source=source,
+        reported=_reported(data["reported"], where, ids) if "reported" in data else None,
     )
 
 

@@ -103,6 +103,10 @@ def _accuracy_text(entry: Entry) -> str:
     return text + (f" ({len(entry.failed)} failed)" if entry.failed else "")
 
 
+def _reported_text(value: float | None) -> str:
+    return "" if value is None else f"{value:.1f}"
+
+
 def _seeds_text(expansion: Expansion) -> str:
     seeds = expansion.plan.seeds
     return f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {', '.join(map(str, seeds))}"
@@ -137,16 +141,27 @@ def markdown(
     ]
     shots = plan.shots
     marks = [m for m in plan.marks if any(m in r.marks for r in expansion.rows)]
+    reported = {
+        (row.id, s): plan.reported.of(store, row.id, s)
+        for row in expansion.rows
+        for s in shots
+        if plan.reported is not None
+    }
+    reported_shots = [s for s in shots if any(reported.get((r.id, s)) for r in expansion.rows)]
     header = ["row", *marks, *[f"{s}-shot" for s in shots]]
+    header += [f"{s}-shot reported" for s in reported_shots]
     lines += [
         "| " + " | ".join(header) + " |",
-        "|---" + "|:-:" * len(marks) + "|---:" * len(shots) + "|",
+        "|---" + "|:-:" * len(marks) + "|---:" * (len(shots) + len(reported_shots)) + "|",
     ]
     for row in expansion.rows:
         name = f"**{row.label}** (reference)" if row.id == reference.id else row.label
         cells = [name, *["✓" if m in row.marks else "" for m in marks]]
         cells += [_accuracy_text(entries[(row.id, s)]) for s in shots]
+        cells += [_reported_text(reported.get((row.id, s))) for s in reported_shots]
         lines.append("| " + " | ".join(cells) + " |")
+    if reported_shots:
+        lines += ["", f"Reported: as published, not measured here; source: {plan.reported.source}."]
     lines += ["", f'## Paired difference to "{reference.label}" over identical episodes', ""]
     header = ["row", *[f"{s}-shot {part}" for s in shots for part in ("Δ (pp)", "95% CI", "p")]]
     lines += ["| " + " | ".join(header) + " |", "|---" + "|---:" * (3 * len(shots)) + "|"]
