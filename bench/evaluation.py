@@ -11,7 +11,8 @@ cost). For each head and shot, all episodes run (none projected):
            head built (emp: checkpoint loaded), split loaded, the pass, the episodes, the result
            written; interpreter start-up and imports are not counted (they do not grow with the
            episodes). `fsar-train` also runs in process;
-  ratio    eval seconds / pass seconds. Target <= 2 for every head and shot.
+  ratio    eval seconds / pass seconds. Target <= 2 for every head and shot. Heads: zeroshot,
+           proto, otam, probe (untrained, `--head`) and emp (from its run);
   floor    (emp) 1 + episodes x matmul FLOPs of an episode / matmul FLOPs of the pass: the ratio
            reached if both ran at the same rate. emp K-shot fuses each episode's class prototypes
            (means of K supports) with the class texts, about 11 GFLOP per episode at these shapes,
@@ -47,16 +48,23 @@ ratio; where the pass is bound by reading the store (GPU) the floor no longer bi
 """
 
 
+# every head that reads this store (lastlayer needs an emp+last store: its episodes are class-mean
+# cosines of per-video embeddings, the same scoring as proto's)
+HEADS = ("zeroshot", "proto", "otam", "probe", "emp")
+
+
 def head_for(name: str, store: Any, run_dir: Path | None, device: str) -> Any:
+    """emp from its run; the other heads built as `fsar-eval --head NAME` builds them."""
+    import torch
+
     if name == "emp":
         from heads.evaluate import load_run
 
         return load_run(run_dir, store, device)
-    import heads
+    from heads.train import build_head
 
-    head = heads.create(name)
-    head.prepare(store)
-    return head.to(device)
+    torch.manual_seed(0)
+    return build_head(name, {}, store, torch.device(device))
 
 
 def one_pass(name: str, store: Any, run_dir: Path | None, shot: int, device: str) -> float:
@@ -120,7 +128,7 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--episodes", type=int, default=None, help="episodes per evaluation [10000]")
     p.add_argument("--classes", type=int, default=None, help="test classes [24]")
     p.add_argument("--videos-per-class", type=int, default=None, help="[42]")
-    p.add_argument("--heads", default="proto,otam,emp")
+    p.add_argument("--heads", default=",".join(HEADS))
     p.add_argument("--shots", default="1,5")
     args = p.parse_args(argv)
     device = resolve_device(args.device)

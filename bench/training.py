@@ -306,6 +306,11 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--heads", default=",".join(HEADS))
     p.add_argument("--no-small", action="store_true", help="skip the small-head figures")
     p.add_argument(
+        "--small-only",
+        action="store_true",
+        help="only the small-head figures, in a minute (training.json: pass --out to keep a full run)",
+    )
+    p.add_argument(
         "--stall",
         action="store_true",
         help="also the loader stall share of emp on a streamed split (bench.store measures it too)",
@@ -321,6 +326,10 @@ def main(argv: list[str] | None = None) -> Path:
     n_videos = WAY * (SHOT + QUERY)
     res = Result("training", quick, device)
     allocator = keep_freed_memory()  # as the fsar-train process does, for every side of the ratio
+    if args.small_only:
+        with Scratch(args.work, "train") as work:
+            small_head_figures(res, work, device, quick)
+        return res.write(args.out)
     torch.manual_seed(0)
     online = Online(model, device, frames)
     res.config = {

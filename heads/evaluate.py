@@ -91,15 +91,15 @@ def video_pass(
 
 
 EPISODE_BATCH_BYTES = 256e6  # gathered support + query features of one batch of episodes
-MAX_EPISODES_PER_BATCH = 100
+MAX_EPISODES_PER_BATCH = 1000  # per call a few ms of fixed cost: 10 calls for 10,000 episodes
 
 
 def auto_episodes_per_batch(features: dict[str, torch.Tensor], videos_per_episode: int) -> int:
     """Episodes scored per call: as many as keep the gathered features under EPISODE_BATCH_BYTES.
 
-    1-shot heads cache small per-video features and score 100 episodes at once; K-shot `emp` keeps
-    every support's patch tokens (T x P x D) to fuse prototypes per episode, which at ViT-B/16 shapes
-    is megabytes per video, so its batches shrink instead of exhausting memory.
+    1-shot heads cache small per-video features and score up to 1,000 episodes at once; K-shot
+    `emp` keeps every support's patch tokens (T x P x D) to fuse prototypes per episode, which at
+    ViT-B/16 shapes is megabytes per video, so its batches shrink instead of exhausting memory.
     """
     per_video = sum(v[0].numel() * v.element_size() for v in features.values() if v.dim() > 0)
     per_episode = max(1, per_video * videos_per_episode)

@@ -13,8 +13,10 @@ at once, with the frames moved to the front so each cell is a contiguous slice. 
 W = exp(-cost / lambda), where a soft minimum is a plain sum and adding a distance is a product
 (two cheap ops per cell instead of a `logaddexp`), whenever the inputs bound every W inside the
 dtype's normal range (always at evaluation shapes: 1 - cosine in [0, 2], 8 frames, lambda 0.5);
-otherwise it runs the same recursion in log space. Tests compare both with the plain recursion
-and with brute force over all paths.
+otherwise it runs the same recursion in log space. On CPU, cells of up to NUMPY_MAX_CELL values
+run the linear recursion on numpy views of the same float32/64 values (the same arithmetic): a
+training episode's cell holds a few hundred values, where numpy's per-op cost is a fifth of
+torch's. Tests compare both with the plain recursion and with brute force over all paths.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -57,11 +60,28 @@ def _linear_space_is_safe(dists: torch.Tensor, lbda: float) -> bool:
     )
 
 
-def _cells_linear(weights: torch.Tensor) -> list[list[torch.Tensor]]:
-    """Every cell of the recursion on W (Lq, Ls, ...): rows of columns 0 .. Ls + 1."""
+Cells = Any  # (Lq, Ls, B) values of the recursion: a numpy view on CPU, else a torch tensor
+NUMPY_MAX_CELL = 2048  # values per cell up to which numpy beats torch's vectorised ops on CPU
+
+
+def _cells(t: torch.Tensor) -> Cells:
+    """`t` (Lq, Ls, B) as the recursion's array: numpy (a view, no copy) for CPU float32/64
+    with small cells, else the tensor."""
+    small = t.shape[-1] <= NUMPY_MAX_CELL and t.dtype in (torch.float32, torch.float64)
+    return t.detach().numpy() if small and t.device.type == "cpu" else t
+
+
+def _tensor(values: Cells) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(values)) if isinstance(values, np.ndarray) else values
+
+
+def _cells_linear(weights: Cells) -> list[list[Cells]]:
+    """Every cell of the recursion on W (Lq, Ls, B): rows of columns 0 .. Ls + 1."""
     n_rows, n_cols = weights.shape[0], weights.shape[1]
-    one = torch.ones_like(weights[0, 0])
-    top = list(torch.cumprod(weights[0], dim=0).unbind(0))
+    if isinstance(weights, np.ndarray):
+        one, top = np.ones_like(weights[0, 0]), list(np.cumprod(weights[0], axis=0))
+    else:
+        one, top = torch.ones_like(weights[0, 0]), list(torch.cumprod(weights[0], 0).unbind(0))
     rows = [[one, *top, top[-1]]]  # columns 0 .. n_cols + 1
     for row in range(1, n_rows):
         previous, w = rows[-1], weights[row]
@@ -76,30 +96,30 @@ def _cells_linear(weights: torch.Tensor) -> list[list[torch.Tensor]]:
 
 
 class _RecursionLinear(torch.autograd.Function):
-    """log of the bottom-right cell of the recursion on W = exp(scaled) (Lq, Ls, ...), with the
+    """log of the bottom-right cell of the recursion on W = exp(scaled) (Lq, Ls, B), with the
     adjoint recursion as backward: autograd through hundreds of per-cell ops on small tensors
     (each select allocating a full-size gradient) costs several times the forward."""
 
     @staticmethod
     def forward(ctx: Any, scaled: torch.Tensor) -> torch.Tensor:
         weights = scaled.exp()
-        rows = _cells_linear(weights)
+        rows = _cells_linear(_cells(weights))
         ctx.save_for_backward(weights)
         ctx.rows = rows
-        return rows[-1][-1].log()
+        return _tensor(rows[-1][-1]).log()
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        (weights,) = ctx.saved_tensors
-        rows = ctx.rows
+        (saved,) = ctx.saved_tensors
+        rows, weights = ctx.rows, _cells(saved)
         n_rows, n_cols = weights.shape[0], weights.shape[1]
-        grad_w = torch.empty_like(weights)
+        grad_w = weights * 0.0  # every cell is written below
         # adjoint of each cell of the current row (None: zero); columns 0 .. n_cols + 1
-        adj: list[torch.Tensor | None] = [None] * (n_cols + 2)
-        adj[-1] = grad / rows[-1][-1]
+        adj: list[Cells | None] = [None] * (n_cols + 2)
+        adj[-1] = _cells(grad.contiguous()) / rows[-1][-1]
         for row in range(n_rows - 1, 0, -1):
             cells, previous, w = rows[row], rows[row - 1], weights[row]
-            above: list[torch.Tensor | None] = [None] * (n_cols + 2)
+            above: list[Cells | None] = [None] * (n_cols + 2)
             a = adj[-1]  # last (pad) column: up-left + up + left
             if a is not None:
                 above[n_cols] = above[-1] = a
@@ -133,14 +153,19 @@ class _RecursionLinear(torch.autograd.Function):
             if col > 1:
                 t = a * weights[0, col - 1]
                 adj[col - 1] = t if adj[col - 1] is None else adj[col - 1] + t
-        return grad_w.mul_(weights)  # d W / d scaled = W
+        grad_w *= weights  # d W / d scaled = W
+        return _tensor(grad_w)
 
 
 def _recursion_linear(scaled: torch.Tensor) -> torch.Tensor:
     """The recursion on W = exp(scaled) (Lq, Ls, ...): soft minimum = sum, distance = product."""
+    cells = scaled.reshape(*scaled.shape[:2], -1)  # (Lq, Ls, B): no 0-d cells
     if torch.is_grad_enabled() and scaled.requires_grad:
-        return _RecursionLinear.apply(scaled)
-    return _cells_linear(scaled.exp())[-1][-1].log()
+        out = _RecursionLinear.apply(cells)
+    else:
+        weights = cells.exp()
+        out = _tensor(_cells_linear(_cells(weights))[-1][-1]).log()
+    return out.reshape(scaled.shape[2:])
 
 
 def _recursion_log(scaled: torch.Tensor) -> torch.Tensor:

@@ -193,10 +193,10 @@ def test_episode_batches_shrink_for_large_per_video_features() -> None:
     """K-shot emp at ViT-B/16 shapes keeps T x P x D patch tokens per video: batches must shrink."""
     import torch
 
-    from heads.evaluate import EPISODE_BATCH_BYTES, auto_episodes_per_batch
+    from heads.evaluate import EPISODE_BATCH_BYTES, MAX_EPISODES_PER_BATCH, auto_episodes_per_batch
 
-    small = {"token": torch.zeros(1000, 8, 64)}  # 2 KB per video: the 100-episode cap applies
-    assert auto_episodes_per_batch(small, 10) == 100
+    small = {"token": torch.zeros(1000, 8, 64)}  # 2 KB per video: the episode cap applies
+    assert auto_episodes_per_batch(small, 10) == MAX_EPISODES_PER_BATCH
     vit_b = {"patch": torch.zeros(3, 8, 196, 512), "token": torch.zeros(3, 8, 512)}
     per_episode = (8 * 196 * 512 + 8 * 512) * 4 * 30  # 5-way 5-shot + 1 query: 30 videos
     n = auto_episodes_per_batch(vit_b, 30)
