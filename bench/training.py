@@ -72,7 +72,8 @@ Seconds per 5-way 1-shot training episode from the store against the same head f
 frozen CLIP tower run on the episode's frames. The FLOP ceiling is the speedup if reading the
 store were free and both sides ran at the same arithmetic rate; the target is 80% of it. A side's
 share of the matmul peak shows what it loses to work the FLOP count ignores (elementwise ops,
-copies, small matmuls). On a busy machine (load average in the machine line) trust the CPU-seconds
+copies, small matmuls); the peak is one square 2048 matmul measured in the same run, a yardstick
+rather than a bound, so a model whose larger matmuls run faster shows over 100%. On a busy machine (load average in the machine line) trust the CPU-seconds
 speedup over the wall-time one. The small-head rows put one emp episode at store dim 64 next to its
 FLOP time at the one-thread peak: the difference is per-op overhead.
 """
