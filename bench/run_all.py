@@ -96,7 +96,7 @@ def _share_of_ceiling(figures: list[dict]) -> dict | None:
         return None
     value = 100 * speedup["value"] / ceiling["value"]
     label = f"{format_value(speedup['value'])}x of a {format_value(ceiling['value'])}x ceiling"
-    return {"value": value, "unit": "%", "label": label, "met": value >= 80}
+    return {"value": value, "unit": "%", "detail": label, "met": value >= 80}
 
 
 # (what, benchmark, figure, target); the figure's own `met` says whether the target is met
@@ -126,6 +126,35 @@ GPU_HEADLINES = [
 ]  # fmt: skip
 
 
+# why a headline target can be missed on a 2-core CPU; printed under the table only when it is missed
+WHY_MISSED = {
+    "evaluation": "emp 5-shot fuses every episode's new prototypes with the class texts (a text "
+    "transformer layer over each prototype's frames and patches): that work is new in every episode, "
+    "and its FLOPs alone are about 11 passes over the split here, so <= 2 needs a GPU. For the "
+    "training-free heads one pass takes under a second, and the ratio measures fixed costs and load.",
+    "small": "The episode runs some 3,000 small torch ops; at these shapes each op's fixed cost "
+    "(dispatch, autograd node, allocation) outweighs its arithmetic, so the time sits well above the "
+    "FLOP time (a dim-8 episode costs nearly as much). torch.compile was slower here. Profile: "
+    "torch.profiler over `python -m bench.training --small-only`.",
+    "extraction": "The pipeline and the bare loop run one after the other: on a busy machine the "
+    "ratio follows the load (machine line); rerun on a quiet one.",
+    "training": "The store side and the online side alternate; on a busy machine trust the "
+    "CPU-seconds speedup in the training section.",
+}
+
+
+def missed_lines(results: list[dict], headlines: list | None = None) -> list[str]:
+    """One line per headline whose target is missed in `results`, saying why it can be."""
+    lines = []
+    for what, bench, pick, _ in headlines or HEADLINES:
+        fig = _figure(results, bench, pick)
+        if fig is None or fig.get("met") is not False:
+            continue
+        key = "small" if "Small head" in what else bench.split("|")[0]
+        lines.append(f"- {what}: {WHY_MISSED.get(key, 'see its section below.')}")
+    return ["Missed here, and why:", "", *lines, ""] if lines else []
+
+
 def headline_rows(results: list[dict], headlines: list | None = None) -> list[str]:
     rows = ["| figure | value | target | met |", "|---|---:|---|---|"]
     for what, bench, pick, target in headlines or HEADLINES:
@@ -134,8 +163,8 @@ def headline_rows(results: list[dict], headlines: list | None = None) -> list[st
             rows.append(f"| {what} | not measured | {target} | |")
             continue
         value = f"{format_value(fig['value'])} {fig['unit']}".replace(" x", "x")
-        if fig.get("label") and fig["unit"] == "%":
-            value += f" ({fig['label']})"
+        if fig.get("detail"):
+            value += f" ({fig['detail']})"
         met = {True: "yes", False: "no", None: ""}[fig.get("met")]
         rows.append(f"| {what} | {value} | {target} | {met} |")
     return rows
@@ -149,7 +178,7 @@ def section(res: dict) -> list[str]:
         "",
         f"How to read it: {how_to_read(name)}",
         "",
-        f"Command: `{res['command']}`{mode}, {res['seconds'] / 60:.0f} min. {machine_line([res])}",
+        f"Command: `{res['command'].replace(str(REPO_ROOT) + '/', '')}`{mode}, {res['seconds'] / 60:.0f} min. {machine_line([res])}",
         "",
         markdown_table([res]),
     ]
@@ -173,6 +202,7 @@ def performance_doc(out: Path, gpu_out: Path) -> str:
         "",
         *headline_rows(cpu),
         "",
+        *missed_lines(cpu),
         "## CPU",
         "",
     ]

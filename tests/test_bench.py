@@ -127,6 +127,10 @@ def test_report_writes_the_performance_doc_and_the_readme_headline(tmp_path: Pat
     assert "### evaluation" in text and "How to read it: `fsar-eval` seconds" in text
     assert "| evaluation | emp 5-shot: ratio | 7.25 | x | <= 2 ✗ |" in text
     assert "No GPU figures yet" in text
+    # a missed headline says why under the table; targets met or not measured say nothing
+    why = text[text.index("Missed here, and why:") : text.index("## CPU")]
+    assert "- Evaluation: 10,000 episodes" in why and "emp 5-shot fuses" in why
+    assert "Extraction" not in why and "Small head" not in why
     new = readme.read_text()
     assert "old" not in new and new.endswith("\n\nafter\n")
     assert (
