@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
         free = score_untrained(res, store, test)
         score_recipes(res, store, work, episodes, test, free)
     res.notes.append(
-        f"learning: every recipe trains {episodes} episodes from seed 0 (5-way 1-shot, 5 queries); "
+        f"every recipe trains {episodes} episodes from seed 0 (5-way 1-shot, 5 queries); "
         f"test accuracy over the same {test['episodes']} episodes; chance is 20%"
     )
     res.write(args.out)
