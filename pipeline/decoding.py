@@ -169,9 +169,7 @@ def decode_pass(path: Path, keep: set[int] | None, keep_bytes: int) -> tuple[lis
 
     container = _open_container(path)
     try:
-        if not container.streams.video:
-            raise VideoError("no video stream")
-        stream = container.streams.video[0]
+        stream, _ = _video_stream(container)
         kept: list[Any] | None = []
         kept_size = 0
         count = 0
@@ -199,14 +197,20 @@ def decode_pass(path: Path, keep: set[int] | None, keep_bytes: int) -> tuple[lis
         container.close()
 
 
+def _video_stream(container: Any) -> tuple[Any, float]:
+    """The first video stream and its frame rate (0.0 when the container gives none)."""
+    if not container.streams.video:
+        raise VideoError("no video stream")
+    stream = container.streams.video[0]
+    rate = stream.average_rate or stream.guessed_rate
+    return stream, float(rate) if rate else 0.0
+
+
 def _stream_info(path: Path) -> tuple[int, float]:
     container = _open_container(path)
     try:
-        if not container.streams.video:
-            raise VideoError("no video stream")
-        stream = container.streams.video[0]
-        rate = stream.average_rate or stream.guessed_rate
-        return _declared_frames(container, stream), float(rate) if rate else 0.0
+        stream, fps = _video_stream(container)
+        return _declared_frames(container, stream), fps
     finally:
         container.close()
 
@@ -217,10 +221,7 @@ def _decode_seek(path: Path, frames: int, views: int, video_id: str) -> SampledV
         raise NotExact("container cut short")
     container = _open_container(path)
     try:
-        if not container.streams.video:
-            raise VideoError("no video stream")
-        stream = container.streams.video[0]
-        rate = stream.average_rate or stream.guessed_rate
+        stream, fps = _video_stream(container)
         declared = _declared_frames(container, stream)
         index = index_packets(container, stream, int(stream.frames or 0))
         n_frames = index.n_frames
@@ -232,7 +233,6 @@ def _decode_seek(path: Path, frames: int, views: int, video_id: str) -> SampledV
     finally:
         container.close()
     stacked = np.stack([np.stack([by_index[i] for i in view]) for view in indices])
-    fps = float(rate) if rate else 0.0
     return SampledVideo(stacked, indices, n_frames, declared, fps, SEEK_DECODER_NAME, decoded)
 
 
