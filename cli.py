@@ -10,33 +10,67 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import typer
+from typer.core import TyperCommand, TyperGroup
+
+from runtime.errors import FsarError
 
 # torch's OpenMP threads sleep between parallel regions instead of spinning: on a busy machine
 # spinning threads made training several times slower (docs/performance.md). Read when torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-# Help texts are plain text: rich markup would swallow defaults written as [runs/latest].
-PLAIN = dict(rich_markup_mode=None)
-app = typer.Typer(
+
+@contextmanager
+def one_line_errors() -> Iterator[None]:
+    """fsar's own errors (FsarError: a user can fix them) print one line and exit 2. Anything else
+    is a bug in fsar and keeps its traceback."""
+    try:
+        yield
+    except FsarError as error:
+        fail(first_line(error))
+
+
+class Command(TyperCommand):
+    """Every fsar command runs inside `one_line_errors`."""
+
+    def invoke(self, ctx):  # type: ignore[no-untyped-def]
+        with one_line_errors():
+            return super().invoke(ctx)
+
+
+class Group(TyperGroup):
+    """Command groups too: their callback (e.g. `fsar-study` itself) runs inside `one_line_errors`."""
+
+    def invoke(self, ctx):  # type: ignore[no-untyped-def]
+        with one_line_errors():
+            return super().invoke(ctx)
+
+
+class App(typer.Typer):
+    """A typer app whose commands and callback run inside `one_line_errors`. Help texts are plain
+    text: rich markup would swallow defaults written as [runs/latest]."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(cls=Group, rich_markup_mode=None, **options)
+
+    def command(self, *args: Any, **options: Any) -> Any:
+        return super().command(*args, cls=Command, **options)
+
+
+app = App(
     help="fsar: offline CLIP feature store for few-shot action recognition.",
     no_args_is_help=True,
-    **PLAIN,
 )
-store_app = typer.Typer(
-    help="Inspect, verify and share feature stores.", no_args_is_help=True, **PLAIN
-)
-extract_app = typer.Typer(help="Stage 1: extract CLIP features from videos into a store.", **PLAIN)
-train_app = typer.Typer(help="Stage 2: train a reasoning head from a store.", **PLAIN)
-eval_app = typer.Typer(help="Stage 2: evaluate a head on few-shot episodes from a store.", **PLAIN)
-synth_app = typer.Typer(
-    help="Generate a synthetic video dataset (time-reversal class pairs).", **PLAIN
-)
-study_app = typer.Typer(
+store_app = App(help="Inspect, verify and share feature stores.", no_args_is_help=True)
+extract_app = App(help="Stage 1: extract CLIP features from videos into a store.")
+train_app = App(help="Stage 2: train a reasoning head from a store.")
+eval_app = App(help="Stage 2: evaluate a head on few-shot episodes from a store.")
+synth_app = App(help="Generate a synthetic video dataset (time-reversal class pairs).")
+study_app = App(
     help="Studies: a plan of heads trained and tested on identical episodes, as Dask tasks.",
     no_args_is_help=True,
-    **PLAIN,
 )
 app.add_typer(store_app, name="store")
 app.add_typer(study_app, name="study")
@@ -51,15 +85,6 @@ def fail(message: str, code: int = 2) -> None:
 
 def first_line(error: BaseException) -> str:
     return str(error).splitlines()[0] if str(error) else type(error).__name__
-
-
-@contextmanager
-def user_errors(*kinds: type[BaseException]) -> Iterator[None]:
-    """Errors of `kinds` (ones users can fix) print their first line and exit 2."""
-    try:
-        yield
-    except kinds as error:
-        fail(first_line(error))
 
 
 def check_output_file(option: str, path: str) -> None:
@@ -110,24 +135,14 @@ def key_values(pairs: list[str]) -> dict:
     return options
 
 
-def heads_errors() -> tuple[type[Exception], ...]:
-    """What stage-2 commands report in one line: store, episodes, options, unknown heads."""
-    from heads.config import ConfigError
-    from heads.episodes import EpisodeError
-    from store import StoreError
-
-    return (StoreError, EpisodeError, ConfigError, FileNotFoundError, ValueError)
-
-
 # ---------------------------------------------------------------- fsar-store
 CACHE_HELP = "Keep a remote store's fetched chunks in DIR (default: env FSAR_CACHE)."
 
 
 def _open_for_cli(path: str, cache: str | None = None):
-    from store import StoreError, open_store
+    from store import open_store
 
-    with user_errors(StoreError):
-        return open_store(path, cache=cache)
+    return open_store(path, cache=cache)
 
 
 def _human_bytes(n: float | None) -> str:
@@ -149,10 +164,7 @@ def store_info(
     """Spec, counts per split and status, size on disk, bytes per video and fingerprint."""
     import json
 
-    from store import StoreError
-
-    with user_errors(StoreError):
-        info = _open_for_cli(path, cache).info()
+    info = _open_for_cli(path, cache).info()
     if json_out:
         typer.echo(json.dumps(info, indent=2, default=str))
         return
@@ -195,11 +207,9 @@ def store_verify(
     cache: str = typer.Option(None, "--cache", metavar="DIR", help=CACHE_HELP),
 ) -> None:
     """Re-hash every ok row of every tensor; exit 1 listing the bad rows and tensors."""
-    from store import StoreError
 
     s = _open_for_cli(path, cache)
-    with user_errors(StoreError):
-        problems = s.verify(progress=sys.stderr.isatty())
+    problems = s.verify(progress=sys.stderr.isatty())
     if problems:
         for p in problems:
             typer.echo(f"BAD {p}")
@@ -217,11 +227,9 @@ def store_pack(
     out: str = typer.Argument(..., help="Packed file to write (e.g. hmdb51.fsar.zip)."),
 ) -> None:
     """Pack a store into one zip file (uncompressed members) that opens without unpacking."""
-    from store import StoreError
     from store.pack import pack
 
-    with user_errors(StoreError):
-        size = pack(path, out)
+    size = pack(path, out)
     typer.echo(f"pack: {out} ({_human_bytes(size)})")
 
 
@@ -231,11 +239,9 @@ def store_unpack(
     directory: str = typer.Argument(..., metavar="DIR", help="New (or empty) directory."),
 ) -> None:
     """Restore a packed store into a directory; members that would land outside DIR are refused."""
-    from store import StoreError
     from store.pack import unpack
 
-    with user_errors(StoreError):
-        s = unpack(file, directory)
+    s = unpack(file, directory)
     typer.echo(f"unpack: {directory} ({s.n_rows} rows, fingerprint {s.fingerprint()})")
 
 
@@ -250,20 +256,18 @@ def store_merge(
     cache: str = typer.Option(None, "--cache", metavar="DIR", help=CACHE_HELP),
 ) -> None:
     """Merge two stores of the same spec (videos de-duplicated, classes unioned)."""
-    from store import StoreError
     from store.merge import describe_report, merge
 
     if prefer is not None and prefer.upper() not in ("A", "B"):
         fail(f"--prefer must be A or B, not {prefer!r}")
-    with user_errors(StoreError):
-        report = merge(
-            a,
-            b,
-            out,
-            prefer=prefer.upper() if prefer else None,  # type: ignore[arg-type]
-            cache=cache,
-            progress=sys.stderr.isatty(),
-        )
+    report = merge(
+        a,
+        b,
+        out,
+        prefer=prefer.upper() if prefer else None,  # type: ignore[arg-type]
+        cache=cache,
+        progress=sys.stderr.isatty(),
+    )
     typer.echo(describe_report(report, "merge"))
     for note in report.notes:
         typer.echo(f"  note: {note}")
@@ -281,19 +285,17 @@ def store_subset(
     cache: str = typer.Option(None, "--cache", metavar="DIR", help=CACHE_HELP),
 ) -> None:
     """Copy some splits and/or tensors of a store into a new, complete store."""
-    from store import StoreError
     from store.merge import describe_report, subset
 
-    with user_errors(StoreError):
-        report = subset(
-            path,
-            out,
-            splits=comma_list(splits),
-            tensors=comma_list(tensors),
-            ok_only=ok_only,
-            cache=cache,
-            progress=sys.stderr.isatty(),
-        )
+    report = subset(
+        path,
+        out,
+        splits=comma_list(splits),
+        tensors=comma_list(tensors),
+        ok_only=ok_only,
+        cache=cache,
+        progress=sys.stderr.isatty(),
+    )
     typer.echo(describe_report(report, "subset"))
 
 
@@ -311,10 +313,6 @@ def synth_command(
 
     from pipeline.synth import make_synthetic_dataset
 
-    if classes % 2 or not 6 <= classes <= 24:
-        fail(f"--classes {classes}: use an even number from 6 to 24 (reversal pairs)")
-    if videos_per_class < 1:
-        fail(f"--videos-per-class {videos_per_class}: use at least 1")
     target = Path(out)
     if target.exists() and not target.is_dir():
         fail(f"--out {out} is a file; give a new directory")
@@ -380,11 +378,8 @@ def extract_command(
     ),
 ) -> None:
     """Extract CLIP features of a dataset's videos into a feature store (resumable)."""
-    from pipeline.datasets import DatasetError
-    from pipeline.errors import EncoderError, ExtractError
     from pipeline.extract import ExtractOptions, run_extraction
     from pipeline.text import add_text_embeddings
-    from store import StoreError
 
     try:
         if text_only or templates:
@@ -420,8 +415,6 @@ def extract_command(
             allow_torchscript=allow_torchscript,
         )
         summary = run_extraction(options)
-    except (DatasetError, ExtractError, StoreError, EncoderError) as error:
-        fail(first_line(error))
     except KeyboardInterrupt:
         fail(f"interrupted; finished rows are saved: rerun the same command to resume {store}", 130)
     for line in summary.lines():
@@ -508,24 +501,23 @@ def train_command(
         keep_freed_memory()
     if resume and overwrite:
         fail("give --resume or --overwrite, not both")
-    with user_errors(*heads_errors()):
-        if resume:
-            cfg = resume_config(Path(out or "runs/latest"), episodes, progress)
-        else:
-            options = dict(
-                store=store, preset=preset, head=head, way=way, shot=shot, query=query,
-                episodes=episodes, episodes_per_step=episodes_per_step, lr=lr,
-                decay_groups=decay_groups, val_every=val_every, val_episodes=val_episodes,
-                val_way=val_way, out=out, seed=seed, device=device, max_ram=max_ram,
-                progress=progress,
-            )  # fmt: skip
-            flags = dict(
-                levels=levels, loss=loss, temperature=temperature, strategy=strategy,
-                no_text=no_text, no_skip_fusion=no_skip_fusion, layer_weights=layer_weights,
-                score_weights=score_weights,
-            )  # fmt: skip
-            cfg = config_from_options(options, key_values(option), flags, config)
-        run_dir = train(cfg, resume=resume, overwrite=overwrite)
+    if resume:
+        cfg = resume_config(Path(out or "runs/latest"), episodes, progress)
+    else:
+        options = dict(
+            store=store, preset=preset, head=head, way=way, shot=shot, query=query,
+            episodes=episodes, episodes_per_step=episodes_per_step, lr=lr,
+            decay_groups=decay_groups, val_every=val_every, val_episodes=val_episodes,
+            val_way=val_way, out=out, seed=seed, device=device, max_ram=max_ram,
+            progress=progress,
+        )  # fmt: skip
+        flags = dict(
+            levels=levels, loss=loss, temperature=temperature, strategy=strategy,
+            no_text=no_text, no_skip_fusion=no_skip_fusion, layer_weights=layer_weights,
+            score_weights=score_weights,
+        )  # fmt: skip
+        cfg = config_from_options(options, key_values(option), flags, config)
+    run_dir = train(cfg, resume=resume, overwrite=overwrite)
     typer.echo(f"run: {run_dir}")
 
 
@@ -571,38 +563,37 @@ def eval_command(
     for option_name, path in (("--json", json_out), ("--per-episode", per_episode)):
         if path is not None:
             check_output_file(option_name, path)
-    with user_errors(*heads_errors()):
-        target = pick_device(device)
-        keep_freed_memory()
-        if head is not None and checkpoint is not None:
-            fail("give --checkpoint or --head, not both")
-        run_dir = None
-        if head is None:
-            run_dir = Path(checkpoint) if checkpoint else Path("runs") / "latest"
-            if not (run_dir / "config.json").exists():
-                fail(f"no run at {run_dir} (train one with fsar-train, or pass --head proto)")
-        store_path = store or (store_of_run(run_dir) if run_dir is not None else None)
-        if store_path is None:
-            fail("--store is required with --head")
-        s = open_store(store_path)
-        if run_dir is not None:
-            model = load_run(run_dir, s, target)
-        else:  # untrained: built at the store's dim, the same weights every time
-            torch.manual_seed(seed)
-            model = build_head(head, key_values(option), s, target)
-        result = evaluate(
-            model, s, split, way, shot, query, episodes, seed, target, max_ram, progress=progress,
-            view=view,
-        )  # fmt: skip
-        typer.echo(result.summary())
-        if json_out is not None:
-            Path(json_out).write_text(json.dumps(result.to_json(), indent=2))
-        if per_episode is not None:
-            import pandas as pd
+    target = pick_device(device)
+    keep_freed_memory()
+    if head is not None and checkpoint is not None:
+        fail("give --checkpoint or --head, not both")
+    run_dir = None
+    if head is None:
+        run_dir = Path(checkpoint) if checkpoint else Path("runs") / "latest"
+        if not (run_dir / "config.json").exists():
+            fail(f"no run at {run_dir} (train one with fsar-train, or pass --head proto)")
+    store_path = store or (store_of_run(run_dir) if run_dir is not None else None)
+    if store_path is None:
+        fail("--store is required with --head")
+    s = open_store(store_path)
+    if run_dir is not None:
+        model = load_run(run_dir, s, target)
+    else:  # untrained: built at the store's dim, the same weights every time
+        torch.manual_seed(seed)
+        model = build_head(head, key_values(option), s, target)
+    result = evaluate(
+        model, s, split, way, shot, query, episodes, seed, target, max_ram, progress=progress,
+        view=view,
+    )  # fmt: skip
+    typer.echo(result.summary())
+    if json_out is not None:
+        Path(json_out).write_text(json.dumps(result.to_json(), indent=2))
+    if per_episode is not None:
+        import pandas as pd
 
-            pd.DataFrame({"episode": range(episodes), "accuracy": result.per_episode}).to_parquet(
-                per_episode
-            )
+        pd.DataFrame({"episode": range(episodes), "accuracy": result.per_episode}).to_parquet(
+            per_episode
+        )
 
 
 app.command("train")(train_command)
@@ -641,14 +632,11 @@ def study_command(
     if ctx.invoked_subcommand is not None:
         return
     from heads.study import (
-        PlanError,
-        StudyError,
         StudyInterrupted,
         StudyOptions,
         load_plan,
         run_study,
     )
-    from store import StoreError
 
     if not store or not plan:
         fail(
@@ -659,14 +647,13 @@ def study_command(
     except ValueError:
         fail(f"--seeds {seeds!r}: give integers, e.g. 0,1,2")
     try:
-        with user_errors(PlanError, StudyError, StoreError):
-            chosen = load_plan(plan)
-            options = StudyOptions(
-                store=store, out=out or f"studies/{chosen.name}", scheduler=scheduler,
-                workers=workers, seeds=seed_list, episodes=episodes, train=key_values(train),
-                resume=resume, device=device, max_ram=max_ram, progress=progress,
-            )  # fmt: skip
-            summary = run_study(chosen, options)
+        chosen = load_plan(plan)
+        options = StudyOptions(
+            store=store, out=out or f"studies/{chosen.name}", scheduler=scheduler,
+            workers=workers, seeds=seed_list, episodes=episodes, train=key_values(train),
+            resume=resume, device=device, max_ram=max_ram, progress=progress,
+        )  # fmt: skip
+        summary = run_study(chosen, options)
     except StudyInterrupted as stop:
         fail(str(stop), 130)
     for line in summary.lines():
@@ -687,10 +674,9 @@ def study_compare(
     b: str = typer.Argument(..., help="Per-episode file B, scored on the same episodes."),
 ) -> None:
     """Paired comparison B - A of two per-episode files: mean, 95% CI and paired t-test."""
-    from heads.study import StudyError, paired_comparison, read_per_episode
+    from heads.study import paired_comparison, read_per_episode
 
-    with user_errors(StudyError):
-        (ep_a, acc_a, meta_a), (ep_b, acc_b, meta_b) = read_per_episode(a), read_per_episode(b)
+    (ep_a, acc_a, meta_a), (ep_b, acc_b, meta_b) = read_per_episode(a), read_per_episode(b)
     if len(ep_a) != len(ep_b) or not (ep_a == ep_b).all():
         fail(
             f"{a} and {b} score different episodes ({len(ep_a)} and {len(ep_b)}): pair files of one evaluation setting"

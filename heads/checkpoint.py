@@ -19,12 +19,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from runtime.errors import FsarError
+
 from .base import FewShotHead
 
 DIGEST_KEY = "sha256"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(FsarError, ValueError):
     """A checkpoint file that cannot be used (one-line message naming the file)."""
 
 

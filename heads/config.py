@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from runtime.device import pick_device
+from runtime.errors import FsarError
 
 
-class ConfigError(ValueError):
+class ConfigError(FsarError, ValueError):
     """A training option users can fix (one-line message)."""
 
 

@@ -38,6 +38,7 @@ from torch import nn
 from store.layout import token_name
 
 from .base import Features, FewShotHead, class_means, cosine_similarity, frame_cosine
+from .config import ConfigError
 from .dropout import ParallelDropout
 from .episodes import draw_keys
 from .otam import DEFAULT_LAMBDA, otam_bidirectional
@@ -226,7 +227,7 @@ def parse_levels(levels: str | Sequence[str]) -> tuple[str, ...]:
         tuple(s.strip() for s in levels.split(",")) if isinstance(levels, str) else tuple(levels)
     )
     if names not in {LEVELS[:1], LEVELS[:2], LEVELS}:
-        raise ValueError(
+        raise ConfigError(
             f"levels must be token, token,patch or token,patch,frame (got {','.join(names)})"
         )
     return names
@@ -269,7 +270,7 @@ class EMPNet(FewShotHead):
         self.otam_lambda = otam_lambda
         self.cosine_eps = cosine_eps
         if loss not in ("ce", "released"):
-            raise ValueError(f"loss must be ce or released (got {loss!r})")
+            raise ConfigError(f"loss must be ce or released (got {loss!r})")
         self.loss_kind = loss
         self.temperature = temperature
         head_dim = head_dim or dim // 8

@@ -17,8 +17,10 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from runtime.errors import FsarError
 
-class EpisodeError(ValueError):
+
+class EpisodeError(FsarError, ValueError):
     """A split cannot provide the requested episodes (one-line message for the user)."""
 
 

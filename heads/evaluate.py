@@ -25,6 +25,7 @@ import torch
 from runtime.progress import progress_bar
 
 from .base import FewShotHead, table_class_means
+from .config import ConfigError
 from .data import SplitData
 from .episodes import EpisodeBatch, EpisodeSampler, draw_keys
 
@@ -122,16 +123,16 @@ def parse_view(view: str | int, n_views: int) -> int | None:
         return 0
     if view == "random":
         if n_views < 2:
-            raise ValueError(
+            raise ConfigError(
                 "--view random draws among views 1..V-1: extract the store with --views 2 or more"
             )
         return None
     try:
         number = int(view)
     except ValueError:
-        raise ValueError(f"--view {view!r}: use centre, random or a view number") from None
+        raise ConfigError(f"--view {view!r}: use centre, random or a view number") from None
     if not 0 <= number < n_views:
-        raise ValueError(f"--view {number}: the store has views 0..{n_views - 1}")
+        raise ConfigError(f"--view {number}: the store has views 0..{n_views - 1}")
     return number
 
 

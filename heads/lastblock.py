@@ -24,33 +24,41 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from store.errors import CorruptStoreError
+
 __all__ = ["LastBlock", "load_last_block", "validate_config", "CONFIG_KEYS"]
 
 CONFIG_KEYS = ("width", "heads", "mlp_ratio", "act", "ln_eps", "layer_scale", "dim")
 
 
 def validate_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    """Check and normalise a last-block config (types, ranges); raises ValueError with one line."""
+    """Check and normalise a last-block config (types, ranges); CorruptStoreError with one line
+    (the config comes from the store's weights/lastblock.safetensors)."""
     missing = [k for k in CONFIG_KEYS if k not in config]
     if missing:
-        raise ValueError(f"last-block config lacks {', '.join(missing)}")
-    cfg = {
-        "width": int(config["width"]),
-        "heads": int(config["heads"]),
-        "mlp_ratio": float(config["mlp_ratio"]),
-        "act": str(config["act"]),
-        "ln_eps": float(config["ln_eps"]),
-        "layer_scale": bool(config["layer_scale"]),
-        "dim": int(config["dim"]),
-    }
+        raise CorruptStoreError(f"last-block config lacks {', '.join(missing)}")
+    try:
+        cfg = {
+            "width": int(config["width"]),
+            "heads": int(config["heads"]),
+            "mlp_ratio": float(config["mlp_ratio"]),
+            "act": str(config["act"]),
+            "ln_eps": float(config["ln_eps"]),
+            "layer_scale": bool(config["layer_scale"]),
+            "dim": int(config["dim"]),
+        }
+    except (TypeError, ValueError, OverflowError) as error:
+        raise CorruptStoreError(
+            f"last-block config holds a value of the wrong type ({error})"
+        ) from None
     if cfg["act"] not in ("gelu", "quick_gelu"):
-        raise ValueError(f"last-block act must be gelu or quick_gelu, got {cfg['act']!r}")
+        raise CorruptStoreError(f"last-block act must be gelu or quick_gelu, got {cfg['act']!r}")
     if cfg["width"] <= 0 or cfg["heads"] <= 0 or cfg["width"] % cfg["heads"]:
-        raise ValueError(
+        raise CorruptStoreError(
             f"last-block width {cfg['width']} is not divisible by heads {cfg['heads']}"
         )
     if cfg["dim"] <= 0 or cfg["mlp_ratio"] <= 0 or cfg["ln_eps"] <= 0:
-        raise ValueError("last-block dim, mlp_ratio and ln_eps must be positive")
+        raise CorruptStoreError("last-block dim, mlp_ratio and ln_eps must be positive")
     return cfg
 
 
@@ -154,14 +162,14 @@ class LastBlock(nn.Module):
         missing = sorted(set(own) - set(tensors))
         extra = sorted(set(tensors) - set(own))
         if missing or extra:
-            raise ValueError(
+            raise CorruptStoreError(
                 f"last-block tensors do not match the config: missing {missing}, extra {extra}"
             )
         state = {}
         for k, v in tensors.items():
             t = torch.from_numpy(np.asarray(v)) if not isinstance(v, torch.Tensor) else v
             if tuple(t.shape) != tuple(own[k].shape):
-                raise ValueError(
+                raise CorruptStoreError(
                     f"last-block tensor {k} has shape {list(t.shape)}, expected {list(own[k].shape)}"
                 )
             state[k] = t.to(torch.float32)

@@ -26,6 +26,7 @@ from torch import nn
 from store.layout import layer_in_name
 
 from .base import Features, FewShotHead, class_means, last_layer
+from .config import ConfigError
 from .episodes import Episode, EpisodeSampler
 from .lastblock import LastBlock, load_last_block
 
@@ -50,7 +51,7 @@ class LastLayer(FewShotHead):
     ) -> None:
         super().__init__()
         if strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)} (got {strategy!r})")
+            raise ConfigError(f"strategy must be one of {', '.join(STRATEGIES)} (got {strategy!r})")
         self.strategy = strategy
         self.novel_steps = novel_steps
         self.novel_lr = novel_lr

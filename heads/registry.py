@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
 from .base import FewShotHead
+from .config import ConfigError
 
 _FACTORIES: dict[str, Callable[..., FewShotHead]] = {}
 
@@ -22,22 +24,21 @@ def available() -> list[str]:
 
 
 def factory(name: str) -> Callable[..., FewShotHead]:
-    """The constructor registered under `name` (ValueError if unknown)."""
+    """The constructor registered under `name` (ConfigError if unknown)."""
     _register_builtin()
     if name not in _FACTORIES:
-        raise ValueError(f"unknown head {name!r}; available: {', '.join(available())}")
+        raise ConfigError(f"unknown head {name!r}; available: {', '.join(available())}")
     return _FACTORIES[name]
 
 
 def create(name: str, **cfg: Any) -> FewShotHead:
-    """Build a head by name; unknown names or options raise ValueError with one line."""
-    _register_builtin()
-    if name not in _FACTORIES:
-        raise ValueError(f"unknown head {name!r}; available: {', '.join(available())}")
+    """Build a head by name; an unknown name or option, or a bad value, is a one-line ConfigError."""
+    build = factory(name)
     try:
-        return _FACTORIES[name](**cfg)
-    except TypeError as error:
-        raise ValueError(f"head {name!r}: {error}") from None
+        inspect.signature(build).bind(**cfg)
+    except TypeError as error:  # an option the head does not take
+        raise ConfigError(f"head {name!r}: {error}") from None
+    return build(**cfg)
 
 
 def _register_builtin() -> None:

@@ -23,6 +23,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.hashing import in_part
+from runtime.errors import FsarError
 
 SPLITS = ("train", "val", "test")
 LISTED_DATASETS = ("hmdb51", "ucf101", "kinetics100", "ssv2_small", "ssv2_full")
@@ -52,7 +53,7 @@ LAYOUTS = {
 }
 
 
-class DatasetError(Exception):
+class DatasetError(FsarError):
     """A dataset problem the user can fix; the message is one line."""
 
 

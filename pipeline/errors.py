@@ -5,8 +5,10 @@ Encoder errors (model name, weights, templates) and extraction errors (options, 
 
 from __future__ import annotations
 
+from runtime.errors import FsarError
 
-class EncoderError(Exception):
+
+class EncoderError(FsarError):
     """A problem the user can fix (model name, weights, templates); the message is one line."""
 
     def __init__(self, message: str) -> None:
@@ -25,5 +27,5 @@ class UnsupportedModel(EncoderError):
     """The architecture cannot be cached by the recipe (e.g. timm towers, attentional pooling)."""
 
 
-class ExtractError(Exception):
+class ExtractError(FsarError):
     """A problem the user can fix (options, disk space, store mismatch); the message is one line."""

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.datasets import DatasetError
+
 CONTAINERS = ("mp4", "avi", "webm")
 FRAME_SIZES = ((96, 72), (112, 84), (80, 64), (64, 64))
 FRAME_RATES = (12, 15, 24, 25, 30)
@@ -289,9 +291,11 @@ def make_synthetic_dataset(
     Returns the description saved in `synth.json` (classes per split, reversal pairs, counts).
     """
     if classes % 2 or not 6 <= classes <= MAX_CLASSES:
-        raise ValueError(f"--classes must be an even number from 6 to {MAX_CLASSES}, got {classes}")
+        raise DatasetError(
+            f"--classes {classes}: use an even number from 6 to {MAX_CLASSES} (reversal pairs)"
+        )
     if videos_per_class < 1:
-        raise ValueError(f"--videos-per-class must be at least 1, got {videos_per_class}")
+        raise DatasetError(f"--videos-per-class {videos_per_class}: use at least 1")
     out = Path(out)
     rng = np.random.default_rng(seed)
     family_order = rng.permutation(len(FAMILIES))[: classes // 2]

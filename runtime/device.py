@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import torch
 
+from runtime.errors import FsarError
 
-class DeviceError(ValueError):
+
+class DeviceError(FsarError, ValueError):
     """A `--device` value that is malformed or names hardware this machine lacks (one line)."""
 
 

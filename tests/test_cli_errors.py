@@ -108,6 +108,33 @@ def test_untrained_emp_is_built_at_the_stores_dim(store: Path) -> None:
     assert code == 0 and "(95% CI, 5 episodes, 5-way 1-shot, test)" in out
 
 
+@pytest.mark.parametrize("bug", [ValueError, KeyError, RuntimeError])
+def test_a_bug_keeps_its_traceback(store: Path, monkeypatch, bug: type[Exception]) -> None:  # type: ignore[no-untyped-def]
+    """Only fsar's own error types become one line and exit 2: a bug inside a command (here an
+    internal function that raises) is not passed off as a user error."""
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise bug("an internal bug")
+
+    monkeypatch.setattr("heads.evaluate.evaluate", broken)
+    result = runner.invoke(
+        cli.eval_app, ["--store", str(store), "--head", "proto", "--episodes", "5"]
+    )
+    assert result.exit_code == 1 and isinstance(result.exception, bug)
+    assert "error: " not in result.output
+
+
+def test_fsar_errors_from_anywhere_are_one_line(store: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from heads.config import ConfigError
+
+    def refuses(*args: object, **kwargs: object) -> None:
+        raise ConfigError("--something 3: use 4\nsecond line")
+
+    monkeypatch.setattr("heads.evaluate.evaluate", refuses)
+    line = one_line_error(cli.eval_app, "--store", store, "--head", "proto", "--episodes", "5")
+    assert line == "error: --something 3: use 4"
+
+
 # ---------------------------------------------------------------------- fsar-train
 @pytest.mark.parametrize(
     ("args", "names"),

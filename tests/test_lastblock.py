@@ -15,6 +15,7 @@ from heads.lastblock import LastBlock, load_last_block
 from pipeline.encoder import FrameEncoder, export_last_block
 from pipeline.errors import UnsupportedModel
 from pipeline.model import TINY_MODEL, load_clip
+from store.errors import CorruptStoreError
 from store.lastblock_file import lastblock_from_bytes, lastblock_to_bytes
 
 torch.set_num_threads(1)
@@ -131,15 +132,15 @@ def test_bytes_roundtrip(case):
 
 def test_bad_state_and_config_are_refused(case):
     _, _, _, tensors, config = case
-    with pytest.raises(ValueError, match="lacks heads"):
+    with pytest.raises(CorruptStoreError, match="lacks heads"):
         load_last_block(tensors, {k: v for k, v in config.items() if k != "heads"})
-    with pytest.raises(ValueError, match="act must be gelu or quick_gelu"):
+    with pytest.raises(CorruptStoreError, match="act must be gelu or quick_gelu"):
         load_last_block(tensors, {**config, "act": "relu"})
-    with pytest.raises(ValueError, match="not divisible by heads"):
+    with pytest.raises(CorruptStoreError, match="not divisible by heads"):
         load_last_block(tensors, {**config, "heads": 5})
-    with pytest.raises(ValueError, match=r"missing \['proj'\]"):
+    with pytest.raises(CorruptStoreError, match=r"missing \['proj'\]"):
         load_last_block({k: v for k, v in tensors.items() if k != "proj"}, config)
-    with pytest.raises(ValueError, match="proj has shape"):
+    with pytest.raises(CorruptStoreError, match="proj has shape"):
         load_last_block({**tensors, "proj": torch.zeros(64, 16)}, config)
     from safetensors.numpy import save
 

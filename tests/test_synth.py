@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.datasets import list_dataset
+from pipeline.datasets import DatasetError, list_dataset
 from pipeline.synth import FAMILIES, State, make_synthetic_dataset, render_frame, render_video
 
 
@@ -85,9 +85,9 @@ def test_reversed_class_shows_the_same_frames_backwards(family: int) -> None:
 
 
 def test_bad_arguments() -> None:
-    with pytest.raises(ValueError, match="even number"):
+    with pytest.raises(DatasetError, match="even number"):
         make_synthetic_dataset("unused", classes=7)
-    with pytest.raises(ValueError, match="videos-per-class"):
+    with pytest.raises(DatasetError, match="videos-per-class"):
         make_synthetic_dataset("unused", classes=6, videos_per_class=0)
 
 

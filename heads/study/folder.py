@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from runtime.errors import FsarError
+
 from .cell import CellOutcome
 from .plans import Cell
 
@@ -29,7 +31,7 @@ MAX_EPISODES = 10_000_000
 MAX_JSON_BYTES = 16 << 20
 
 
-class StudyError(ValueError):
+class StudyError(FsarError, ValueError):
     """A study folder or file problem the user can fix (one-line message)."""
 
 

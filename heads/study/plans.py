@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from runtime.errors import FsarError
+
 PLAN_DIR = Path(__file__).resolve().parent / "plans"
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
 _PLAN_KEYS = {"name", "title", "description", "reference", "marks", "shots", "seeds", "train", "eval", "rows", "notes", "reported"}  # fmt: skip
@@ -23,7 +25,7 @@ _TRAIN_PER_CELL = {"store", "head", "head_options", "shot", "seed", "out", "prog
 MAX_PLAN_BYTES = 1 << 20
 
 
-class PlanError(ValueError):
+class PlanError(FsarError, ValueError):
     """A plan or a cell that cannot run (one-line message naming the plan, row or cell)."""
 
 
@@ -352,11 +354,12 @@ def expand(
 
 def _build(row: Row, store: Any, plan: Plan) -> Any:
     from heads import registry
+    from heads.config import ConfigError
     from heads.train import head_options
 
     try:
         return registry.create(row.head, **head_options(row.head, row.options, store.spec))
-    except ValueError as error:
+    except ConfigError as error:
         raise PlanError(f"plan {plan.name}, row {row.id}: {str(error).splitlines()[0]}") from None
 
 
