@@ -6,7 +6,6 @@ never imports the CLIP encoder. Errors users can fix exit with code 2 and one li
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,10 +15,9 @@ import typer
 from typer.core import TyperCommand, TyperGroup
 
 from runtime.errors import FsarError
+from runtime.threads import sleep_idle_threads
 
-# torch's OpenMP threads sleep between parallel regions instead of spinning: on a busy machine
-# spinning threads made training several times slower (docs/performance.md). Read when torch loads.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+sleep_idle_threads()  # before any command loads torch
 
 
 @contextmanager

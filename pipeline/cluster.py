@@ -1,32 +1,37 @@
 """The Dask runner of fsar-extract: size or join a cluster, stream tasks through it, commit rows.
 
-The only module of pipeline/ that imports Dask; the tasks themselves are in pipeline/tasks.py.
+The only module of pipeline/ that imports Dask (the cluster itself is runtime/cluster.py's); the
+tasks are in pipeline/tasks.py.
 """
 
 from __future__ import annotations
 
-import logging
-import os
 import time
-from collections import Counter, deque
+from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from distributed import as_completed
+
 from pipeline.datasets import video_path
 from pipeline.decode_child import DecodeRequest, close_decoders
 from pipeline.errors import ExtractError
+from pipeline.options import ExtractOptions, ExtractSummary
 from pipeline.tasks import EncoderConfig, decode_task, encode_task, failed_update
-from runtime.memory import MALLOC_ENVIRON
+from runtime.cluster import LocalWorkers, dask_client, threads_per_task
 from runtime.progress import progress_bar
+from runtime.threads import usable_cores
 
 if TYPE_CHECKING:
-    from pipeline.extract import ExtractOptions, ExtractSummary
     from store import FeatureStore
 
 COMMIT_EVERY_S = 2.0
 COMMIT_EVERY_ROWS = 256
 TASK_RETRIES = 2  # a task whose worker died is retried this many times, then its rows fail
+WORKER_COMMAND = "dask worker ADDRESS --resources encode=1"  # docs/extraction.md: its settings
+CUDA_BATCH_FRAMES = 256
 
 
 @dataclass(frozen=True)
@@ -45,7 +50,7 @@ def plan_cluster(device: str, workers: int | None, cores: int | None = None) -> 
     and 2 Dask threads (one decodes the next video while the other encodes). CUDA: one worker per GPU
     and every core decoding (the GPU encodes far faster than one core decodes).
     """
-    cores = cores or os.cpu_count() or 1
+    cores = cores or usable_cores()
     if device == "cuda":
         import torch
 
@@ -57,68 +62,192 @@ def plan_cluster(device: str, workers: int | None, cores: int | None = None) -> 
     return ClusterPlan(n, 2, max(1, cores // n))
 
 
-# Dask settings for the workers of our LocalCluster (`fsar-extract` without --scheduler;
-# docs/extraction.md, "Worker settings", says what to set on the workers of an existing cluster).
-# Measured on 2 cores with ViT-B/16: the encoder's forward took 3.6 s per 8-frame video in a default
-# Dask worker against 2.4 s in a plain loop. Dask starts workers with MALLOC_TRIM_THRESHOLD_=65536,
-# which pins glibc's mmap threshold at 128 KiB, so every activation is a fresh mmap (millions of page
-# faults); keeping freed memory brought it to 2.9 s. Dask's statistical profiler (a thread that takes
-# the GIL every 10 ms to walk the stacks) cost another 10%: 2.6 s.
-WORKER_ENVIRON = {
-    **MALLOC_ENVIRON,  # runtime.memory's policy: keep freed heap for the next forward
-    "OMP_NUM_THREADS": "1",  # Dask's defaults, kept: tasks set torch threads themselves
-    "MKL_NUM_THREADS": "1",
-    "OPENBLAS_NUM_THREADS": "1",
-}
-LOCAL_WORKER_CONFIG = {
-    "distributed.nanny.pre-spawn-environ": WORKER_ENVIRON,
-    "distributed.worker.profile.enabled": False,
-}
+def local_workers(plan: ClusterPlan) -> LocalWorkers:
+    """The LocalCluster of a plan: math libraries on one thread (tasks set torch's threads)."""
+    return LocalWorkers(plan.workers, plan.threads_per_worker, 1, resources={"encode": 1})
 
 
-def _start_client(options: ExtractOptions, plan: ClusterPlan) -> tuple[Any, Any]:
-    import dask
-    from distributed import Client, LocalCluster
+@dataclass(frozen=True)
+class Batching:
+    """Frames per encoder forward and videos per encode task (CPU: one video a task)."""
 
-    logging.getLogger("distributed").setLevel(logging.ERROR)
-    if options.scheduler:
+    frames: int
+    videos_per_task: int
+
+    @classmethod
+    def of(cls, spec: dict[str, Any], batch_size: int | None, device: str) -> Batching:
+        if batch_size is not None and batch_size < 1:
+            raise ExtractError(f"--batch-size {batch_size}: use at least 1")
+        per_video = spec["frames"] * spec["views"]
+        frames = batch_size or (CUDA_BATCH_FRAMES if device == "cuda" else per_video)
+        return cls(frames, 1 if device == "cpu" else max(1, frames // per_video))
+
+
+def run_tasks(
+    store: FeatureStore,
+    options: ExtractOptions,
+    device: str,
+    precision: str,
+    weights: str,
+    todo: list[int],
+    summary: ExtractSummary,
+) -> None:
+    """Submit decode -> encode tasks with a bounded window, commit updates, show progress."""
+    batching = Batching.of(store.spec, options.batch_size, device)
+    plan = plan_cluster(device, options.workers)
+    with dask_client(options.scheduler, local_workers(plan), WORKER_COMMAND) as client:
         try:
-            client = Client(options.scheduler, timeout="20s")
-        except OSError as error:
-            raise ExtractError(
-                f"--scheduler {options.scheduler}: cannot connect ({error}); start one with "
-                "`dask scheduler` and `dask worker ADDRESS --resources encode=1`"
-            ) from None
-        return client, None
-    with dask.config.set(LOCAL_WORKER_CONFIG):
-        cluster = LocalCluster(
-            n_workers=plan.workers,
-            threads_per_worker=plan.threads_per_worker,
-            processes=True,
-            resources={"encode": 1},
-            scheduler_kwargs={"dashboard": False},
-            silence_logs=logging.ERROR,
+            threads = (
+                plan.torch_threads if not options.scheduler else threads_per_task(client, "one")
+            )
+            config = encoder_config(
+                store.spec, options, device, precision, weights, batching, threads
+            )
+            window = TaskWindow(client, store, options, config, batching, todo, plan)
+            collect(window.results(), store, summary, len(todo), options.progress)
+        finally:
+            _close_decoders(client)
+
+
+def encoder_config(
+    spec: dict[str, Any],
+    options: ExtractOptions,
+    device: str,
+    precision: str,
+    weights: str,
+    batching: Batching,
+    torch_threads: int,
+) -> EncoderConfig:
+    """How every worker builds its encoder for this store."""
+    return EncoderConfig(
+        model=spec["model"],
+        pretrained=weights,
+        weights_sha256=spec["weights_sha256"],
+        recipe=spec["recipe"],
+        layers=tuple(spec["layers"]),
+        device=device,
+        precision=precision,
+        torch_threads=torch_threads,
+        batch_frames=batching.frames,
+        batch_across_videos=device != "cpu",
+        allow_torchscript=options.allow_torchscript,
+    )
+
+
+class TaskWindow:
+    """The rows in flight: decode tasks feeding one encode task each, at most `size` videos at once."""
+
+    def __init__(
+        self,
+        client: Any,
+        store: FeatureStore,
+        options: ExtractOptions,
+        config: EncoderConfig,
+        batching: Batching,
+        todo: list[int],
+        plan: ClusterPlan,
+    ) -> None:
+        self.client, self.store, self.options, self.config = client, store, options, config
+        self.videos_per_task = batching.videos_per_task
+        workers = client.scheduler_info().get("workers", {})
+        self.resources = {"encode": 1} if _has_encode_resource(workers) else None
+        self.size = (
+            max(4, max(1, len(workers)) * (plan.threads_per_worker + 2)) * self.videos_per_task
         )
-    return Client(cluster), cluster
+        self.queue = deque(todo)
+        self.running = as_completed()
+        self.rows_of: dict[Any, list[int]] = {}
+
+    def results(self) -> Iterator[list[dict[str, Any]]]:
+        """Each finished task's row updates (failed rows when the task failed even after retries)."""
+        self._fill()
+        for future in self.running:
+            rows = self.rows_of.pop(future)
+            try:
+                updates = future.result()
+            except Exception as error:  # the task failed even after retries: its rows fail
+                reason = f"worker error: {type(error).__name__}: {error}".splitlines()[0]
+                updates = [failed_update(row, None, reason[:240]) for row in rows]
+            yield updates
+            self._fill()
+
+    def _fill(self) -> None:
+        while self.queue and sum(len(r) for r in self.rows_of.values()) < self.size:
+            rows = [self.queue.popleft() for _ in range(min(self.videos_per_task, len(self.queue)))]
+            encoded = self.client.submit(
+                _encode_on_worker,
+                rows,
+                [self._decode(row) for row in rows],
+                self.config,
+                str(self.store.location.local),
+                pure=False,
+                retries=TASK_RETRIES,
+                resources=self.resources,
+                priority=10,
+            )
+            self.rows_of[encoded] = rows
+            self.running.add(encoded)
+
+    def _decode(self, row: int) -> Any:
+        manifest, spec = self.store.manifest, self.store.spec
+        request = DecodeRequest(
+            path=str(video_path(Path(self.options.data_root), manifest.at[row, "relpath"])),
+            video_id=str(manifest.at[row, "video_id"]),
+            frames=spec["frames"],
+            views=spec["views"],
+            decode=self.options.decode,
+        )
+        train = bool(manifest.at[row, "split"] == "train")
+        return self.client.submit(
+            decode_task,
+            request,
+            spec["preprocess"],
+            self.config,
+            self.options.timeout,
+            train,
+            pure=False,
+            retries=TASK_RETRIES,
+        )
 
 
-def _torch_threads_for(client: Any, plan: ClusterPlan, scheduler: str | None) -> int:
-    """Torch threads per worker: the plan's, or on an external cluster host cores / workers there."""
-    if not scheduler:
-        return plan.torch_threads
-    cores = client.run(os.cpu_count)  # worker address -> cores of its host
-    workers = client.scheduler_info().get("workers", {})
-    per_host = Counter(w.get("host") for w in workers.values())
-    shares = [
-        max(1, (cores.get(address) or 1) // per_host[info.get("host")])
-        for address, info in workers.items()
-    ]
-    return min(shares, default=1)
+def collect(
+    results: Iterator[list[dict[str, Any]]],
+    store: FeatureStore,
+    summary: ExtractSummary,
+    total: int,
+    progress: bool,
+) -> None:
+    """Count every update into `summary`, commit them in batches, and show the rates."""
+    frames_per_video = store.spec["frames"] * store.spec["views"]
+    pending: list[dict[str, Any]] = []
+    last_commit = started = time.monotonic()
+    bar = progress_bar(total, progress, unit="video", smoothing=0.1)
+    try:
+        for updates in results:
+            summary.count(updates, frames_per_video)
+            pending += updates
+            if bar is not None:
+                bar.update(len(updates))
+                bar.set_postfix(summary.rates(time.monotonic() - started), refresh=False)
+            if len(pending) >= COMMIT_EVERY_ROWS or time.monotonic() - last_commit > COMMIT_EVERY_S:
+                store.commit(pending)
+                pending, last_commit = [], time.monotonic()
+    finally:
+        if pending:
+            store.commit(pending)
+        if bar is not None:
+            bar.close()
 
 
-def _has_encode_resource(client: Any) -> bool:
-    workers = client.scheduler_info().get("workers", {})
+def _has_encode_resource(workers: dict[str, Any]) -> bool:
     return any("encode" in (w.get("resources") or {}) for w in workers.values())
+
+
+def _close_decoders(client: Any) -> None:
+    try:
+        client.run(close_decoders)
+    except Exception:  # workers already gone: their children die with their pipes
+        pass
 
 
 def _worker_device(device: str) -> str:
@@ -145,136 +274,3 @@ def _encode_on_worker(
     return encode_task(
         rows, outcomes, replace(config, device=_worker_device(config.device)), store_path
     )
-
-
-def run_tasks(
-    store: FeatureStore,
-    options: ExtractOptions,
-    device: str,
-    precision: str,
-    weights: str,
-    todo: list[int],
-    summary: ExtractSummary,
-) -> None:
-    """Submit decode -> encode tasks with a bounded window, commit updates, show progress."""
-    from distributed import as_completed
-
-    spec = store.spec
-    manifest = store.manifest
-    data_root = Path(options.data_root)
-    per_video_frames = spec["frames"] * spec["views"]
-    if options.batch_size is not None and options.batch_size < 1:
-        raise ExtractError(f"--batch-size {options.batch_size}: use at least 1")
-    batch_frames = options.batch_size or (256 if device == "cuda" else per_video_frames)
-    videos_per_task = 1 if device == "cpu" else max(1, batch_frames // per_video_frames)
-    plan = plan_cluster(device, options.workers)
-    client, cluster = _start_client(options, plan)
-    try:
-        config = EncoderConfig(
-            model=spec["model"],
-            pretrained=weights,
-            weights_sha256=spec["weights_sha256"],
-            recipe=spec["recipe"],
-            layers=tuple(spec["layers"]),
-            device=device,
-            precision=precision,
-            torch_threads=_torch_threads_for(client, plan, options.scheduler),
-            batch_frames=batch_frames,
-            batch_across_videos=device != "cpu",
-            allow_torchscript=options.allow_torchscript,
-        )
-        resources = {"encode": 1} if _has_encode_resource(client) else None
-        n_workers = max(1, len(client.scheduler_info().get("workers", {})))
-        window = max(4, n_workers * (plan.threads_per_worker + 2)) * videos_per_task
-        queue = deque(todo)
-        running = as_completed()
-        rows_of: dict[Any, list[int]] = {}
-
-        def submit_next() -> None:
-            rows = [queue.popleft() for _ in range(min(videos_per_task, len(queue)))]
-            decoded = [
-                client.submit(
-                    decode_task,
-                    DecodeRequest(
-                        path=str(video_path(data_root, manifest.at[row, "relpath"])),
-                        video_id=str(manifest.at[row, "video_id"]),
-                        frames=spec["frames"],
-                        views=spec["views"],
-                        decode=options.decode,
-                    ),
-                    spec["preprocess"],
-                    config,
-                    options.timeout,
-                    bool(manifest.at[row, "split"] == "train"),
-                    pure=False,
-                    retries=TASK_RETRIES,
-                )
-                for row in rows
-            ]
-            encoded = client.submit(
-                _encode_on_worker,
-                rows,
-                decoded,
-                config,
-                str(store.location.local),
-                pure=False,
-                retries=TASK_RETRIES,
-                resources=resources,
-                priority=10,
-            )
-            rows_of[encoded] = rows
-            running.add(encoded)
-
-        in_flight = lambda: sum(len(r) for r in rows_of.values())  # noqa: E731
-        while queue and in_flight() < window:
-            submit_next()
-        pending_updates: list[dict[str, Any]] = []
-        last_commit = time.monotonic()
-        bar = progress_bar(len(todo), options.progress, unit="video", smoothing=0.1)
-        loop_started = time.monotonic()
-        try:
-            for future in running:
-                rows = rows_of.pop(future)
-                try:
-                    updates = future.result()
-                except Exception as error:  # the task failed even after retries
-                    reason = f"worker error: {type(error).__name__}: {error}".splitlines()[0]
-                    updates = [failed_update(row, None, reason[:240]) for row in rows]
-                for update in updates:
-                    if update["status"] == "ok":
-                        summary.ok += 1
-                        summary.frames += per_video_frames
-                    else:
-                        summary.failed[update["error"]] += 1
-                pending_updates += updates
-                if bar is not None:
-                    elapsed = max(time.monotonic() - loop_started, 1e-9)
-                    done = summary.ok + sum(summary.failed.values())
-                    bar.update(len(updates))
-                    bar.set_postfix(
-                        {
-                            "videos/s": f"{done / elapsed:.2f}",
-                            "frames/s": f"{summary.frames / elapsed:.1f}",
-                            "failed": sum(summary.failed.values()),
-                        },
-                        refresh=False,
-                    )
-                now = time.monotonic()
-                if len(pending_updates) >= COMMIT_EVERY_ROWS or now - last_commit > COMMIT_EVERY_S:
-                    store.commit(pending_updates)
-                    pending_updates, last_commit = [], now
-                while queue and in_flight() < window:
-                    submit_next()
-        finally:
-            if pending_updates:
-                store.commit(pending_updates)
-            if bar is not None:
-                bar.close()
-    finally:
-        try:
-            client.run(close_decoders)
-        except Exception:  # workers already gone: their children die with their pipes
-            pass
-        client.close()
-        if cluster is not None:
-            cluster.close()

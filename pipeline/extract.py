@@ -1,14 +1,13 @@
 """fsar-extract's driver: list the dataset, fix the spec, create or resume the store, run, summarise.
 
-The Dask runner is pipeline/cluster.py and the tasks pipeline/tasks.py; details: docs/extraction.md.
+Its options and summary are pipeline/options.py's, the Dask runner pipeline/cluster.py and the tasks
+pipeline/tasks.py; details: docs/extraction.md.
 """
 
 from __future__ import annotations
 
 import shutil
 import time
-from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,71 +23,13 @@ from pipeline.datasets import (
 )
 from pipeline.decoding import DECODE_MODES
 from pipeline.errors import ExtractError
+from pipeline.options import ExtractOptions, ExtractSummary
 
 if TYPE_CHECKING:  # imported where used: `fsar-extract --help` stays fast
     from pipeline.model import LoadedClip
     from store import FeatureStore
 
 DISK_MARGIN = 1.05  # chunks are compressed, so the uncompressed size plus 5% is an upper bound
-
-
-@dataclass
-class ExtractOptions:
-    """Everything `fsar-extract` takes; `None` model/pretrained mean the store's, else the defaults."""
-
-    dataset: str
-    data_root: str
-    store: str
-    model: str | None = None
-    pretrained: str | None = None
-    frames: int = 8
-    views: int = 1
-    recipe: str = "emp"
-    preprocess: str = "openclip"
-    splits: str | None = None
-    part: str | None = None
-    workers: int | None = None
-    scheduler: str | None = None
-    device: str = "auto"
-    batch_size: int | None = None
-    timeout: float = 120.0
-    decode: str = "seek"  # pipeline.decoding.DECODE_MODES
-    retry_failed: bool = False
-    progress: bool = True
-    allow_torchscript: bool = (
-        False  # --allow-torchscript: a TorchScript --pretrained file runs code
-    )
-
-
-@dataclass
-class ExtractSummary:
-    """What a run did."""
-
-    store: str
-    selected: int  # rows in --splits/--part
-    already_ok: int  # skipped because they were ok before this run
-    attempted: int
-    ok: int
-    failed: Counter[str] = field(default_factory=Counter)
-    seconds: float = 0.0
-    frames: int = 0
-
-    def lines(self) -> list[str]:
-        if self.attempted == 0:
-            return [
-                f"{self.store}: nothing to extract ({self.already_ok} of {self.selected} selected "
-                "videos already ok; --retry-failed retries failed ones)"
-            ]
-        rate = self.attempted / self.seconds if self.seconds > 0 else 0.0
-        out = [
-            f"{self.store}: {self.ok} ok, {sum(self.failed.values())} failed of {self.attempted} "
-            f"attempted ({self.already_ok} already ok, {self.selected} selected) in "
-            f"{self.seconds:.1f} s ({rate:.2f} videos/s, {self.frames / max(self.seconds, 1e-9):.1f} "
-            "frames/s)"
-        ]
-        for reason, count in self.failed.most_common():
-            out.append(f"  failed: {count} x {reason}")
-        return out
 
 
 def check_disk_space(store_path: Path, n_rows: int, bytes_per_row: int) -> int:

@@ -9,10 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from runtime.threads import sleep_idle_threads
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as cli.py: no spinning threads on a busy CI
+sleep_idle_threads()  # as the commands do: no spinning threads on a busy CI
 
 _real_connect = socket.socket.connect
 

@@ -17,10 +17,10 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.cluster import ClusterPlan, _start_client, plan_cluster
+from pipeline.cluster import WORKER_COMMAND, ClusterPlan, local_workers, plan_cluster
 from pipeline.datasets import list_dataset, select_videos
 from pipeline.errors import ExtractError
-from pipeline.extract import ExtractOptions, rows_to_extract
+from pipeline.extract import rows_to_extract
 from pipeline.synth import make_synthetic_dataset
 from store.layout import row_bytes
 from tests.bad_videos import EXPECTED_ERRORS, write_bad_videos
@@ -467,13 +467,10 @@ def _reallocation_faults() -> dict[str, object]:
 def test_local_cluster_workers_reuse_freed_memory_and_skip_the_profiler(tmp_path: Path) -> None:
     # Dask's default worker environment makes every large block a fresh mmap: each 16 MiB round is
     # 4,096 page faults. Our workers keep freed memory, so repeats cost (almost) none.
-    options = ExtractOptions("folder", str(tmp_path), str(tmp_path / "store"))
-    client, cluster = _start_client(options, ClusterPlan(1, 1, 1))
-    try:
+    from runtime.cluster import dask_client
+
+    with dask_client(None, local_workers(ClusterPlan(1, 1, 1)), WORKER_COMMAND) as client:
         report = client.submit(_reallocation_faults, pure=False).result()
-    finally:
-        client.close()
-        cluster.close()
     assert report["trim"] == str(1 << 30)
     assert report["profile"] is False
     assert min(report["faults"]) < 1000, report
@@ -500,7 +497,7 @@ def test_documented_worker_command_gives_the_local_cluster_settings() -> None:
 
     import dask.config
 
-    from pipeline.cluster import LOCAL_WORKER_CONFIG, WORKER_ENVIRON
+    from runtime.cluster import worker_config
 
     doc = (Path(__file__).parents[1] / "docs" / "extraction.md").read_text()
     block = doc[doc.index("DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED") :]
@@ -508,5 +505,6 @@ def test_documented_worker_command_gives_the_local_cluster_settings() -> None:
     env = dict(re.findall(r"(DASK_\w+)=('[^']*'|\S+)", block))
     parsed = dask.config.collect_env({k: v.strip("'") for k, v in env.items()})
     assert dask.config.get("distributed.worker.profile.enabled", config=parsed) is False
-    assert dask.config.get("distributed.nanny.pre-spawn-environ", config=parsed) == WORKER_ENVIRON
-    assert LOCAL_WORKER_CONFIG["distributed.nanny.pre-spawn-environ"] == WORKER_ENVIRON
+    local = worker_config(local_workers(plan_cluster("cpu", 1, cores=4)).math_threads)
+    for key, value in local.items():
+        assert dask.config.get(key, config=parsed) == value

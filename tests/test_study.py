@@ -422,20 +422,15 @@ def test_external_scheduler_gives_the_same_results(
 def test_local_cluster_workers_are_single_dask_threads_with_passive_openmp(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from heads.study.runner import _start_client
+    from heads.study.runner import study_client
 
     monkeypatch.setenv("OMP_NUM_THREADS", "7")  # as an earlier cluster in this process may leave it
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    options = StudyOptions(store="", out="", workers=2)
-    client, cluster, workers, threads = _start_client(options, 3)
-    assert os.environ["OMP_NUM_THREADS"] == "7" and "OMP_WAIT_POLICY" not in os.environ  # restored
-    try:
+    with study_client(StudyOptions(store="", out="", workers=2), 3) as (client, workers, threads):
+        assert os.environ["OMP_NUM_THREADS"] == "7" and "OMP_WAIT_POLICY" not in os.environ
         assert (workers, threads) == plan_workers(2, 3)
         environment = client.run(
             lambda: (os.environ.get("OMP_WAIT_POLICY"), os.environ.get("OMP_NUM_THREADS"))
         )
         assert sorted(environment.values()) == [("PASSIVE", str(threads))] * 2
         assert [w["nthreads"] for w in client.scheduler_info()["workers"].values()] == [1, 1]
-    finally:
-        client.close()
-        cluster.close()

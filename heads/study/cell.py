@@ -52,11 +52,9 @@ def run_cell(task: CellTask) -> CellOutcome:
     from heads.evaluate import evaluate, load_run
     from heads.train import build_head, train
     from runtime.device import pick_device
-    from runtime.memory import keep_freed_memory
     from store import open_store
 
-    started = time.perf_counter()
-    keep_freed_memory()
+    started = time.perf_counter()  # (the worker keeps freed memory: runtime.cluster)
     if task.torch_threads and torch.get_num_threads() != task.torch_threads:
         torch.set_num_threads(task.torch_threads)
     cell = task.cell

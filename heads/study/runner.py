@@ -10,19 +10,21 @@ sends cell configs and receives results; the study folder must be one every work
 from __future__ import annotations
 
 import logging
-import os
 import time
 import traceback
-from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from runtime.threads import usable_cores
+
 from .cell import CellTask, run_cell
 from .folder import StudyFolder
 from .plans import Expansion, Plan, PlanError, expand
+
+WORKER_COMMAND = "dask worker ADDRESS --nthreads 1"
 
 
 class StudyInterrupted(Exception):
@@ -65,19 +67,12 @@ class StudySummary:
         return lines
 
 
-def cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
 def plan_workers(workers: int | None, n_cells: int, n_cores: int | None = None) -> tuple[int, int]:
     """(worker processes, torch threads each): by default one single-threaded worker per core (never
     more workers than cells); workers x threads never above the cores. Cells side by side need no
     thread barriers inside a cell (bench.study: about even with 2 threads in one cell on 2 busy
     cores), at the cost of one copy of the data per worker."""
-    n_cores = n_cores or cores()
+    n_cores = n_cores or usable_cores()
     if workers is not None and not 1 <= workers <= n_cores:
         raise PlanError(f"--workers {workers}: use 1 to {n_cores} (this machine's cores)")
     n = workers or max(1, min(n_cells, n_cores))
@@ -150,87 +145,42 @@ def _check_device(device: str) -> None:
         raise PlanError(f"--device {device!r}: use cpu, auto or cuda[:N]")
 
 
-def _start_client(options: StudyOptions, n_cells: int) -> tuple[Any, Any, int, int]:
-    """(client, local cluster or None, workers, torch threads per worker)."""
-    import dask
-    from distributed import Client, LocalCluster
-
-    logging.getLogger("distributed").setLevel(logging.ERROR)
-    if options.scheduler:
-        try:
-            client = Client(options.scheduler, timeout="20s")
-        except OSError as error:
-            raise PlanError(
-                f"--scheduler {options.scheduler}: cannot connect ({error}); start one with "
-                "`dask scheduler` and workers with `dask worker ADDRESS --nthreads 1`"
-            ) from None
-        workers, threads = _external_threads(client)
-        return client, None, workers, threads
-    workers, threads = plan_workers(options.workers, n_cells)
-    environ = {
-        name: str(threads)
-        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
-    }
-    # Idle OpenMP threads sleep instead of spinning: on 2 cores shared with other jobs (load 5),
-    # 60 emp episodes with 2 torch threads took 189 s spinning, 28 s passive (1 thread: 19 s).
-    environ["OMP_WAIT_POLICY"] = "PASSIVE"
-    settings = {
-        "distributed.nanny.pre-spawn-environ": environ,
-        "distributed.worker.profile.enabled": False,  # a sampling thread that takes the GIL
-    }
-    with dask.config.set(settings), _environment(environ):
-        cluster = LocalCluster(
-            n_workers=workers,
-            threads_per_worker=1,
-            processes=True,
-            scheduler_kwargs={"dashboard": False},
-            dashboard_address=":0",  # a free port: never clash with another cluster's 8787
-            silence_logs=logging.CRITICAL,  # a failed cell is recorded, not logged
-        )
-    return Client(cluster), cluster, workers, threads
+def _run_cells(
+    folder: StudyFolder, todo: list, options: StudyOptions, summary: StudySummary
+) -> None:
+    with study_client(options, len(todo)) as (client, workers, threads):
+        _submit_and_record(client, workers, threads, folder, todo, options, summary)
 
 
 @contextmanager
-def _environment(values: dict[str, str]) -> Iterator[None]:
-    """`values` in os.environ while the workers spawn. Dask takes a pre-spawn variable from
-    os.environ when it is set there (and leaves its own value there), so a second cluster in one
-    process would otherwise inherit the first one's thread counts."""
-    saved = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+def study_client(options: StudyOptions, n_cells: int) -> Iterator[tuple[Any, int, int]]:
+    """(client, workers, torch threads per cell) of the study's cluster: a LocalCluster of
+    single-threaded workers, or the scheduler's workers (a host's cores over their Dask threads)."""
+    from runtime.cluster import LocalWorkers, dask_client, threads_per_task
+
+    workers, threads = (1, 1) if options.scheduler else plan_workers(options.workers, n_cells)
+    local = LocalWorkers(
+        workers, 1, threads, silence_logs=logging.CRITICAL
+    )  # failures are recorded
+    with dask_client(options.scheduler, local, WORKER_COMMAND) as client:
+        if options.scheduler:
+            threads = threads_per_task(client, "dask-threads")
+            workers = len(client.scheduler_info().get("workers", {}))
+        yield client, workers, threads
 
 
-def _external_threads(client: Any) -> tuple[int, int]:
-    """Workers, and torch threads per cell: a host's cores over the Dask threads of its workers."""
-    info = client.scheduler_info().get("workers", {})
-    if not info:
-        client.wait_for_workers(1, timeout=60)
-        info = client.scheduler_info().get("workers", {})
-    host_cores = client.run(cores)  # worker address -> cores of its host
-    threads_on_host = Counter()
-    for w in info.values():
-        threads_on_host[w.get("host")] += int(w.get("nthreads", 1))
-    shares = [
-        max(1, (host_cores.get(address) or 1) // threads_on_host[w.get("host")])
-        for address, w in info.items()
-    ]
-    return len(info), min(shares, default=1)
-
-
-def _run_cells(
-    folder: StudyFolder, todo: list, options: StudyOptions, summary: StudySummary
+def _submit_and_record(
+    client: Any,
+    workers: int,
+    threads: int,
+    folder: StudyFolder,
+    todo: list,
+    options: StudyOptions,
+    summary: StudySummary,
 ) -> None:
     from distributed import as_completed
     from tqdm import tqdm
 
-    client, cluster, workers, threads = _start_client(options, len(todo))
     print(
         f"{summary.cells} cells: {summary.kept} finished before, {len(todo)} to run on "
         f"{workers} worker(s), {threads} torch thread(s) each",
@@ -276,7 +226,3 @@ def _run_cells(
             f"interrupted: {summary.kept + summary.ok} of {summary.cells} cells are finished and "
             f"kept in {folder.path}; rerun the same command to run the rest"
         ) from None
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
