@@ -40,6 +40,7 @@ import numpy as np
 
 from bench.common import Result, Scratch, fsar_command, parser, resolve_device, timed
 from runtime.memory import keep_freed_memory
+from runtime.threads import usable_cores
 
 # `python -m bench.run_all --report` puts this above the figures in docs/performance.md
 HOW_TO_READ = """
@@ -149,7 +150,7 @@ def bare_rate(store_path: Path, data_root: Path, model: str, device: str) -> tup
         relpaths, ids = m["relpath"].tolist(), m["video_id"].tolist()
     clip = load_clip(model, "none", device=device)
     encoder = FrameEncoder(clip, recipe=spec["recipe"], layers=spec["layers"])
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    torch.set_num_threads(usable_cores())
     transform = build_transform(spec["preprocess"])
     videos = []
     for rel, vid in zip(relpaths, ids, strict=True):

@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> Path:
     args = p.parse_args(argv)
     device = resolve_device(args.device)
     from heads.study.plans import parse_plan
-    from heads.study.runner import cores
+    from runtime.threads import usable_cores as cores
 
     study_plan = parse_plan(plan(args.quick))
     res = Result("study", args.quick, device)
