@@ -9,6 +9,8 @@ import logging
 import os
 import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from difflib import get_close_matches
 from pathlib import Path
@@ -20,12 +22,19 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 from torch import nn
 
 from pipeline.errors import ExtractError, UnsupportedModel
-from pipeline.weights import load_weights, quick_gelu_for, resolve_weights, sha256_state
+from pipeline.weights import (
+    Weights,
+    load_weights,
+    quick_gelu_for,
+    resolve_weights,
+    sha256_state,
+)
 from store.layout import default_layers as store_default_layers
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 TINY_MODEL = "fsar-tiny-vit"
 NONE_SEED = 0  # torch seed for `pretrained none`: every worker must build identical random weights
+PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode")  # a tag may set these
 
 _registered = False
 
@@ -60,6 +69,21 @@ class Preprocess:
             interpolation=self.interpolation,
             resize_mode=self.resize_mode,
             fill_color=self.fill_color,
+        )
+
+    @classmethod
+    def of(cls, model: nn.Module) -> Preprocess:
+        """The preprocessing open_clip attached to `model` (its tag's, else the architecture's)."""
+        pcfg = open_clip.get_model_preprocess_cfg(model)
+        size = pcfg.get("size", model.visual.image_size)
+        square = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        return cls(
+            image_size=square,
+            mean=tuple(float(x) for x in pcfg.get("mean", open_clip.OPENAI_DATASET_MEAN)),
+            std=tuple(float(x) for x in pcfg.get("std", open_clip.OPENAI_DATASET_STD)),
+            interpolation=str(pcfg.get("interpolation", "bicubic")),
+            resize_mode=str(pcfg.get("resize_mode", "shortest")),
+            fill_color=int(pcfg.get("fill_color", 0)),
         )
 
     def transform(self) -> Any:
@@ -187,75 +211,73 @@ def load_clip(
     """
     register_model_configs()
     _check_model_name(model_name)
-    dev = torch.device(device)
     weights = resolve_weights(model_name, pretrained, cache_dir, allow_torchscript)
-    if quick_gelu is None:
-        quick_gelu = quick_gelu_for(weights, model_name)
-    model_cfg = open_clip.get_model_config(model_name) or {}
-    force_qg = bool(quick_gelu) and not model_cfg.get("quick_gelu", False)
-    pp_overrides = {
-        k: weights.tag_cfg[k]
-        for k in ("mean", "std", "interpolation", "resize_mode")
-        if k in weights.tag_cfg
-    }
-
-    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.manual_seed(NONE_SEED)
-        # open_clip logs "initialized randomly" before we load the weights ourselves
-        prev = logging.root.manager.disable
-        logging.disable(logging.WARNING)
-        try:
-            model = open_clip.create_model(
-                model_name,
-                pretrained=None,
-                device="cpu",
-                force_quick_gelu=force_qg,
-                force_preprocess_cfg=pp_overrides or None,
-                pretrained_hf=False,  # never fetch HF text-tower weights; ours come next
-            )
-        except Exception as e:
-            raise UnsupportedModel(f"cannot build {model_name}: {type(e).__name__}: {e}") from None
-        finally:
-            logging.disable(prev)
-    if quick_gelu is False and model_cfg.get("quick_gelu", False):
-        raise UnsupportedModel(
-            f"{model_name} is a QuickGELU architecture; quick_gelu=False conflicts"
-        )
-
-    sha = weights.sha256
-    if weights.path is not None:
-        load_weights(model, weights, model_name)
-    else:
-        sha = sha256_state(model.state_dict())
-        print(
-            f"warning: {model_name} with pretrained none: random weights (seed {NONE_SEED}); "
-            f"features are for tests and demos only",
-            file=sys.stderr,
-        )
-
-    model.eval()
-    for prm in model.parameters():
-        prm.requires_grad_(False)
-    model.to(dev)
-
-    pcfg = open_clip.get_model_preprocess_cfg(model)
-    size = pcfg.get("size", model.visual.image_size)
-    size_t = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
-    pre = Preprocess(
-        image_size=size_t,
-        mean=tuple(float(x) for x in pcfg.get("mean", open_clip.OPENAI_DATASET_MEAN)),
-        std=tuple(float(x) for x in pcfg.get("std", open_clip.OPENAI_DATASET_STD)),
-        interpolation=str(pcfg.get("interpolation", "bicubic")),
-        resize_mode=str(pcfg.get("resize_mode", "shortest")),
-        fill_color=int(pcfg.get("fill_color", 0)),
-    )
+    model = _build(model_name, weights, quick_gelu)
+    sha = _load_weights(model, weights, model_name)
+    _freeze(model, torch.device(device))
     return LoadedClip(
         model=model,
         model_name=model_name,
         pretrained=weights.label,
         weights_sha256=sha,
-        preprocess=pre,
-        device=dev,
+        preprocess=Preprocess.of(model),
+        device=torch.device(device),
         weights_path=weights.path,
     )
+
+
+def _build(model_name: str, weights: Weights, quick_gelu: bool | None) -> nn.Module:
+    """The architecture with the activation and preprocessing the weights need, seeded init."""
+    if quick_gelu is None:
+        quick_gelu = quick_gelu_for(weights, model_name)
+    model_cfg = open_clip.get_model_config(model_name) or {}
+    if quick_gelu is False and model_cfg.get("quick_gelu", False):
+        raise UnsupportedModel(
+            f"{model_name} is a QuickGELU architecture; quick_gelu=False conflicts"
+        )
+    preprocess = {k: weights.tag_cfg[k] for k in PREPROCESS_KEYS if k in weights.tag_cfg}
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings(), _quiet_logging():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(NONE_SEED)
+        try:
+            return open_clip.create_model(
+                model_name,
+                pretrained=None,
+                device="cpu",
+                force_quick_gelu=bool(quick_gelu) and not model_cfg.get("quick_gelu", False),
+                force_preprocess_cfg=preprocess or None,
+                pretrained_hf=False,  # never fetch HF text-tower weights; ours come next
+            )
+        except Exception as e:
+            raise UnsupportedModel(f"cannot build {model_name}: {type(e).__name__}: {e}") from None
+
+
+@contextmanager
+def _quiet_logging() -> Iterator[None]:
+    """open_clip logs "initialized randomly" before we load the weights ourselves."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
+def _load_weights(model: nn.Module, weights: Weights, model_name: str) -> str:
+    """Load the weights file into `model`; the sha256 the spec records (of the init for `none`)."""
+    if weights.path is not None:
+        load_weights(model, weights, model_name)
+        return weights.sha256
+    print(
+        f"warning: {model_name} with pretrained none: random weights (seed {NONE_SEED}); "
+        f"features are for tests and demos only",
+        file=sys.stderr,
+    )
+    return sha256_state(model.state_dict())
+
+
+def _freeze(model: nn.Module, device: torch.device) -> None:
+    model.eval()
+    for prm in model.parameters():
+        prm.requires_grad_(False)
+    model.to(device)

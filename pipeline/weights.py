@@ -1,6 +1,8 @@
 """Which CLIP weights a run uses, checked before they are loaded: an open_clip tag, `none` or a file.
 
-Resolution, hashing and refusals are fsar's; the state-dict fix-ups are open_clip's `load_checkpoint`.
+open_clip looks tags up (`get_pretrained_cfg`, `download_pretrained`) and fixes state dicts up
+(`load_checkpoint`); fsar's are the offline policy (caches first, a fast one-line failure), the
+sha256 of every file, the TorchScript gate and the one-line refusals of files that do not fit.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ import sys
 import threading
 import warnings
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +30,7 @@ DEFAULT_MODEL = "ViT-B-16"
 DEFAULT_PRETRAINED = "openai"
 _NET_PROBE_TIMEOUT_S = 3.0
 _HF_HOST = "huggingface.co"
+_HUB_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -100,8 +104,42 @@ def _tag_hint(model_name: str, tag: str) -> str:
     )
 
 
+@contextmanager
+def _hub_offline() -> Iterator[None]:
+    """huggingface_hub reads only its cache meanwhile. It reads HF_HUB_OFFLINE when imported; its
+    switch at run time is `constants.HF_HUB_OFFLINE` (a lock keeps threads from racing on it)."""
+    from huggingface_hub import constants
+
+    with _HUB_LOCK:
+        saved = constants.HF_HUB_OFFLINE
+        constants.HF_HUB_OFFLINE = True
+        try:
+            yield
+        finally:
+            constants.HF_HUB_OFFLINE = saved
+
+
+def _from_cache(cfg: dict[str, Any], cache_dir: str | None) -> str | None:
+    """The cached file of a tag, as open_clip finds it on the Hugging Face hub, without the network.
+
+    Only the hub entry is looked up: open_clip reaches a tag's bare URL with urllib, which has no
+    offline mode (every open_clip 3 tag has a hub entry, and open_clip prefers it)."""
+    if not cfg.get("hf_hub"):
+        return None
+    try:
+        with _hub_offline():
+            return open_clip.download_pretrained(_hub_only(cfg), cache_dir=cache_dir) or None
+    except Exception:  # not cached (huggingface_hub raises its own types, open_clip wraps some)
+        return None
+
+
+def _hub_only(cfg: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in cfg.items() if k != "url"}
+
+
 def _resolve_tag(model_name: str, tag: str, cache_dir: str | None) -> tuple[str, dict[str, Any]]:
-    """Path of the cached (or freshly downloaded) weights for an open_clip tag; fails fast offline."""
+    """The weights file of an open_clip tag, looked up by open_clip: its local caches first (never
+    the network), then a download when online; offline it fails at once, saying what to do."""
     cfg = open_clip.get_pretrained_cfg(model_name, tag)
     if not cfg:
         tags = open_clip.list_pretrained_tags_by_model(model_name)
@@ -112,69 +150,33 @@ def _resolve_tag(model_name: str, tag: str, cache_dir: str | None) -> tuple[str,
         )
     if cfg.get("file"):
         return str(cfg["file"]), cfg
-
-    hub = cfg.get("hf_hub", "")
-    url = cfg.get("url", "")
-    hub_candidates: list[tuple[str, str]] = []
-    if hub:
-        if hub.endswith("/"):
-            repo_id, filename = hub.rstrip("/"), ""
-        else:
-            repo_id, filename = os.path.split(hub)
-        names = (
-            [filename]
-            if filename
-            else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
-        )
-        if filename.endswith((".bin", ".pth")):
-            names.insert(0, filename[:-4] + ".safetensors")
-        hub_candidates = [(repo_id, n) for n in names]
-
-    # 1. local caches only: never touches the network
-    if hub_candidates:
-        from huggingface_hub import hf_hub_download
-
-        for repo_id, fname in hub_candidates:
-            try:
-                return hf_hub_download(
-                    repo_id, fname, cache_dir=cache_dir, local_files_only=True
-                ), cfg
-            except Exception:
-                pass
-    if url:
-        cached = Path(cache_dir or Path.home() / ".cache" / "clip") / os.path.basename(url)
-        if cached.is_file():
-            return str(cached), cfg
-
-    # 2. network, only when allowed and reachable (one short probe, no retries)
-    where = f"{hub_candidates[0][0]}" if hub_candidates else url
-    if _hf_offline():
+    cached = _from_cache(cfg, cache_dir)
+    if cached:
+        return cached, cfg
+    where = cfg.get("hf_hub") or cfg.get("url", "")
+    offline = _offline_reason()
+    if offline:
         raise PretrainedUnavailable(
-            f"pretrained '{tag}' for {model_name} is not in the local cache and HF_HUB_OFFLINE is set "
+            f"pretrained '{tag}' for {model_name} is not in the local cache and {offline} "
             f"({where}); {_tag_hint(model_name, tag)}"
         )
-    if not hub_candidates:
+    try:
+        path = open_clip.download_pretrained(cfg, cache_dir=cache_dir)
+    except Exception as error:
         raise PretrainedUnavailable(
-            f"pretrained '{tag}' for {model_name} is only available by URL ({url}) and is not cached; "
-            f"{_tag_hint(model_name, tag)}"
-        )
-    if not _host_reachable(_HF_HOST):
-        raise PretrainedUnavailable(
-            f"pretrained '{tag}' for {model_name} is not cached and {_HF_HOST} is unreachable; "
-            f"{_tag_hint(model_name, tag)}"
-        )
-    from huggingface_hub import hf_hub_download
+            f"could not download pretrained '{tag}' for {model_name} from {where} "
+            f"({type(error).__name__}); {_tag_hint(model_name, tag)}"
+        ) from None
+    return str(path), cfg
 
-    errors = []
-    for repo_id, fname in hub_candidates:
-        try:
-            return hf_hub_download(repo_id, fname, cache_dir=cache_dir, etag_timeout=5), cfg
-        except Exception as e:  # noqa: PERF203 - a few candidates at most
-            errors.append(f"{fname}: {type(e).__name__}")
-    raise PretrainedUnavailable(
-        f"could not download pretrained '{tag}' for {model_name} from {where} "
-        f"({'; '.join(errors)}); {_tag_hint(model_name, tag)}"
-    )
+
+def _offline_reason() -> str | None:
+    """Why no download may be tried (HF_HUB_OFFLINE, or the hub unreachable), None when online."""
+    if _hf_offline():
+        return "HF_HUB_OFFLINE is set"
+    if not _host_reachable(_HF_HOST):
+        return f"{_HF_HOST} is unreachable"
+    return None
 
 
 # --------------------------------------------------------------------------------------------- files

@@ -351,17 +351,64 @@ def fake_tag(monkeypatch, sha: str = "0" * 64, **cfg) -> None:
     )
 
 
+def hub_tag(monkeypatch, cache: pathlib.Path, **cfg) -> pathlib.Path:
+    """Register a tag for the tiny model on a Hugging Face repo, and that repo's snapshot folder in
+    the hub cache `cache` (where open_clip's lookup finds `open_clip_pytorch_model.bin`)."""
+    from open_clip import pretrained
+
+    monkeypatch.setitem(
+        pretrained._PRETRAINED, TINY_MODEL, {"cachedtag": {"hf_hub": "fsar/tiny/", **cfg}}
+    )
+    repo = cache / "models--fsar--tiny"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    (repo / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    return repo / "snapshots" / ("0" * 40)
+
+
 def test_tag_from_local_cache_with_its_preprocess(tiny, tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    fake_tag(monkeypatch, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), interpolation="bilinear")
-    torch.save(tiny.model.state_dict(), tmp_path / "tiny.pt")
+    snapshot = hub_tag(
+        monkeypatch,
+        tmp_path,
+        mean=(0.5, 0.5, 0.5),
+        std=(0.25, 0.25, 0.25),
+        interpolation="bilinear",
+    )
+    torch.save(tiny.model.state_dict(), snapshot / "open_clip_pytorch_model.bin")
     c = load_clip(TINY_MODEL, "cachedtag", cache_dir=str(tmp_path))
     assert c.pretrained == "cachedtag"
-    assert c.weights_sha256 == hashlib.sha256((tmp_path / "tiny.pt").read_bytes()).hexdigest()
+    data = (snapshot / "open_clip_pytorch_model.bin").read_bytes()
+    assert c.weights_sha256 == hashlib.sha256(data).hexdigest()
     assert c.preprocess.mean == (0.5, 0.5, 0.5) and c.preprocess.interpolation == "bilinear"
-    (tmp_path / "tiny.pt").unlink()
+    torch.testing.assert_close(c.model.visual.proj, tiny.model.visual.proj, rtol=0, atol=0)
+    (snapshot / "open_clip_pytorch_model.bin").unlink()
     with pytest.raises(PretrainedUnavailable, match="not in the local cache"):
         load_clip(TINY_MODEL, "cachedtag", cache_dir=str(tmp_path))
+
+
+def test_an_unreachable_hub_is_asked_nothing(tmp_path, monkeypatch):
+    """Online by the settings but huggingface.co unreachable: open_clip's lookup runs once, with the
+    hub offline (its cache only), then one line says what to do."""
+    import huggingface_hub.constants
+
+    from pipeline import weights
+
+    hub_tag(monkeypatch, tmp_path)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(weights, "_hf_offline", lambda: False)
+    monkeypatch.setattr(weights, "_host_reachable", lambda host: False)
+    offline_during_lookup = []
+
+    def lookup(cfg, cache_dir=None):  # type: ignore[no-untyped-def]
+        offline_during_lookup.append(huggingface_hub.constants.HF_HUB_OFFLINE)
+        raise FileNotFoundError("not cached")
+
+    monkeypatch.setattr(open_clip, "download_pretrained", lookup)
+    with pytest.raises(PretrainedUnavailable) as error:
+        load_clip(TINY_MODEL, "cachedtag", cache_dir=str(tmp_path))
+    assert offline_during_lookup == [True]
+    assert "is not in the local cache and huggingface.co is unreachable" in str(error.value)
+    assert huggingface_hub.constants.HF_HUB_OFFLINE is False  # restored
 
 
 def test_openai_published_sha_switches_on_quick_gelu(tiny, tmp_path, monkeypatch):
