@@ -1,7 +1,9 @@
 """fsar command line: one typer app per stage, plus the umbrella `fsar`.
 
 Each command imports its stage lazily, so `fsar-store info` starts fast and `fsar-train`
-never imports the CLIP encoder. Errors users can fix exit with code 2 and one line.
+never imports the CLIP encoder; options take their defaults from the stage's options dataclass
+(`ExtractOptions`, `TrainConfig`, `EvalOptions`), which the help shows. fsar's own errors exit with
+code 2 and one line; anything else is a bug and shows its traceback.
 """
 
 from __future__ import annotations
@@ -9,11 +11,15 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import fields
 from typing import Any
 
 import typer
 from typer.core import TyperCommand, TyperGroup
 
+from heads.config import MAX_RAM_GB, PRESETS, EvalOptions, TrainConfig
+from pipeline.datasets import DATASETS
+from pipeline.options import ExtractOptions
 from runtime.errors import FsarError
 from runtime.threads import sleep_idle_threads
 
@@ -100,13 +106,6 @@ def check_output_file(option: str, path: str) -> None:
         fail(f"{option} {path} cannot be written (permission denied)")
 
 
-def check_counts(**counts: float | None) -> None:
-    """Options that count episodes, classes or videos must be positive."""
-    for name, value in counts.items():
-        if value is not None and value < 1:
-            fail(f"--{name.replace('_', '-')} {value}: use a positive number")
-
-
 def comma_list(text: str | None) -> list[str] | None:
     """`a,b,c` -> ["a", "b", "c"] (None stays None; an empty list is refused)."""
     if text is None:
@@ -133,14 +132,13 @@ def key_values(pairs: list[str]) -> dict:
     return options
 
 
+def option_values(ctx: typer.Context, options: type) -> dict[str, Any]:
+    """The command's parameters that are fields of the `options` dataclass, by name."""
+    return {f.name: ctx.params[f.name] for f in fields(options) if f.name in ctx.params}
+
+
 # ---------------------------------------------------------------- fsar-store
 CACHE_HELP = "Keep a remote store's fetched chunks in DIR (default: env FSAR_CACHE)."
-
-
-def _open_for_cli(path: str, cache: str | None = None):
-    from store import open_store
-
-    return open_store(path, cache=cache)
 
 
 def _human_bytes(n: float | None) -> str:
@@ -162,7 +160,9 @@ def store_info(
     """Spec, counts per split and status, size on disk, bytes per video and fingerprint."""
     import json
 
-    info = _open_for_cli(path, cache).info()
+    from store import open_store
+
+    info = open_store(path, cache=cache).info()
     if json_out:
         typer.echo(json.dumps(info, indent=2, default=str))
         return
@@ -205,8 +205,9 @@ def store_verify(
     cache: str = typer.Option(None, "--cache", metavar="DIR", help=CACHE_HELP),
 ) -> None:
     """Re-hash every ok row of every tensor; exit 1 listing the bad rows and tensors."""
+    from store import open_store
 
-    s = _open_for_cli(path, cache)
+    s = open_store(path, cache=cache)
     problems = s.verify(progress=sys.stderr.isatty())
     if problems:
         for p in problems:
@@ -328,11 +329,13 @@ def synth_command(
 app.command("synth")(synth_command)
 
 
+E = ExtractOptions  # its defaults are the options' defaults
+
+
 @extract_app.command("extract")
 def extract_command(
-    dataset: str | None = typer.Option(
-        None, help="hmdb51, ucf101, kinetics100, ssv2_small, ssv2_full or folder."
-    ),
+    ctx: typer.Context,
+    dataset: str | None = typer.Option(None, help=f"{', '.join(DATASETS)}."),
     data_root: str | None = typer.Option(None, help="Dataset directory (see README: Datasets)."),
     store: str = typer.Option(..., help="Store directory to create or resume (stores/<dataset>)."),
     model: str | None = typer.Option(
@@ -342,26 +345,28 @@ def extract_command(
         None,
         help="open_clip tag, none (random init) or a weights file (default openai, or the store's).",
     ),
-    frames: int = typer.Option(8, help="Frames per view (T), one per TSN segment."),
+    frames: int = typer.Option(E.frames, help="Frames per view (T), one per TSN segment."),
     views: int = typer.Option(
-        1,
+        E.views,
         help="Views per video (V): centre frames, then seeded random frames (emp: train augmented).",
     ),
-    recipe: str = typer.Option("emp", help="emp (layers 4/8/12) or emp+last (+ last block input)."),
-    preprocess: str = typer.Option("openclip", help="openclip (the model's) or emp (EMP-Net's)."),
+    recipe: str = typer.Option(
+        E.recipe, help="emp (layers 4/8/12) or emp+last (+ last block input)."
+    ),
+    preprocess: str = typer.Option(E.preprocess, help="openclip (the model's) or emp (EMP-Net's)."),
     splits: str | None = typer.Option(None, help="Only these splits, e.g. train,val."),
     part: str | None = typer.Option(None, help="Only part I/N of the videos (by video_id hash)."),
     workers: int | None = typer.Option(
         None, help="Local Dask worker processes (default: cores/4 on CPU, one per GPU)."
     ),
     scheduler: str | None = typer.Option(None, help="Address of an existing Dask scheduler."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    device: str = typer.Option(E.device, help="auto, cpu or cuda."),
     batch_size: int | None = typer.Option(
         None, help="Frames per forward (default V*T on CPU, 256 on CUDA)."
     ),
-    timeout: float = typer.Option(120.0, help="Seconds one video may take to decode."),
+    timeout: float = typer.Option(E.timeout, help="Seconds one video may take to decode."),
     decode: str = typer.Option(
-        "seek", help="seek (keyframe-aware, exact, else sequential) or sequential (from frame 0)."
+        E.decode, help="seek (keyframe-aware, exact, else sequential) or sequential (from frame 0)."
     ),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Retry failed rows too."),
     text_only: bool = typer.Option(
@@ -376,43 +381,21 @@ def extract_command(
     ),
 ) -> None:
     """Extract CLIP features of a dataset's videos into a feature store (resumable)."""
-    from pipeline.extract import ExtractOptions, run_extraction
+    from pipeline.extract import run_extraction
     from pipeline.text import add_text_embeddings
 
-    try:
-        if text_only or templates:
-            if not (text_only and templates):
-                fail("--text-only and --templates FILE go together")
-            name, shape = add_text_embeddings(
-                store, templates, model, pretrained, device, allow_torchscript
-            )
-            typer.echo(f"{store}: wrote text/{name} {shape}")
-            return
-        if dataset is None or data_root is None:
-            fail("--dataset and --data-root are required (or --text-only --templates FILE)")
-        options = ExtractOptions(
-            dataset=dataset,
-            data_root=data_root,
-            store=store,
-            model=model,
-            pretrained=pretrained,
-            frames=frames,
-            views=views,
-            recipe=recipe,
-            preprocess=preprocess,
-            splits=splits,
-            part=part,
-            workers=workers,
-            scheduler=scheduler,
-            device=device,
-            batch_size=batch_size,
-            timeout=timeout,
-            decode=decode,
-            retry_failed=retry_failed,
-            progress=progress,
-            allow_torchscript=allow_torchscript,
+    if text_only or templates:
+        if not (text_only and templates):
+            fail("--text-only and --templates FILE go together")
+        name, shape = add_text_embeddings(
+            store, templates, model, pretrained, device, allow_torchscript
         )
-        summary = run_extraction(options)
+        typer.echo(f"{store}: wrote text/{name} {shape}")
+        return
+    if dataset is None or data_root is None:
+        fail("--dataset and --data-root are required (or --text-only --templates FILE)")
+    try:
+        summary = run_extraction(ExtractOptions(**option_values(ctx, ExtractOptions)))
     except KeyboardInterrupt:
         fail(f"interrupted; finished rows are saved: rerun the same command to resume {store}", 130)
     for line in summary.lines():
@@ -423,35 +406,58 @@ app.command("extract")(extract_command)
 
 
 # ---------------------------------------------------------------- fsar-train, fsar-eval
+T = TrainConfig  # its defaults are the options' defaults; only options given on the command line
+# go to config_from_options, so a --config file or --preset sets the others
+TRAIN_OPTIONS = (
+    "store", "preset", "head", "way", "shot", "query", "episodes", "episodes_per_step", "lr",
+    "decay_groups", "val_every", "val_episodes", "val_way", "out", "seed", "device", "max_ram",
+    "progress",
+)  # fmt: skip
+HEAD_FLAGS = (
+    "levels", "loss", "temperature", "strategy", "no_text", "no_skip_fusion", "layer_weights",
+    "score_weights",
+)  # fmt: skip
+
+
+def given(ctx: typer.Context, names: tuple[str, ...]) -> dict[str, Any]:
+    """The parameters among `names` that the command line set (not their defaults)."""
+    from click.core import ParameterSource
+
+    return {
+        name: ctx.params[name]
+        for name in names
+        if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None)
+    }
+
+
 @train_app.command("train")
 def train_command(
+    ctx: typer.Context,
     store: str | None = typer.Option(None, help="Store path (stores/<dataset>)."),
     config: str | None = typer.Option(
         None, help="JSON file of training options (CLI options win)."
     ),
-    preset: str | None = typer.Option(
-        None, help="hmdb51|ucf101|kinetics100|ssv2_small|ssv2_full: the released schedule."
+    preset: str | None = typer.Option(None, help=f"{'|'.join(PRESETS)}: the released schedule."),
+    head: str = typer.Option(T.head, help="Head to train (emp, lastlayer, probe)."),
+    way: int = typer.Option(T.way, help="Classes per episode."),
+    shot: int = typer.Option(T.shot, help="Support videos per class."),
+    query: int = typer.Option(T.query, help="Query videos per class in training."),
+    episodes: int = typer.Option(T.episodes, help="Training episodes."),
+    episodes_per_step: int = typer.Option(
+        T.episodes_per_step, help="Episodes per optimiser step (gradient accumulation)."
     ),
-    head: str | None = typer.Option(None, help="Head to train (emp, lastlayer, probe)."),
-    way: int | None = typer.Option(None, help="Classes per episode [5]."),
-    shot: int | None = typer.Option(None, help="Support videos per class [1]."),
-    query: int | None = typer.Option(None, help="Query videos per class in training [5]."),
-    episodes: int | None = typer.Option(None, help="Training episodes [2000]."),
-    episodes_per_step: int | None = typer.Option(
-        None, help="Episodes per optimiser step (gradient accumulation) [1]."
+    lr: float = typer.Option(T.lr, help="Peak learning rate."),
+    decay_groups: str = typer.Option(
+        T.decay_groups, help="Weight decay on: matrices (not norms, biases, scalars) | released."
     ),
-    lr: float | None = typer.Option(None, help="Peak learning rate [1e-3]."),
-    decay_groups: str | None = typer.Option(
-        None, help="Weight decay on: matrices (not norms, biases, scalars) | released [matrices]."
-    ),
-    val_every: int | None = typer.Option(None, help="Validate every N episodes [500]."),
-    val_episodes: int | None = typer.Option(None, help="Validation episodes [1000]."),
+    val_every: int = typer.Option(T.val_every, help="Validate every N episodes."),
+    val_episodes: int = typer.Option(T.val_episodes, help="Validation episodes."),
     val_way: int | None = typer.Option(None, help="Classes per validation episode [--way]."),
     out: str | None = typer.Option(None, help="Run directory [runs/<head>-<store>-<time>]."),
-    seed: int | None = typer.Option(None, help="Seed of episodes and initialisation [0]."),
-    device: str | None = typer.Option(None, help="auto, cpu, cuda, cuda:1 ... [auto]."),
-    max_ram: float | None = typer.Option(
-        None, help="GB a split may take in RAM; larger splits stream [8]."
+    seed: int = typer.Option(T.seed, help="Seed of episodes and initialisation."),
+    device: str = typer.Option(T.device, help="auto, cpu, cuda, cuda:1 ..."),
+    max_ram: float = typer.Option(
+        T.max_ram, help="GB a split may take in RAM; larger splits stream."
     ),
     resume: bool = typer.Option(
         False, "--resume", help="Continue the run in --out (default runs/latest)."
@@ -495,103 +501,61 @@ def train_command(
     from heads.train import train
     from runtime.memory import keep_freed_memory
 
-    if keep_freed_memory_:
-        keep_freed_memory()
     if resume and overwrite:
         fail("give --resume or --overwrite, not both")
+    if keep_freed_memory_:
+        keep_freed_memory()
     if resume:
-        cfg = resume_config(Path(out or "runs/latest"), episodes, progress)
+        more = given(ctx, ("episodes",)).get("episodes")
+        cfg = resume_config(Path(out or "runs/latest"), more, progress)
     else:
-        options = dict(
-            store=store, preset=preset, head=head, way=way, shot=shot, query=query,
-            episodes=episodes, episodes_per_step=episodes_per_step, lr=lr,
-            decay_groups=decay_groups, val_every=val_every, val_episodes=val_episodes,
-            val_way=val_way, out=out, seed=seed, device=device, max_ram=max_ram,
-            progress=progress,
-        )  # fmt: skip
-        flags = dict(
-            levels=levels, loss=loss, temperature=temperature, strategy=strategy,
-            no_text=no_text, no_skip_fusion=no_skip_fusion, layer_weights=layer_weights,
-            score_weights=score_weights,
-        )  # fmt: skip
-        cfg = config_from_options(options, key_values(option), flags, config)
+        flags = {name: ctx.params[name] for name in HEAD_FLAGS}
+        cfg = config_from_options(given(ctx, TRAIN_OPTIONS), key_values(option), flags, config)
     run_dir = train(cfg, resume=resume, overwrite=overwrite)
     typer.echo(f"run: {run_dir}")
 
 
+V = EvalOptions  # its defaults are the options' defaults
+
+
 @eval_app.command("eval")
 def eval_command(
+    ctx: typer.Context,
     store: str | None = typer.Option(None, help="Store path [the store the run's config names]."),
     checkpoint: str | None = typer.Option(None, help="Run directory [runs/latest]."),
     head: str | None = typer.Option(
         None,
         help="A head instead of a run: zeroshot, proto, otam, or an untrained emp/probe.",
     ),
-    episodes: int = typer.Option(10_000, help="Test episodes."),
-    way: int = typer.Option(5, help="Classes per episode."),
-    shot: int = typer.Option(1, help="Support videos per class."),
-    query: int = typer.Option(1, help="Query videos per class."),
-    split: str = typer.Option("test", help="Split to evaluate."),
+    episodes: int = typer.Option(V.episodes, help="Test episodes."),
+    way: int = typer.Option(V.way, help="Classes per episode."),
+    shot: int = typer.Option(V.shot, help="Support videos per class."),
+    query: int = typer.Option(V.query, help="Query videos per class."),
+    split: str = typer.Option(V.split, help="Split to evaluate."),
     view: str = typer.Option(
-        "centre", help="centre (view 0), random (one of views 1..V-1 per video per episode) or N."
+        V.view, help="centre (view 0), random (one of views 1..V-1 per video per episode) or N."
     ),
-    seed: int = typer.Option(0, help="Episode seed (same seed, same episodes, any machine)."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda ..."),
-    max_ram: float = typer.Option(8.0, help="GB the split may take in RAM; larger splits stream."),
+    seed: int = typer.Option(V.seed, help="Episode seed (same seed, same episodes, any machine)."),
+    device: str = typer.Option(V.device, help="auto, cpu, cuda ..."),
+    max_ram: float = typer.Option(
+        V.max_ram, help="GB the split may take in RAM; larger splits stream."
+    ),
     json_out: str | None = typer.Option(None, "--json", help="Write the result as JSON."),
     per_episode: str | None = typer.Option(None, help="Write each episode's accuracy (parquet)."),
     option: list[str] = typer.Option([], help="Head option KEY=VALUE for --head (repeatable)."),
     progress: bool = typer.Option(True, help="Progress bar."),
 ) -> None:
     """Evaluate a trained run or a training-free head on few-shot episodes."""
-    import json
-    from pathlib import Path
-
-    import torch
-
-    from heads.evaluate import evaluate, load_run, store_of_run
-    from heads.train import build_head
-    from runtime.device import pick_device
+    from heads.eval_run import run_evaluation
     from runtime.memory import keep_freed_memory
-    from store import open_store
 
-    check_counts(episodes=episodes, way=way, shot=shot, query=query)
-    if max_ram < 0:
-        fail(f"--max-ram {max_ram}: use a number of GB >= 0")
-    for option_name, path in (("--json", json_out), ("--per-episode", per_episode)):
+    options = EvalOptions(**option_values(ctx, EvalOptions), head_options=key_values(option))
+    options.validate()
+    for name, path in (("--json", json_out), ("--per-episode", per_episode)):
         if path is not None:
-            check_output_file(option_name, path)
-    target = pick_device(device)
+            check_output_file(name, path)
     keep_freed_memory()
-    if head is not None and checkpoint is not None:
-        fail("give --checkpoint or --head, not both")
-    run_dir = None
-    if head is None:
-        run_dir = Path(checkpoint) if checkpoint else Path("runs") / "latest"
-        if not (run_dir / "config.json").exists():
-            fail(f"no run at {run_dir} (train one with fsar-train, or pass --head proto)")
-    store_path = store or (store_of_run(run_dir) if run_dir is not None else None)
-    if store_path is None:
-        fail("--store is required with --head")
-    s = open_store(store_path)
-    if run_dir is not None:
-        model = load_run(run_dir, s, target)
-    else:  # untrained: built at the store's dim, the same weights every time
-        torch.manual_seed(seed)
-        model = build_head(head, key_values(option), s, target)
-    result = evaluate(
-        model, s, split, way, shot, query, episodes, seed, target, max_ram, progress=progress,
-        view=view,
-    )  # fmt: skip
-    typer.echo(result.summary())
-    if json_out is not None:
-        Path(json_out).write_text(json.dumps(result.to_json(), indent=2))
-    if per_episode is not None:
-        import pandas as pd
-
-        pd.DataFrame({"episode": range(episodes), "accuracy": result.per_episode}).to_parquet(
-            per_episode
-        )
+    typer.echo(run_evaluation(options).summary())
 
 
 app.command("train")(train_command)
@@ -615,7 +579,9 @@ def study_command(
         None, help="LocalCluster worker processes [cores, one torch thread each]."
     ),
     seeds: str | None = typer.Option(None, help="Training seeds, e.g. 0,1,2 [the plan's]."),
-    episodes: int | None = typer.Option(None, help="Test episodes per cell [the plan's, 10000]."),
+    episodes: int | None = typer.Option(
+        None, help=f"Test episodes per cell [the plan's, {V.episodes}]."
+    ),
     train: list[str] = typer.Option(
         [], help="Training option KEY=VALUE for every trained cell (repeatable)."
     ),
@@ -623,7 +589,7 @@ def study_command(
         False, "--resume", help="Continue the study in --out, even with a changed plan."
     ),
     device: str = typer.Option("cpu", help="cpu, cuda ... (on the workers)."),
-    max_ram: float = typer.Option(8.0, help="GB a split may take in a worker's RAM."),
+    max_ram: float = typer.Option(MAX_RAM_GB, help="GB a split may take in a worker's RAM."),
     progress: bool = typer.Option(True, help="Progress bar over cells."),
 ) -> None:
     """Run a study: every cell trains (selection on val) and is tested on the same episodes."""

@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-BENCHMARKS = ("hmdb51", "ucf101", "kinetics100", "ssv2_small", "ssv2_full")
+from pipeline.datasets import LISTED_DATASETS as BENCHMARKS
 
 
 def seconds_per_video(

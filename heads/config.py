@@ -1,5 +1,8 @@
-"""Training options: `TrainConfig`, the released schedules as presets, and the checks that refuse
-bad values, from the command line, a --config file or a run's config.json, before a run starts.
+"""Training and evaluation options: `TrainConfig`, the released schedules as presets, `EvalSettings`
+and `EvalOptions`, and the checks that refuse bad values (command line, --config file, a run's
+config.json) before anything starts. Their defaults are the ones the CLI's help shows.
+
+Imports no torch (the CLI reads these defaults when it starts).
 """
 
 from __future__ import annotations
@@ -10,12 +13,14 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from runtime.device import pick_device
 from runtime.errors import FsarError
 
 
 class ConfigError(FsarError, ValueError):
     """A training option users can fix (one-line message)."""
+
+
+MAX_RAM_GB = 8.0  # a split larger than this streams from the store instead of being held in RAM
 
 
 # Options that count something: (option, smallest value). None-able ones are checked when set.
@@ -88,7 +93,7 @@ class TrainConfig:
     out: str | None = None
     seed: int = 0
     device: str = "auto"
-    max_ram: float = 8.0  # GB
+    max_ram: float = MAX_RAM_GB
     progress: bool = True
 
     def validate(self) -> None:
@@ -118,6 +123,8 @@ class TrainConfig:
         for name in ("store", "head", "val_split", "device"):
             if not isinstance(getattr(self, name), str):
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: use text")
+        from runtime.device import pick_device  # (torch: imported when a config is checked)
+
         pick_device(self.device)
 
     def resolved(self, explicit: set[str] | None = None) -> TrainConfig:
@@ -239,3 +246,51 @@ def resume_config(run_dir: Path, episodes: int | None, progress: bool) -> TrainC
         cfg.episodes = episodes
     cfg.progress = progress
     return cfg
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """The test episodes: split, counts and seed (fsar-eval's defaults; a study scores every cell on
+    the same ones)."""
+
+    way: int = 5
+    query: int = 1
+    episodes: int = 10_000
+    split: str = "test"
+    seed: int = 0
+
+
+@dataclass
+class EvalOptions:
+    """Everything `fsar-eval` takes: a trained run (`checkpoint`, default runs/latest) or an untrained
+    `head`, the episodes, and where the results go."""
+
+    store: str | None = None
+    checkpoint: str | None = None
+    head: str | None = None
+    head_options: dict[str, Any] = field(default_factory=dict)
+    split: str = EvalSettings.split
+    way: int = EvalSettings.way
+    shot: int = TrainConfig.shot
+    query: int = EvalSettings.query
+    episodes: int = EvalSettings.episodes
+    seed: int = EvalSettings.seed
+    view: str = "centre"
+    device: str = "auto"
+    max_ram: float = MAX_RAM_GB
+    json_out: str | None = None
+    per_episode: str | None = None
+    progress: bool = True
+
+    def validate(self) -> None:
+        """Refuse values no evaluation can use, naming the option (ConfigError, one line)."""
+        for name in ("episodes", "way", "shot", "query"):
+            value = getattr(self, name)
+            if value < 1:
+                raise ConfigError(f"--{name} {value}: use a positive number")
+        if not math.isfinite(self.max_ram) or self.max_ram < 0:
+            raise ConfigError(f"--max-ram {self.max_ram}: use a number of GB >= 0")
+        if self.head is not None and self.checkpoint is not None:
+            raise ConfigError("give --checkpoint or --head, not both")
+        if self.head is not None and self.store is None:
+            raise ConfigError("--store is required with --head")

@@ -20,6 +20,7 @@ import torch
 
 from store.layout import row_bytes
 
+from .config import MAX_RAM_GB
 from .episodes import Episode, EpisodeSampler
 
 Inputs = dict[str, torch.Tensor]
@@ -68,7 +69,7 @@ class SplitData:
         store: Any,
         rows: np.ndarray,
         roles: dict[str, str],
-        max_ram_gb: float = 8.0,
+        max_ram_gb: float = MAX_RAM_GB,
         views: int | None = None,
     ) -> None:
         self.store = store

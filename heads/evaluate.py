@@ -25,7 +25,7 @@ import torch
 from runtime.progress import progress_bar
 
 from .base import FewShotHead, table_class_means
-from .config import ConfigError
+from .config import MAX_RAM_GB, ConfigError, EvalSettings, TrainConfig
 from .data import SplitData
 from .episodes import EpisodeBatch, EpisodeSampler, draw_keys
 
@@ -210,14 +210,14 @@ def class_major(labels: np.ndarray, n_way: int, shot: int) -> bool:
 def evaluate(
     head: FewShotHead,
     store: Any,
-    split: str = "test",
-    way: int = 5,
-    shot: int = 1,
-    query: int = 1,
-    episodes: int = 10_000,
-    seed: int = 0,
+    split: str = EvalSettings.split,
+    way: int = EvalSettings.way,
+    shot: int = TrainConfig.shot,
+    query: int = EvalSettings.query,
+    episodes: int = EvalSettings.episodes,
+    seed: int = EvalSettings.seed,
     device: str | torch.device = "cpu",
-    max_ram_gb: float = 8.0,
+    max_ram_gb: float = MAX_RAM_GB,
     episodes_per_batch: int | None = None,
     data: SplitData | None = None,
     progress: bool = False,

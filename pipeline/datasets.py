@@ -19,11 +19,13 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from pipeline.hashing import in_part
 from runtime.errors import FsarError
+
+if TYPE_CHECKING:  # imported where used: the CLI reads DATASETS when it starts
+    import pandas as pd
 
 SPLITS = ("train", "val", "test")
 LISTED_DATASETS = ("hmdb51", "ucf101", "kinetics100", "ssv2_small", "ssv2_full")
@@ -254,6 +256,8 @@ def _list_from_splits(dataset: str, data_root: Path) -> DatasetListing:
                 "error": None if found is not None else "missing",
             }
         )
+    import pandas as pd
+
     videos = pd.DataFrame(rows)
     n_missing = int((videos["status"] == "failed").sum())
     if n_missing == len(videos):
@@ -305,6 +309,8 @@ def _list_folder(data_root: Path) -> DatasetListing:
                 )
     if not rows:
         raise DatasetError(f"no videos found under {data_root}: expected {LAYOUTS['folder']}")
+    import pandas as pd
+
     table = pd.DataFrame(rows)
     duplicated = table["video_id"][table["video_id"].duplicated()]
     if len(duplicated):
@@ -354,6 +360,8 @@ def select_videos(
     videos: pd.DataFrame, splits: list[str] | None = None, part: tuple[int, int] | None = None
 ) -> pd.Series:
     """Boolean mask of the videos in `splits` (all if None) and in part I of N by `video_id` hash."""
+    import pandas as pd
+
     mask = pd.Series(True, index=videos.index)
     if splits is not None:
         mask &= videos["split"].isin(splits)

@@ -52,12 +52,12 @@ def build_run_spec(clip: LoadedClip, options: ExtractOptions, device: str, preci
     """The store spec for this run (docs/design.md names)."""
     from pipeline.preprocess import PREPROCESS_NAMES, preprocess_spec
     from runtime.versions import versions
-    from store.layout import build_spec
+    from store.layout import RECIPES, build_spec
 
     if options.preprocess not in PREPROCESS_NAMES:
         raise ExtractError(f"--preprocess {options.preprocess!r}: use openclip or emp")
-    if options.recipe not in ("emp", "emp+last"):
-        raise ExtractError(f"--recipe {options.recipe!r}: use emp or emp+last")
+    if options.recipe not in RECIPES:
+        raise ExtractError(f"--recipe {options.recipe!r}: use {' or '.join(RECIPES)}")
     if options.frames < 1 or options.views < 1:
         raise ExtractError("--frames and --views must be at least 1")
     fields = clip.spec_fields()

@@ -34,7 +34,6 @@ LASTBLOCK_RESBLOCK_KEYS = (
     "mlp.c_proj.weight",
     "mlp.c_proj.bias",
 )
-LASTBLOCK_KEYS = (*LASTBLOCK_RESBLOCK_KEYS, "ln_post.weight", "ln_post.bias", "proj")
 LASTBLOCK_LAYER_SCALE_KEYS = ("ls_1.gamma", "ls_2.gamma")
 CHECKSUM_ALGORITHM = "blake2b-128"
 STATUSES = ("pending", "ok", "failed")

@@ -116,7 +116,7 @@ def test_a_bug_keeps_its_traceback(store: Path, monkeypatch, bug: type[Exception
     def broken(*args: object, **kwargs: object) -> None:
         raise bug("an internal bug")
 
-    monkeypatch.setattr("heads.evaluate.evaluate", broken)
+    monkeypatch.setattr("heads.eval_run.evaluate", broken)
     result = runner.invoke(
         cli.eval_app, ["--store", str(store), "--head", "proto", "--episodes", "5"]
     )
@@ -130,7 +130,7 @@ def test_fsar_errors_from_anywhere_are_one_line(store: Path, monkeypatch) -> Non
     def refuses(*args: object, **kwargs: object) -> None:
         raise ConfigError("--something 3: use 4\nsecond line")
 
-    monkeypatch.setattr("heads.evaluate.evaluate", refuses)
+    monkeypatch.setattr("heads.eval_run.evaluate", refuses)
     line = one_line_error(cli.eval_app, "--store", store, "--head", "proto", "--episodes", "5")
     assert line == "error: --something 3: use 4"
 
@@ -318,7 +318,7 @@ def test_garbage_weights_message_is_whole(tmp_path: Path) -> None:
     [
         (cli.train_app, "--out", "Run directory [runs/<head>-<store>-<time>]."),
         (cli.train_app, "--val-way", "Classes per validation episode [--way]."),
-        (cli.train_app, "--device", "auto, cpu, cuda, cuda:1 ... [auto]."),
+        (cli.train_app, "--device", "auto, cpu, cuda, cuda:1 ... [default: auto]"),
         (cli.eval_app, "--checkpoint", "Run directory [runs/latest]."),
         (cli.eval_app, "--store", "Store path [the store the run's config names]."),
         (cli.extract_app, "--store", "Store directory to create or resume (stores/<dataset>)."),
@@ -330,3 +330,40 @@ def test_help_texts_are_shown_whole(app, option: str, text: str) -> None:  # typ
     assert result.exit_code == 0
     flat = " ".join(result.output.split())
     assert re.search(re.escape(option) + r"\b.*?" + re.escape(text), flat), flat
+
+
+def help_defaults(app) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    """{option: the default its help shows} of the options that take a value."""
+    result = runner.invoke(app, ["--help"], terminal_width=200, env={"COLUMNS": "200"})
+    flat = " ".join(result.output.split())
+    pattern = r"--([a-z-]+) <[^>]+> (?:(?! --[a-z])[^\[])*\[default: ([^\]]+)\]"
+    return dict(re.findall(pattern, flat))
+
+
+@pytest.mark.parametrize(
+    ("app", "owner", "count"),
+    [
+        (cli.train_app, "TrainConfig", 13),
+        (cli.eval_app, "EvalOptions", 9),
+        (cli.extract_app, "ExtractOptions", 7),
+    ],
+)
+def test_help_shows_the_defaults_of_the_options_dataclass(app, owner: str, count: int) -> None:  # type: ignore[no-untyped-def]
+    """One owner per default: what --help shows is the options dataclass's value, not a copy."""
+    import heads.config
+    import pipeline.options
+
+    options = getattr(heads.config, owner, None) or getattr(pipeline.options, owner)
+    shown = help_defaults(app)
+    assert len(shown) == count, shown
+    for option, text in shown.items():
+        assert text == str(getattr(options, option.replace("-", "_"))), option
+
+
+def test_emp_loss_named_in_help_is_the_heads_default() -> None:
+    import inspect
+
+    from heads.emp import EMPNet
+
+    flat = " ".join(runner.invoke(cli.train_app, ["--help"], terminal_width=200).output.split())
+    assert f"double softmax) [{inspect.signature(EMPNet).parameters['loss'].default};" in flat

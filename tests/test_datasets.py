@@ -176,3 +176,12 @@ def test_splits_and_part_filters(tmp_path: Path) -> None:
             parse_part(bad)
     with pytest.raises(DatasetError, match="--splits"):
         parse_splits("train,holdout")
+
+
+def test_every_listed_benchmark_has_its_released_preset() -> None:
+    """Dataset names have one owner (pipeline.datasets); the presets (heads.config, which may not
+    import pipeline/) are keyed by the same names."""
+    from heads.config import PRESETS
+    from pipeline.datasets import LISTED_DATASETS
+
+    assert list(PRESETS) == list(LISTED_DATASETS)

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from heads.config import MAX_RAM_GB
+
 from .plans import Cell
 
 
@@ -25,7 +27,7 @@ class CellTask:
     run_dir: str  # where a trained cell's run directory goes (absolute)
     device: str = "cpu"
     torch_threads: int | None = None
-    max_ram: float = 8.0
+    max_ram: float = MAX_RAM_GB
 
 
 @dataclass

@@ -14,7 +14,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from heads.config import EvalSettings
 from runtime.errors import FsarError
+from store.layout import TEXT_DEFAULT, text_name
 
 PLAN_DIR = Path(__file__).resolve().parent / "plans"
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
@@ -27,17 +29,6 @@ MAX_PLAN_BYTES = 1 << 20
 
 class PlanError(FsarError, ValueError):
     """A plan or a cell that cannot run (one-line message naming the plan, row or cell)."""
-
-
-@dataclass(frozen=True)
-class EvalSettings:
-    """The test episodes every cell is scored on: same split, counts and seed for all."""
-
-    way: int = 5
-    query: int = 1
-    episodes: int = 10_000
-    split: str = "test"
-    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -367,8 +358,8 @@ def _missing_inputs(head: Any, store: Any) -> str:
     needed = sorted(set(head.inputs(store.spec).values()) - set(store.tensors))
     if needed:
         return ", ".join(needed) + (" (extract with --recipe emp+last)" if any(n.endswith("_in") for n in needed) else "")  # fmt: skip
-    if head.uses_text and "emp16" not in store.text_names:
-        return "text/emp16 (class text embeddings)"
+    if head.uses_text and TEXT_DEFAULT not in store.text_names:
+        return f"{text_name(TEXT_DEFAULT)} (class text embeddings)"
     return ""
 
 

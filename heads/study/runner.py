@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from heads.config import MAX_RAM_GB
 from runtime.threads import usable_cores
 
 from .cell import CellTask, run_cell
@@ -42,7 +43,7 @@ class StudyOptions:
     train: dict[str, Any] = field(default_factory=dict)
     resume: bool = False
     device: str = "cpu"
-    max_ram: float = 8.0
+    max_ram: float = MAX_RAM_GB
     progress: bool = True
 
 
