@@ -141,16 +141,6 @@ def option_values(ctx: typer.Context, options: type) -> dict[str, Any]:
 CACHE_HELP = "Keep a remote store's fetched chunks in DIR (default: env FSAR_CACHE)."
 
 
-def _human_bytes(n: float | None) -> str:
-    if n is None:
-        return "n/a"
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n:.1f} TB"
-
-
 @store_app.command("info")
 def store_info(
     path: str = typer.Argument(..., help="Store: directory, packed file or URL."),
@@ -161,50 +151,16 @@ def store_info(
     import json
 
     from store import open_store
+    from store.describe import info_lines
     from store.layout import recipe_sizes
-    from store.sizes import size_lines, taps_text
 
     info = open_store(path, cache=cache).info()
     info["recipe_sizes"] = recipe_sizes(info["spec"])
     if json_out:
         typer.echo(json.dumps(info, indent=2, default=str))
         return
-    spec = info["spec"]
-    typer.echo(f"store        {info['location']}  (schema {info['schema_version']})")
-    typer.echo(f"dataset      {info['dataset']}  splits from {info['split_source']}")
-    typer.echo(f"fingerprint  {info['fingerprint']}")
-    typer.echo(
-        f"model        {spec['model']}  pretrained={spec['pretrained']}  "
-        f"weights sha256={str(spec['weights_sha256'])[:16]}"
-    )
-    typer.echo(
-        f"recipe       {spec['recipe']}  layers={spec['layers']}  T={spec['frames']} V={spec['views']}  "
-        f"L={spec['tokens']} D={spec['dim']}  {spec['dtype']}  codec={spec.get('codec')}"
-    )
-    if spec.get("taps"):
-        typer.echo(f"taps         {taps_text(spec['taps'])}  W={spec['width']}  (resid/layerKK)")
-    typer.echo(f"preprocess   {spec['preprocess'].get('name')}  image {spec['image_size']}")
-    typer.echo(f"classes      {info['classes']}   rows {info['rows']}")
-    for split, counts in info["counts"].items():
-        parts = "  ".join(f"{k}={v}" for k, v in sorted(counts.items()))
-        typer.echo(f"  {split:<6} {parts}")
-    if info["errors"]:
-        typer.echo("failed       " + ", ".join(f"{k}: {v}" for k, v in info["errors"].items()))
-    typer.echo(
-        f"size         {_human_bytes(info['bytes_on_disk'])} on disk, "
-        f"{_human_bytes(info['bytes_per_video'])} per video "
-        f"({_human_bytes(info['raw_bytes_per_video'])} uncompressed)"
-    )
-    if info["text"]:
-        typer.echo(
-            "text         "
-            + ", ".join(f"text/{k} ({n} templates)" for k, n in info["text"].items())
-        )
-    if info["weights"]:
-        typer.echo("weights      " + ", ".join(info["weights"]))
-    typer.echo("per video, every recipe at this model, T and V:")
-    for line in size_lines(spec):
-        typer.echo(f"  {line}")
+    for line in info_lines(info):
+        typer.echo(line)
 
 
 @store_app.command("verify")
@@ -234,10 +190,11 @@ def store_pack(
     out: str = typer.Argument(..., help="Packed file to write (e.g. hmdb51.fsar.zip)."),
 ) -> None:
     """Pack a store into one zip file (uncompressed members) that opens without unpacking."""
+    from store.describe import human_bytes
     from store.pack import pack
 
     size = pack(path, out)
-    typer.echo(f"pack: {out} ({_human_bytes(size)})")
+    typer.echo(f"pack: {out} ({human_bytes(size)})")
 
 
 @store_app.command("unpack")
@@ -316,15 +273,9 @@ def synth_command(
 ) -> None:
     """Write a synthetic `folder` dataset of moving shapes whose classes are time-reversal pairs."""
     import shlex
-    from pathlib import Path
 
     from pipeline.synth import make_synthetic_dataset
 
-    target = Path(out)
-    if target.exists() and not target.is_dir():
-        fail(f"--out {out} is a file; give a new directory")
-    if target.is_dir() and any(target.iterdir()):
-        fail(f"--out {out} exists and is not empty; give a new directory (datasets are not mixed)")
     description = make_synthetic_dataset(out, classes, videos_per_class, seed)
     counts = ", ".join(f"{len(v)} {k}" for k, v in description["classes"].items())
     typer.echo(
@@ -646,20 +597,11 @@ def study_compare(
     b: str = typer.Argument(..., help="Per-episode file B, scored on the same episodes."),
 ) -> None:
     """Paired comparison B - A of two per-episode files: mean, 95% CI and paired t-test."""
-    from heads.study import paired_comparison, read_per_episode
+    from heads.study import paired_comparison, read_pair
 
-    (ep_a, acc_a, meta_a), (ep_b, acc_b, meta_b) = read_per_episode(a), read_per_episode(b)
-    if len(ep_a) != len(ep_b) or not (ep_a == ep_b).all():
-        fail(
-            f"{a} and {b} score different episodes ({len(ep_a)} and {len(ep_b)}): pair files of one evaluation setting"
-        )
-    keys = ("store_fingerprint", "split", "way", "shot", "query", "seed")
-    if meta_a and meta_b:
-        differ = [k for k in keys if meta_a.get(k) != meta_b.get(k)]
-        if differ:
-            fail(f"{a} and {b} come from different episodes ({', '.join(differ)} differ)")
-    else:
-        typer.echo("note: no episode metadata in both files; pairing by episode index", err=True)
+    acc_a, acc_b, note = read_pair(a, b)
+    if note:
+        typer.echo(f"note: {note}", err=True)
     typer.echo(f"A {a}: {acc_a.mean() * 100:.2f}%   B {b}: {acc_b.mean() * 100:.2f}%")
     typer.echo(paired_comparison(acc_a, acc_b).summary("A", "B"))
 

@@ -297,6 +297,12 @@ def make_synthetic_dataset(
     if videos_per_class < 1:
         raise DatasetError(f"--videos-per-class {videos_per_class}: use at least 1")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DatasetError(f"--out {out} is a file; give a new directory")
+    if out.is_dir() and any(out.iterdir()):
+        raise DatasetError(
+            f"--out {out} exists and is not empty; give a new directory (datasets are not mixed)"
+        )
     rng = np.random.default_rng(seed)
     family_order = rng.permutation(len(FAMILIES))[: classes // 2]
     splits = split_pairs(classes // 2)

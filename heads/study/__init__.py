@@ -5,7 +5,7 @@ episodes as Dask tasks, reported as the paper's table with paired statistics and
     summary = run_study(load_plan("ablation"), StudyOptions(store="stores/hmdb51", out="studies/ablation"))
 """
 
-from .folder import StudyError, read_per_episode
+from .folder import StudyError, read_pair, read_per_episode
 from .plans import Plan, PlanError, builtin_plans, load_plan
 from .runner import StudyInterrupted, StudyOptions, run_study
 from .stats import paired_comparison
@@ -19,6 +19,7 @@ __all__ = [
     "builtin_plans",
     "load_plan",
     "paired_comparison",
+    "read_pair",
     "read_per_episode",
     "run_study",
 ]

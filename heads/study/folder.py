@@ -104,6 +104,26 @@ def read_per_episode(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict[str
     return episode[order], accuracy[order], meta
 
 
+PAIRING_KEYS = ("store_fingerprint", "split", "way", "shot", "query", "seed")
+
+
+def read_pair(a: str | Path, b: str | Path) -> tuple[np.ndarray, np.ndarray, str | None]:
+    """The accuracies of two per-episode files scored on the same episodes, and a note when their
+    metadata cannot show it (pairing by index); StudyError when they score different episodes."""
+    (ep_a, acc_a, meta_a), (ep_b, acc_b, meta_b) = read_per_episode(a), read_per_episode(b)
+    if len(ep_a) != len(ep_b) or not (ep_a == ep_b).all():
+        raise StudyError(
+            f"{a} and {b} score different episodes ({len(ep_a)} and {len(ep_b)}): pair files of "
+            "one evaluation setting"
+        )
+    if not (meta_a and meta_b):
+        return acc_a, acc_b, "no episode metadata in both files; pairing by episode index"
+    differ = [k for k in PAIRING_KEYS if meta_a.get(k) != meta_b.get(k)]
+    if differ:
+        raise StudyError(f"{a} and {b} come from different episodes ({', '.join(differ)} differ)")
+    return acc_a, acc_b, None
+
+
 class StudyFolder:
     """`--out`: refuses another study's folder unless resuming it; one fsar-study at a time."""
 
