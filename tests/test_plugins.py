@@ -90,7 +90,8 @@ def example_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     source = shutil.copytree(EXAMPLE, work / "source", ignore=shutil.ignore_patterns("build", "*.egg-info"))  # fmt: skip
     command = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index",
                "--no-build-isolation", "--target", str(work / "site"), str(source)]  # fmt: skip
-    subprocess.run(command, check=True, timeout=300, capture_output=True)
+    done = subprocess.run(command, timeout=300, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
     return work / "site"
 
 
