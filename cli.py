@@ -52,15 +52,36 @@ class Group(TyperGroup):
             return super().invoke(ctx)
 
 
+class _ListsHeads:
+    """--help ends with the heads available here, read from package metadata when help is shown
+    (no head, plugin or torch is imported for it)."""
+
+    def format_epilog(self, ctx: typer.Context, formatter: Any) -> None:
+        from heads import registry
+
+        super().format_epilog(ctx, formatter)  # type: ignore[misc]
+        rows = [(s.name, "built in" if s.builtin else s.describe()) for s in registry.sources()]
+        with formatter.section("Heads (fsar.heads entry points add more)"):
+            formatter.write_dl(rows + [("refused", line) for line in registry.problems()])
+
+
+class HeadsCommand(_ListsHeads, Command):
+    pass
+
+
+class HeadsGroup(_ListsHeads, Group):
+    pass
+
+
 class App(typer.Typer):
     """A typer app whose commands and callback run inside `one_line_errors`. Help texts are plain
     text: rich markup would swallow defaults written as [runs/latest]."""
 
     def __init__(self, **options: Any) -> None:
-        super().__init__(cls=Group, rich_markup_mode=None, **options)
+        super().__init__(rich_markup_mode=None, **{"cls": Group, **options})
 
     def command(self, *args: Any, **options: Any) -> Any:
-        return super().command(*args, cls=Command, **options)
+        return super().command(*args, **{"cls": Command, **options})
 
 
 app = App(
@@ -75,6 +96,7 @@ synth_app = App(help="Generate a synthetic video dataset (time-reversal class pa
 study_app = App(
     help="Studies: a plan of heads trained and tested on identical episodes, as Dask tasks.",
     no_args_is_help=True,
+    cls=HeadsGroup,
 )
 app.add_typer(store_app, name="store")
 app.add_typer(study_app, name="study")
@@ -130,6 +152,14 @@ def key_values(pairs: list[str]) -> dict:
         except json.JSONDecodeError:
             options[key.replace("-", "_")] = value
     return options
+
+
+def warn_refused_heads() -> None:
+    """One line on stderr per installed plugin head that fsar refuses (a clash over its name)."""
+    from heads.registry import problems
+
+    for line in problems():
+        typer.echo(f"warning: {line}", err=True)
 
 
 def option_values(ctx: typer.Context, options: type) -> dict[str, Any]:
@@ -389,7 +419,7 @@ def given(ctx: typer.Context, names: tuple[str, ...]) -> dict[str, Any]:
     }
 
 
-@train_app.command("train")
+@train_app.command("train", cls=HeadsCommand)
 def train_command(
     ctx: typer.Context,
     store: str | None = typer.Option(None, help="Store path (stores/<dataset>)."),
@@ -397,7 +427,7 @@ def train_command(
         None, help="JSON file of training options (CLI options win)."
     ),
     preset: str | None = typer.Option(None, help=f"{'|'.join(PRESETS)}: the released schedule."),
-    head: str = typer.Option(T.head, help="Head to train (emp, lastlayer, probe)."),
+    head: str = typer.Option(T.head, help="Head to train: a trainable one of those listed below."),
     way: int = typer.Option(T.way, help="Classes per episode."),
     shot: int = typer.Option(T.shot, help="Support videos per class."),
     query: int = typer.Option(T.query, help="Query videos per class in training."),
@@ -462,6 +492,7 @@ def train_command(
 
     if resume and overwrite:
         fail("give --resume or --overwrite, not both")
+    warn_refused_heads()
     if keep_freed_memory_:
         keep_freed_memory()
     if resume:
@@ -477,14 +508,14 @@ def train_command(
 V = EvalOptions  # its defaults are the options' defaults
 
 
-@eval_app.command("eval")
+@eval_app.command("eval", cls=HeadsCommand)
 def eval_command(
     ctx: typer.Context,
     store: str | None = typer.Option(None, help="Store path [the store the run's config names]."),
     checkpoint: str | None = typer.Option(None, help="Run directory [runs/latest]."),
     head: str | None = typer.Option(
         None,
-        help="A head instead of a run: zeroshot, proto, otam, or an untrained emp/probe.",
+        help="A head instead of a run: any listed below (a trainable one untrained).",
     ),
     episodes: int = typer.Option(V.episodes, help="Test episodes."),
     way: int = typer.Option(V.way, help="Classes per episode."),
@@ -510,6 +541,7 @@ def eval_command(
 
     options = EvalOptions(**option_values(ctx, EvalOptions), head_options=key_values(option))
     options.validate()
+    warn_refused_heads()
     for name, path in (("--json", json_out), ("--per-episode", per_episode)):
         if path is not None:
             check_output_file(name, path)
@@ -517,8 +549,8 @@ def eval_command(
     typer.echo(run_evaluation(options).summary())
 
 
-app.command("train")(train_command)
-app.command("eval")(eval_command)
+app.command("train", cls=HeadsCommand)(train_command)
+app.command("eval", cls=HeadsCommand)(eval_command)
 
 
 # ---------------------------------------------------------------- fsar-study
@@ -569,6 +601,7 @@ def study_command(
         seed_list = [int(s) for s in comma_list(seeds)] if seeds is not None else None
     except ValueError:
         fail(f"--seeds {seeds!r}: give integers, e.g. 0,1,2")
+    warn_refused_heads()
     try:
         chosen = load_plan(plan)
         options = StudyOptions(
@@ -586,7 +619,7 @@ def study_command(
 
 
 study_app.callback(invoke_without_command=True)(study_command)
-study_app.command("run")(study_command)
+study_app.command("run", cls=HeadsCommand)(study_command)
 
 
 @study_app.command("compare")
