@@ -410,12 +410,11 @@ HEAD_FLAGS = (
 
 def given(ctx: typer.Context, names: tuple[str, ...]) -> dict[str, Any]:
     """The parameters among `names` that the command line set (not their defaults)."""
-    from click.core import ParameterSource
-
+    sources = {name: ctx.get_parameter_source(name) for name in names}  # (typer's own click)
     return {
         name: ctx.params[name]
         for name in names
-        if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None)
+        if getattr(sources[name], "name", "DEFAULT") != "DEFAULT"
     }
 
 

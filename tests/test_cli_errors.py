@@ -367,3 +367,19 @@ def test_emp_loss_named_in_help_is_the_heads_default() -> None:
 
     flat = " ".join(runner.invoke(cli.train_app, ["--help"], terminal_width=200).output.split())
     assert f"double softmax) [{inspect.signature(EMPNet).parameters['loss'].default};" in flat
+
+
+def test_train_passes_on_only_the_options_given(store: Path, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The help shows TrainConfig's defaults, yet a default the user did not type never overrides
+    a --preset or a --config file: the preset's lr stays, the typed --episodes wins."""
+    seen = {}
+    monkeypatch.setattr("heads.train.train", lambda cfg, **kw: seen.setdefault("cfg", cfg) and "r")
+    config = tmp_path / "c.json"
+    config.write_text('{"way": 3, "val_every": 8}')
+    code, out = run(
+        cli.train_app, "--store", store, "--preset", "hmdb51", "--config", config,
+        "--episodes", "16", "--out", tmp_path / "run",
+    )  # fmt: skip
+    assert code == 0, out
+    cfg = seen["cfg"]
+    assert (cfg.lr, cfg.episodes_per_step, cfg.episodes, cfg.way) == (1e-4, 8, 16, 3)
