@@ -20,7 +20,7 @@ from typer.core import TyperCommand, TyperGroup
 from heads.config import MAX_RAM_GB, PRESETS, EvalOptions, TrainConfig
 from pipeline.datasets import DATASETS
 from pipeline.options import ExtractOptions
-from runtime.errors import FsarError
+from runtime.errors import user_message
 from runtime.threads import sleep_idle_threads
 
 sleep_idle_threads()  # before any command loads torch
@@ -28,26 +28,40 @@ sleep_idle_threads()  # before any command loads torch
 
 @contextmanager
 def one_line_errors() -> Iterator[None]:
-    """fsar's own errors (FsarError: a user can fix them) print one line and exit 2. Anything else
-    is a bug in fsar and keeps its traceback."""
+    """Errors a user can act on print one line and exit 2: fsar's own (FsarError), a command line
+    click cannot parse, memory or disk exhausted (runtime.errors.user_message). Anything else is a
+    bug in fsar and keeps its traceback."""
     try:
         yield
-    except FsarError as error:
-        fail(first_line(error))
+    except typer.TyperException as error:  # typer's (vendored click) usage errors: bad options
+        fail(f"{error.format_message().splitlines()[0]} (see --help)")
+    except Exception as error:
+        message = user_message(error)
+        if message is None:
+            raise
+        fail(message)
 
 
 class Command(TyperCommand):
-    """Every fsar command runs inside `one_line_errors`."""
+    """Every fsar command parses its options and runs inside `one_line_errors`."""
 
-    def invoke(self, ctx):  # type: ignore[no-untyped-def]
+    def make_context(self, *args: Any, **kwargs: Any) -> typer.Context:
+        with one_line_errors():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: typer.Context) -> Any:
         with one_line_errors():
             return super().invoke(ctx)
 
 
 class Group(TyperGroup):
-    """Command groups too: their callback (e.g. `fsar-study` itself) runs inside `one_line_errors`."""
+    """Command groups too: their callback (e.g. `fsar-study` itself) and sub-command names."""
 
-    def invoke(self, ctx):  # type: ignore[no-untyped-def]
+    def make_context(self, *args: Any, **kwargs: Any) -> typer.Context:
+        with one_line_errors():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: typer.Context) -> Any:
         with one_line_errors():
             return super().invoke(ctx)
 
@@ -107,10 +121,6 @@ def fail(message: str, code: int = 2) -> None:
     """Print a one-line error and exit (no traceback)."""
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
-
-
-def first_line(error: BaseException) -> str:
-    return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
 def check_output_file(option: str, path: str) -> None:

@@ -8,19 +8,22 @@ Imports no torch (the CLI reads these defaults when it starts).
 from __future__ import annotations
 
 import json
-import math
+import stat
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from runtime.errors import FsarError
+from runtime.values import OptionError, real_number, seed, whole_number
 
 
-class ConfigError(FsarError, ValueError):
-    """A training option users can fix (one-line message)."""
+class ConfigError(OptionError):
+    """A training or evaluation option users can fix (one-line message)."""
 
 
 MAX_RAM_GB = 8.0  # a split larger than this streams from the store instead of being held in RAM
+MAX_COUNT = (
+    10_000_000  # episodes, classes, videos: a count above this is a typo (it would be allocated)
+)
 
 
 # Options that count something: (option, smallest value). None-able ones are checked when set.
@@ -102,17 +105,11 @@ class TrainConfig:
             value = getattr(self, name)
             if value is None and name in ("val_way", "warmup_episodes"):
                 continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < smallest:
-                what = "a positive whole number" if smallest else "a whole number >= 0"
-                raise ConfigError(f"--{name.replace('_', '-')} {value!r}: use {what}")
-        for name, low, strict in (("lr", 0.0, True), ("lr_start", 0.0, False),
-                                  ("decay_factor", 0.0, True), ("weight_decay", 0.0, False),
-                                  ("max_ram", 0.0, False)):  # fmt: skip
-            value = getattr(self, name)
-            bad = isinstance(value, bool) or not isinstance(value, int | float)
-            if bad or not math.isfinite(value) or value < low or (strict and value == low):
-                sign = "positive" if strict else "non-negative"
-                raise ConfigError(f"--{name.replace('_', '-')} {value!r}: use a {sign} number")
+            whole_number(_flag(name), value, smallest, MAX_COUNT)
+        for name, above_zero in (("lr", True), ("lr_start", False), ("decay_factor", True),
+                                 ("weight_decay", False), ("max_ram", False)):  # fmt: skip
+            real_number(_flag(name), getattr(self, name), 0.0, above_low=above_zero)
+        seed(_flag("seed"), self.seed)
         if self.decay_episodes is not None and not (
             isinstance(self.decay_episodes, list)
             and all(isinstance(d, int) and not isinstance(d, bool) for d in self.decay_episodes)
@@ -156,6 +153,10 @@ class TrainConfig:
         return cfg
 
 
+def _flag(name: str) -> str:
+    return f"--{name.replace('_', '-')}"
+
+
 _TYPES: dict[str, tuple[type, ...]] = {
     "str": (str,), "int": (int,), "float": (int, float), "bool": (bool,),
     "dict[str, Any]": (dict,), "list[int]": (list,),
@@ -165,14 +166,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
 def config_values(path: str | Path) -> dict[str, Any]:
     """Training options from a JSON file, each checked for its type (ConfigError naming the file)."""
     where = f"--config {path}"
-    try:
-        values = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{where}: no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{where}: cannot read it ({type(exc).__name__})") from None
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{where}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    values = _read_json_file(Path(path), where)
     if not isinstance(values, dict):
         raise ConfigError(
             f"{where}: expected a JSON object of options, got {type(values).__name__}"
@@ -195,6 +189,49 @@ def config_values(path: str | Path) -> dict[str, Any]:
     return values
 
 
+# A --config file is read only when it is a regular file this small, and only this deeply nested
+# (a FIFO would block forever, a deeply nested document exhausts the parser's recursion).
+MAX_CONFIG_BYTES = 1 << 20
+MAX_JSON_DEPTH = 16
+
+
+def _read_json_file(path: Path, where: str) -> Any:
+    """A JSON document from a small regular file (ConfigError naming `where` otherwise)."""
+    try:
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(f"{where}: not a regular file; give a JSON file")
+        if info.st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{where}: larger than {MAX_CONFIG_BYTES >> 20} MiB")
+        values = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{where}: cannot read it ({type(exc).__name__})") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{where}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: nested deeper than {MAX_JSON_DEPTH} levels") from None
+    if _depth(values) > MAX_JSON_DEPTH:
+        raise ConfigError(f"{where}: nested deeper than {MAX_JSON_DEPTH} levels")
+    return values
+
+
+def _depth(value: Any) -> int:
+    """How deeply lists and objects nest in a parsed JSON value (iteratively: no recursion)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        children = (
+            item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        )
+        for child in children:
+            if isinstance(child, dict | list):
+                stack.append((child, level + 1))
+        deepest = max(deepest, level if isinstance(item, dict | list) else 0)
+    return deepest
+
+
 def config_from_run(run_dir: Path) -> TrainConfig:
     """The resolved TrainConfig a run was started with (ConfigError naming the file if unusable)."""
     path = run_dir / "config.json"
@@ -208,7 +245,7 @@ def config_from_run(run_dir: Path) -> TrainConfig:
         raise ConfigError(f"{path} is not a run's config: cannot resume it") from None
     try:
         cfg.validate()
-    except ConfigError as error:
+    except OptionError as error:
         raise ConfigError(f"{path}: {error}") from None
     return cfg
 
@@ -285,11 +322,9 @@ class EvalOptions:
     def validate(self) -> None:
         """Refuse values no evaluation can use, naming the option (ConfigError, one line)."""
         for name in ("episodes", "way", "shot", "query"):
-            value = getattr(self, name)
-            if value < 1:
-                raise ConfigError(f"--{name} {value}: use a positive number")
-        if not math.isfinite(self.max_ram) or self.max_ram < 0:
-            raise ConfigError(f"--max-ram {self.max_ram}: use a number of GB >= 0")
+            whole_number(_flag(name), getattr(self, name), 1, MAX_COUNT)
+        real_number("--max-ram", self.max_ram, 0.0)
+        seed("--seed", self.seed)
         if self.head is not None and self.checkpoint is not None:
             raise ConfigError("give --checkpoint or --head, not both")
         if self.head is not None and self.store is None:

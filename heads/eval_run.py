@@ -7,12 +7,15 @@ its episodes, and the result files (`--json`, `--per-episode`).
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from runtime.device import pick_device
+from runtime.values import OptionError
 
 from .base import FewShotHead
 from .checkpoint import CheckpointError
@@ -57,9 +60,30 @@ def head_and_store(options: EvalOptions, device: torch.device) -> tuple[FewShotH
 def write_results(result: EvalResult, options: EvalOptions) -> None:
     """The summary as JSON (--json) and each episode's accuracy as Parquet (--per-episode)."""
     if options.json_out is not None:
-        Path(options.json_out).write_text(json.dumps(result.to_json(), indent=2))
+        text = json.dumps(result.to_json(), indent=2)
+        write_output("--json", options.json_out, lambda path: path.write_text(text))
     if options.per_episode is not None:
         import pandas as pd
 
         table = pd.DataFrame({"episode": range(options.episodes), "accuracy": result.per_episode})
-        table.to_parquet(options.per_episode)
+        write_output("--per-episode", options.per_episode, table.to_parquet)
+
+
+def write_output(option: str, target: str, write: Callable[[Path], object]) -> None:
+    """`write(path)` the file an option names, whole or not at all: into a temporary file beside it,
+    renamed over it at the end (a device such as /dev/stdout is written directly). A failure (a full
+    disk) is an OptionError naming the option, and leaves the target as it was."""
+    path = Path(target)
+    direct = path.exists() and not path.is_file()
+    temporary = path if direct else path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(temporary)
+        if not direct:
+            os.replace(temporary, path)
+    except BaseException as error:  # (Ctrl-C included: no temporary file stays behind)
+        if not direct:
+            temporary.unlink(missing_ok=True)
+        if not isinstance(error, OSError):
+            raise
+        why = error.strerror or type(error).__name__
+        raise OptionError(f"{option} {target}: cannot write it ({why})") from None

@@ -8,7 +8,6 @@ declare `pytest11`); `available()` reads names from package metadata only, impor
 from __future__ import annotations
 
 import importlib
-import inspect
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from runtime.errors import FsarError
 from runtime.versions import fsar_version
 
 from .config import ConfigError
+from .options import check_head_options
 
 if TYPE_CHECKING:
     from .base import FewShotHead
@@ -217,10 +217,7 @@ def create(name: str, **options: Any) -> FewShotHead:
 
     entry = _entry(name)
     build = factory(name)
-    try:
-        inspect.signature(build).bind(**options)
-    except TypeError as error:  # an option the head does not take
-        raise HeadError(f"head {name!r}: {error}") from None
+    check_head_options(name, build, options, HeadError)
     try:
         head = build(**options)
     except FsarError:

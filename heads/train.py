@@ -313,9 +313,14 @@ def head_options(name: str, options: dict[str, Any], spec: dict[str, Any]) -> di
     """Options with the store's dim filled in for heads that take one."""
     import inspect
 
-    if "dim" in inspect.signature(registry.factory(name)).parameters:
-        return {"dim": int(spec["dim"]), **options}
-    return dict(options)
+    if "dim" not in inspect.signature(registry.factory(name)).parameters:
+        return dict(options)
+    if options.get("dim", spec["dim"]) != spec["dim"]:
+        raise ConfigError(
+            f"--option dim={options['dim']!r}: the store's features have dim {spec['dim']}; "
+            "leave dim out (a head takes the store's)"
+        )
+    return {**options, "dim": int(spec["dim"])}
 
 
 def build_head(name: str, options: dict[str, Any], store: Any, device: torch.device) -> FewShotHead:

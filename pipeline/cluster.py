@@ -76,8 +76,6 @@ class Batching:
 
     @classmethod
     def of(cls, spec: dict[str, Any], batch_size: int | None, device: str) -> Batching:
-        if batch_size is not None and batch_size < 1:
-            raise ExtractError(f"--batch-size {batch_size}: use at least 1")
         per_video = spec["frames"] * spec["views"]
         frames = batch_size or (CUDA_BATCH_FRAMES if device == "cuda" else per_video)
         return cls(frames, 1 if device == "cpu" else max(1, frames // per_video))

@@ -50,16 +50,10 @@ def check_disk_space(store_path: Path, n_rows: int, bytes_per_row: int) -> int:
 
 def build_run_spec(clip: LoadedClip, options: ExtractOptions, device: str, precision: str) -> dict:
     """The store spec for this run (docs/design.md names)."""
-    from pipeline.preprocess import PREPROCESS_NAMES, preprocess_spec
+    from pipeline.preprocess import preprocess_spec
     from runtime.versions import versions
-    from store.layout import RECIPES, build_spec
+    from store.layout import build_spec
 
-    if options.preprocess not in PREPROCESS_NAMES:
-        raise ExtractError(f"--preprocess {options.preprocess!r}: use openclip or emp")
-    if options.recipe not in RECIPES:
-        raise ExtractError(f"--recipe {options.recipe!r}: use {' or '.join(RECIPES)}")
-    if options.frames < 1 or options.views < 1:
-        raise ExtractError("--frames and --views must be at least 1")
     fields = clip.spec_fields()
     return build_spec(
         model=fields["model"],
@@ -145,19 +139,17 @@ def run_extraction(options: ExtractOptions) -> ExtractSummary:
     from pipeline.cluster import run_tasks
     from pipeline.encoder import FrameEncoder, export_last_block
     from pipeline.model import load_clip, resolve_device
+    from pipeline.preprocess import PREPROCESS_NAMES
     from pipeline.text import EMP16_TEMPLATES, encode_class_texts
     from pipeline.weights import choose_weights
     from store import create_store
-    from store.layout import LASTBLOCK_NAME, TEXT_DEFAULT, row_bytes
+    from store.layout import LASTBLOCK_NAME, RECIPES, TEXT_DEFAULT, row_bytes
 
     started = time.perf_counter()
+    options.validate(RECIPES, PREPROCESS_NAMES, DECODE_MODES)
     store_path = check_store_option(options.store)
     splits = parse_splits(options.splits)
     part = parse_part(options.part)
-    if options.timeout <= 0:
-        raise ExtractError(f"--timeout {options.timeout}: use a positive number of seconds")
-    if options.decode not in DECODE_MODES:
-        raise ExtractError(f"--decode {options.decode}: use one of {', '.join(DECODE_MODES)}")
     listing = list_dataset(options.dataset, options.data_root)
     for note in listing.notes:
         print(f"note: {note}", flush=True)

@@ -9,6 +9,16 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from runtime.values import OptionError, real_number, whole_number
+
+# Bounds of the numbers fsar-extract takes: far beyond any clip sampling of the field, and they keep a
+# row (V x T frames of every cached layer) within what one chunk may hold.
+MAX_FRAMES = 1024
+MAX_VIEWS = 256
+MAX_WORKERS = 1024
+MAX_BATCH_FRAMES = 1 << 16
+MAX_TIMEOUT_S = 86_400.0
+
 
 @dataclass
 class ExtractOptions:
@@ -34,6 +44,26 @@ class ExtractOptions:
     retry_failed: bool = False
     progress: bool = True
     allow_torchscript: bool = False  # a TorchScript --pretrained file runs code when loaded
+
+    def validate(
+        self, recipes: tuple[str, ...], preprocessing: tuple[str, ...], decoders: tuple[str, ...]
+    ) -> None:
+        """Refuse values no extraction can use, naming the option, before anything is read or
+        written (OptionError; the names allowed come from their owners)."""
+        whole_number("--frames", self.frames, 1, MAX_FRAMES)
+        whole_number("--views", self.views, 1, MAX_VIEWS)
+        if self.workers is not None:
+            whole_number("--workers", self.workers, 1, MAX_WORKERS)
+        if self.batch_size is not None:
+            whole_number("--batch-size", self.batch_size, 1, MAX_BATCH_FRAMES)
+        real_number("--timeout", self.timeout, 0.0, MAX_TIMEOUT_S, above_low=True)
+        for option, value, allowed in (
+            ("--recipe", self.recipe, recipes),
+            ("--preprocess", self.preprocess, preprocessing),
+            ("--decode", self.decode, decoders),
+        ):
+            if value not in allowed:
+                raise OptionError(f"{option} {value!r}: use {' or '.join(allowed)}")
 
 
 @dataclass

@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.datasets import DatasetError
+from runtime.values import seed as values_seed
+from runtime.values import whole_number
 
 CONTAINERS = ("mp4", "avi", "webm")
 FRAME_SIZES = ((96, 72), (112, 84), (80, 64), (64, 64))
@@ -164,6 +166,7 @@ FAMILIES: list[tuple[str, str, MotionFn]] = [
     ),
 ]
 MAX_CLASSES = 2 * len(FAMILIES)
+MAX_VIDEOS_PER_CLASS = 10_000
 SHAPES = ("circle", "square", "triangle", "diamond")
 
 
@@ -294,8 +297,8 @@ def make_synthetic_dataset(
         raise DatasetError(
             f"--classes {classes}: use an even number from 6 to {MAX_CLASSES} (reversal pairs)"
         )
-    if videos_per_class < 1:
-        raise DatasetError(f"--videos-per-class {videos_per_class}: use at least 1")
+    whole_number("--videos-per-class", videos_per_class, 1, MAX_VIDEOS_PER_CLASS)
+    seed = values_seed("--seed", seed)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise DatasetError(f"--out {out} is a file; give a new directory")

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from pipeline.datasets import DatasetError, list_dataset
 from pipeline.synth import FAMILIES, State, make_synthetic_dataset, render_frame, render_video
+from runtime.values import OptionError
 
 
 def test_synthetic_dataset_layout_and_splits(tmp_path: Path) -> None:
@@ -87,7 +88,7 @@ def test_reversed_class_shows_the_same_frames_backwards(family: int) -> None:
 def test_bad_arguments() -> None:
     with pytest.raises(DatasetError, match="even number"):
         make_synthetic_dataset("unused", classes=7)
-    with pytest.raises(DatasetError, match="videos-per-class"):
+    with pytest.raises(OptionError, match="videos-per-class"):
         make_synthetic_dataset("unused", classes=6, videos_per_class=0)
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from heads.config import MAX_COUNT
 from runtime.errors import FsarError
 
 from .cell import CellOutcome
@@ -27,7 +28,7 @@ STUDY_FILE = "study.json"
 CELL_FILE = "cell.json"
 PER_EPISODE_FILE = "per_episode.parquet"
 EPISODES_KEY = b"fsar.episodes"
-MAX_EPISODES = 10_000_000
+MAX_EPISODES = MAX_COUNT  # a per-episode file holds at most this many
 MAX_JSON_BYTES = 16 << 20
 
 

@@ -18,8 +18,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from heads.config import MAX_RAM_GB
+from heads.config import MAX_COUNT, MAX_RAM_GB
 from runtime.threads import usable_cores
+from runtime.values import real_number, seed, whole_number
 
 from .cell import CellTask, run_cell
 from .folder import StudyFolder
@@ -45,6 +46,14 @@ class StudyOptions:
     device: str = "cpu"
     max_ram: float = MAX_RAM_GB
     progress: bool = True
+
+    def validate(self) -> None:
+        """Refuse numbers no study can use, naming the option (OptionError, one line)."""
+        for value in self.seeds or ():
+            seed("--seeds", value)
+        if self.episodes is not None:
+            whole_number("--episodes", self.episodes, 1, MAX_COUNT)
+        real_number("--max-ram", self.max_ram, 0.0)
 
 
 @dataclass
@@ -115,6 +124,7 @@ def run_study(plan: Plan, options: StudyOptions) -> StudySummary:
     from .report import write_report
 
     started = time.perf_counter()
+    options.validate()
     with open_store(options.store) as store:
         expansion = expand(
             plan, store, options.store, options.seeds, options.episodes, options.train

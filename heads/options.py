@@ -1,0 +1,79 @@
+"""Head options users give (`--option KEY=VALUE`, a plan row's options) checked against the head's
+own signature before it is built: a name it takes, a value of the annotated type, finite, bounded.
+
+    check_head_options("emp", EMPNet, {"otam_lambda": float("nan")})  # ConfigError, one line
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import typing
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from .config import ConfigError
+
+MAX_OPTION_INT = 1 << 16  # widths, heads, steps: larger would allocate beyond any head's need
+
+
+def check_head_options(
+    name: str,
+    build: Callable[..., Any],
+    options: dict[str, Any],
+    refusal: type[ConfigError] = ConfigError,
+) -> None:
+    """`refusal` naming the option when `build` does not take it or its value is out of kind."""
+    try:
+        inspect.signature(build).bind(**options)
+    except TypeError as error:  # an option the head does not take
+        raise refusal(f"head {name!r}: {error}") from None
+    hints = _hints(build)
+    for key, value in options.items():
+        want = _accepts(hints.get(key), value)
+        if want is not None:
+            raise refusal(f"--option {key}={value!r}: head {name!r} takes {want}")
+
+
+def _hints(build: Callable[..., Any]) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(build.__init__ if inspect.isclass(build) else build)
+    except Exception:  # annotations this Python cannot evaluate: the head checks its own values
+        return {}
+
+
+def _accepts(annotation: Any, value: Any) -> str | None:
+    """None when `value` fits `annotation`, else what it should be (unknown annotations fit)."""
+    kinds = (
+        typing.get_args(annotation) if typing.get_origin(annotation) in _UNIONS else (annotation,)
+    )
+    if value is None:
+        return None if type(None) in kinds or annotation is None else "a value (not null)"
+    wants = [_fits(kind, value) for kind in kinds if kind is not type(None)]
+    if not wants or any(w is None for w in wants):
+        return None
+    return " or ".join(w for w in wants if w)
+
+
+def _fits(kind: Any, value: Any) -> str | None:
+    """None when `value` is a `kind`, else a description of a `kind` ("" for kinds not checked)."""
+    if kind is bool:
+        return None if isinstance(value, bool) else "true or false"
+    if kind is int:
+        whole = isinstance(value, int) and not isinstance(value, bool)
+        return (
+            None
+            if whole and 0 <= value <= MAX_OPTION_INT
+            else f"a whole number 0..{MAX_OPTION_INT}"
+        )
+    if kind is float:
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        return None if number and math.isfinite(value) and value >= 0 else "a finite number >= 0"
+    if kind is str:
+        return None if isinstance(value, str) else "text"
+    if typing.get_origin(kind) in (Sequence, list, tuple):
+        return None if isinstance(value, list | tuple | str) else "a list"
+    return None
+
+
+_UNIONS = (typing.Union, type(int | None))

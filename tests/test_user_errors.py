@@ -1,0 +1,170 @@
+"""No traceback anywhere a user can reach: every command, given a value no run can use, a file that
+is not one, an exhausted machine or a bad FSAR_* variable, prints one line naming it and exits 2,
+and writes nothing; an error that is not the user's (a bug) keeps its traceback."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import cli
+
+pytestmark = pytest.mark.usefixtures("quiet_allocator")
+
+HUGE = "1000000000000"  # 10**12
+STORE, OUT, DATA = "{store}", "{out}", "{data}"
+
+
+def only_line(app, args: list[str]) -> str:  # type: ignore[no-untyped-def]
+    """The one line a refused command prints (asserting exit 2, no traceback, nothing else)."""
+    result = CliRunner().invoke(app, args)
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    assert result.exit_code == 2, (result.exit_code, lines, repr(result.exception))
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("folder")
+    for split, names in (("train", "ab"), ("val", "cd"), ("test", "ef")):
+        for name in names:
+            (root / split / name).mkdir(parents=True)
+            (root / split / name / "v0.mp4").write_bytes(b"never decoded here")
+    return root
+
+
+EXTRACT = ["--dataset", "folder", "--data-root", DATA, "--store", OUT, "--pretrained", "none"]
+CASES = [
+    # fsar-eval
+    (cli.eval_app, ["--store", STORE, "--head", "proto", "--episodes", HUGE], f"--episodes {HUGE}"),
+    (cli.eval_app, ["--store", STORE, "--head", "proto", "--seed", "-1"], "--seed -1"),
+    (cli.eval_app, ["--store", STORE, "--head", "proto", "--max-ram", "nan"], "--max-ram nan"),
+    (cli.eval_app, ["--store", STORE, "--head", "proto", "--max-ram", "inf"], "--max-ram inf"),
+    (cli.eval_app, ["--store", STORE, "--head", "emp", "--option", "dim=-1"], "--option dim=-1"),
+    (cli.eval_app, ["--store", STORE, "--head", "emp", "--option", "dim=1e9"], "--option dim=1000000000.0"),
+    (cli.eval_app, ["--store", STORE, "--head", "emp", "--option", "heads=1e9"], "--option heads=1000000000.0"),
+    (cli.eval_app, ["--store", STORE, "--head", "otam", "--option", "otam_lambda=NaN"], "otam_lambda=nan"),
+    (cli.eval_app, ["--store", STORE, "--head", "proto", "--episodes", "abc"], "'--episodes'"),
+    (cli.eval_app, ["--store", STORE, "--head", "proto", "--episodez", "5"], "--episodez"),
+    # fsar-train
+    (cli.train_app, ["--store", STORE, "--out", OUT, "--episodes", HUGE], f"--episodes {HUGE}"),
+    (cli.train_app, ["--store", STORE, "--out", OUT, "--seed", "-1"], "--seed -1"),
+    (cli.train_app, ["--store", STORE, "--out", OUT, "--lr", "nan"], "--lr nan"),
+    (cli.train_app, ["--store", STORE, "--out", OUT, "--val-episodes", HUGE], "--val-episodes"),
+    (cli.train_app, ["--store", STORE, "--out", OUT, "--option", "dim=3"], "--option dim=3"),
+    (cli.train_app, ["--store", STORE, "--out", OUT, "--option", "dim=-1"], "--option dim=-1"),
+    # fsar-extract: refused before the dataset, the model or the store is touched
+    (cli.extract_app, [*EXTRACT, "--frames", "0"], "--frames 0"),
+    (cli.extract_app, [*EXTRACT, "--frames", HUGE], "--frames"),
+    (cli.extract_app, [*EXTRACT, "--views", "100000"], "--views 100000"),
+    (cli.extract_app, [*EXTRACT, "--timeout", "nan"], "--timeout nan"),
+    (cli.extract_app, [*EXTRACT, "--timeout", "-1"], "--timeout -1"),
+    (cli.extract_app, [*EXTRACT, "--batch-size", "0"], "--batch-size 0"),
+    (cli.extract_app, [*EXTRACT, "--workers", "0"], "--workers 0"),
+    (cli.extract_app, [*EXTRACT, "--recipe", "nope"], "--recipe 'nope'"),
+    (cli.extract_app, [*EXTRACT, "--decode", "nope"], "--decode 'nope'"),
+    # fsar-synth
+    (cli.synth_app, ["--out", OUT, "--classes", "6", "--seed", "-1"], "--seed -1"),
+    (cli.synth_app, ["--out", OUT, "--classes", "7"], "--classes 7"),
+    (cli.synth_app, ["--out", OUT, "--videos-per-class", HUGE], "--videos-per-class"),
+    # fsar-study
+    (cli.study_app, ["--store", STORE, "--plan", "baselines", "--out", OUT, "--seeds", "-1"], "--seeds -1"),
+    (cli.study_app, ["--store", STORE, "--plan", "baselines", "--out", OUT, "--episodes", HUGE], "--episodes"),
+    (cli.study_app, ["--store", STORE, "--plan", "baselines", "--out", OUT, "--max-ram", "nan"], "--max-ram nan"),
+    (cli.study_app, ["--store", STORE, "--plan", "baselines", "--out", OUT, "--workers", "0"], "--workers 0"),
+    # fsar-store
+    (cli.store_app, ["info", OUT], "store not found"),
+    (cli.store_app, ["nosuch"], "No such command 'nosuch'"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("app", "args", "names"),
+    CASES,
+    ids=[f"{a.info.name or ''}{' '.join(x[-2:])}" for a, x, _ in CASES],
+)
+def test_every_command_refuses_a_bad_value_in_one_line(  # type: ignore[no-untyped-def]
+    app, args: list[str], names: str, pair_store: Path, data: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    filled = [a.format(store=pair_store, out=out, data=data) for a in args]
+    line = only_line(app, filled)
+    assert names in line, line
+    assert not out.exists()  # nothing written
+
+
+def test_config_files_that_are_not_small_json_files(pair_store: Path, tmp_path: Path) -> None:
+    """A FIFO would block forever, a deeply nested document exhausts the parser's recursion."""
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)
+    nested = tmp_path / "nested.json"
+    nested.write_text("[" * 100_000 + "]" * 100_000)
+    shallow_enough = tmp_path / "deep.json"
+    shallow_enough.write_text('{"head_options": ' + "[" * 40 + "]" * 40 + "}")
+    out = tmp_path / "run"
+    for config, names in ((fifo, "not a regular file"), (nested, "nested deeper than"),
+                          (shallow_enough, "nested deeper than"), (tmp_path, "not a regular file")):  # fmt: skip
+        line = only_line(
+            cli.train_app, ["--store", str(pair_store), "--config", str(config), "--out", str(out)]
+        )
+        assert f"--config {config}: {names}" in line
+    assert not out.exists()
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_a_full_disk_under_an_output_is_one_line_naming_it(
+    pair_store: Path, tmp_path: Path
+) -> None:
+    args = ["--store", str(pair_store), "--head", "proto", "--episodes", "5", "--no-progress"]
+    line = only_line(cli.eval_app, [*args, "--json", "/dev/full"])
+    assert line == "error: --json /dev/full: cannot write it (No space left on device)"
+    kept = tmp_path / "result.json"
+    kept.write_text("mine")
+    real_replace = os.replace
+
+    def disk_full(source: object, target: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    os.replace = disk_full  # the rename at the end fails as a full disk would
+    try:
+        line = only_line(cli.eval_app, [*args, "--json", str(kept)])
+    finally:
+        os.replace = real_replace
+    assert line == f"error: --json {kept}: cannot write it (No space left on device)"
+    assert kept.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == [kept.name]
+
+
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+def test_an_allocation_that_fails_is_one_line_saying_what_to_do(  # type: ignore[no-untyped-def]
+    pair_store: Path, monkeypatch, library: str
+) -> None:
+    """numpy raises MemoryError, torch a RuntimeError: both are the machine's limit, not a bug."""
+    import torch
+
+    def allocate(*args: object, **kwargs: object) -> None:
+        np.zeros(1 << 45) if library == "numpy" else torch.empty(1 << 50)
+
+    monkeypatch.setattr("heads.eval_run.evaluate", allocate)
+    line = only_line(cli.eval_app, ["--store", str(pair_store), "--head", "proto"])
+    assert line.startswith("error: out of memory: ") and "lower --max-ram" in line
+    assert ("TiB" if library == "numpy" else "bytes") in line
+
+
+def test_a_full_disk_anywhere_is_one_line_naming_the_file(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    video = tmp_path / "data" / "train" / "x.mp4"
+
+    def disk_full(path: object, *args: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(video))
+
+    monkeypatch.setattr("pipeline.synth.write_video", disk_full)
+    line = only_line(cli.synth_app, ["--out", str(tmp_path / "data"), "--classes", "6"])
+    assert (
+        line
+        == f"error: No space left on device writing {video}: free space or choose another location, then run it again"
+    )
