@@ -42,28 +42,25 @@ def one_line_errors() -> Iterator[None]:
         fail(message)
 
 
-class Command(TyperCommand):
-    """Every fsar command parses its options and runs inside `one_line_errors`."""
+class _Handled:
+    """Parses its options and runs inside `one_line_errors` (a command, or a group: its callback,
+    e.g. `fsar-study` itself, and its sub-command names)."""
 
     def make_context(self, *args: Any, **kwargs: Any) -> typer.Context:
         with one_line_errors():
-            return super().make_context(*args, **kwargs)
+            return super().make_context(*args, **kwargs)  # type: ignore[misc]
 
     def invoke(self, ctx: typer.Context) -> Any:
         with one_line_errors():
-            return super().invoke(ctx)
+            return super().invoke(ctx)  # type: ignore[misc]
 
 
-class Group(TyperGroup):
-    """Command groups too: their callback (e.g. `fsar-study` itself) and sub-command names."""
+class Command(_Handled, TyperCommand):
+    pass
 
-    def make_context(self, *args: Any, **kwargs: Any) -> typer.Context:
-        with one_line_errors():
-            return super().make_context(*args, **kwargs)
 
-    def invoke(self, ctx: typer.Context) -> Any:
-        with one_line_errors():
-            return super().invoke(ctx)
+class Group(_Handled, TyperGroup):
+    pass
 
 
 class _ListsHeads:
