@@ -81,7 +81,10 @@ def run(model: str) -> Result:
     ):
         diffs = relative_differences(inits[other], inits[label])
         res.add(
-            f"{label}.median", f"{what}: median relative difference", statistics.median(diffs), ""
+            f"{label}.median",
+            f"{what}: median relative difference",
+            statistics.median(diffs),
+            "rel.",
         )
         res.add(f"{label}.max", f"{what}: largest relative difference", max(diffs), "rel.")
     flips, leading, last = component_differences(blocks, side)
