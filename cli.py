@@ -601,6 +601,7 @@ def eval_command(
 ) -> None:
     """Evaluate a trained run or a training-free head on few-shot episodes."""
     import json
+    import warnings
     from pathlib import Path
 
     import torch
@@ -633,7 +634,11 @@ def eval_command(
             fail("--store is required with --head")
         s = open_store(store_path)
         if run_dir is not None:
-            model = load_run(run_dir, s, target)
+            with warnings.catch_warnings(record=True) as caught:  # e.g. another plugin version
+                warnings.simplefilter("always")
+                model = load_run(run_dir, s, target)
+            for warning in caught:
+                typer.echo(f"warning: {warning.message}", err=True)
         else:  # untrained: built at the store's dim, the same weights every time
             torch.manual_seed(seed)
             model = build_head(head, key_values(option), s, target)
