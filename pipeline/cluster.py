@@ -129,6 +129,7 @@ def encoder_config(
         batch_frames=batching.frames,
         batch_across_videos=device != "cpu",
         allow_torchscript=options.allow_torchscript,
+        taps=tuple(spec.get("taps") or ()),
     )
 
 

@@ -43,13 +43,15 @@ class ExtractOptions:
     decode: str = "seek"  # pipeline.decoding.DECODE_MODES
     retry_failed: bool = False
     progress: bool = True
+    taps: str | None = None  # --taps 0,4,8,12: recipes with ts (default: every tap)
+    class_descriptions: tuple[str, ...] = ()  # --class-descriptions FILE (repeatable)
+    side_pca: str | None = None  # --side-pca released|exact (default: the store's, else released)
     allow_torchscript: bool = False  # a TorchScript --pretrained file runs code when loaded
 
-    def validate(
-        self, recipes: tuple[str, ...], preprocessing: tuple[str, ...], decoders: tuple[str, ...]
-    ) -> None:
+    def validate(self, preprocessing: tuple[str, ...], decoders: tuple[str, ...]) -> None:
         """Refuse values no extraction can use, naming the option, before anything is read or
-        written (OptionError; the names allowed come from their owners)."""
+        written (OptionError; the names allowed come from their owners; the recipe and its
+        --taps/--side-pca: pipeline.extract.recipe_of)."""
         whole_number("--frames", self.frames, 1, MAX_FRAMES)
         whole_number("--views", self.views, 1, MAX_VIEWS)
         if self.workers is not None:
@@ -58,7 +60,6 @@ class ExtractOptions:
             whole_number("--batch-size", self.batch_size, 1, MAX_BATCH_FRAMES)
         real_number("--timeout", self.timeout, 0.0, MAX_TIMEOUT_S, above_low=True)
         for option, value, allowed in (
-            ("--recipe", self.recipe, recipes),
             ("--preprocess", self.preprocess, preprocessing),
             ("--decode", self.decode, decoders),
         ):

@@ -162,6 +162,12 @@ def test_checkpoint_of_another_plugin_version_warns(
         save_checkpoint(run / "best.safetensors", head, meta)
         with pytest.warns(UserWarning, match=r"of fsar-my-head 0\.0\.9; here it comes from fsar-my-head 0\.1\.0$"):  # fmt: skip
             assert load_run(run, s).name == "my-head"
+        code, out, err = invoke(cli.eval_app, "--checkpoint", run, *HELD_OUT)
+    assert code == 0 and "accuracy" in out, err
+    assert err == (
+        f"warning: checkpoint {run / 'best.safetensors'} was trained with head 'my-head' of "
+        "fsar-my-head 0.0.9; here it comes from fsar-my-head 0.1.0\n"
+    )
 
 
 def test_checkpoint_of_a_plugin_not_installed_names_the_package(trained: Path) -> None:
