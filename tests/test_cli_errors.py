@@ -335,9 +335,14 @@ def test_help_texts_are_shown_whole(app, option: str, text: str) -> None:  # typ
 def help_defaults(app) -> dict[str, str]:  # type: ignore[no-untyped-def]
     """{option: the default its help shows} of the options that take a value."""
     result = runner.invoke(app, ["--help"], terminal_width=200, env={"COLUMNS": "200"})
-    flat = " ".join(result.output.split())
-    pattern = r"--([a-z-]+) <[^>]+> (?:(?! --[a-z])[^\[])*\[default: ([^\]]+)\]"
-    return dict(re.findall(pattern, flat))
+    blocks: list[str] = []
+    for line in result.output.splitlines():  # an option's block starts with "  --name"
+        if line.startswith("  --"):
+            blocks.append(line)
+        elif blocks and line.startswith("   "):
+            blocks[-1] += " " + line.strip()
+    found = (re.match(r"\s+--([a-z-]+) <[^>]+> .*\[default: ([^\]]+)\]", b) for b in blocks)
+    return dict(m.groups() for m in found if m)
 
 
 @pytest.mark.parametrize(
