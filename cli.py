@@ -9,6 +9,7 @@ code 2 and one line; anything else is a bug and shows its traceback.
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import fields
@@ -42,6 +43,19 @@ def one_line_errors() -> Iterator[None]:
         fail(message)
 
 
+@contextmanager
+def one_line_warnings() -> Iterator[None]:
+    """Python warnings a command raises (e.g. a checkpoint of another plugin version) print as one
+    `warning: <message>` line, without Python's source line."""
+
+    def show(message: Warning | str, *args: Any, **kwargs: Any) -> None:
+        typer.echo(f"warning: {' '.join(str(message).split())}", err=True)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
+
+
 class _Handled:
     """Parses its options and runs inside `one_line_errors` (a command, or a group: its callback,
     e.g. `fsar-study` itself, and its sub-command names)."""
@@ -51,7 +65,7 @@ class _Handled:
             return super().make_context(*args, **kwargs)  # type: ignore[misc]
 
     def invoke(self, ctx: typer.Context) -> Any:
-        with one_line_errors():
+        with one_line_errors(), one_line_warnings():
             return super().invoke(ctx)  # type: ignore[misc]
 
 
