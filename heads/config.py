@@ -166,7 +166,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
 def config_values(path: str | Path) -> dict[str, Any]:
     """Training options from a JSON file, each checked for its type (ConfigError naming the file)."""
     where = f"--config {path}"
-    values = _read_json_file(Path(path), where)
+    values = read_json_file(Path(path), where)
     if not isinstance(values, dict):
         raise ConfigError(
             f"{where}: expected a JSON object of options, got {type(values).__name__}"
@@ -189,20 +189,20 @@ def config_values(path: str | Path) -> dict[str, Any]:
     return values
 
 
-# A --config file is read only when it is a regular file this small, and only this deeply nested
+# A --config (or plan) file is read only when it is a regular file this small, and only this deeply nested
 # (a FIFO would block forever, a deeply nested document exhausts the parser's recursion).
 MAX_CONFIG_BYTES = 1 << 20
 MAX_JSON_DEPTH = 16
 
 
-def _read_json_file(path: Path, where: str) -> Any:
+def read_json_file(path: Path, where: str, max_bytes: int = MAX_CONFIG_BYTES) -> Any:
     """A JSON document from a small regular file (ConfigError naming `where` otherwise)."""
     try:
         info = path.stat()
         if not stat.S_ISREG(info.st_mode):
             raise ConfigError(f"{where}: not a regular file; give a JSON file")
-        if info.st_size > MAX_CONFIG_BYTES:
-            raise ConfigError(f"{where}: larger than {MAX_CONFIG_BYTES >> 20} MiB")
+        if info.st_size > max_bytes:
+            raise ConfigError(f"{where}: larger than {max_bytes} bytes")
         values = json.loads(path.read_bytes())
     except FileNotFoundError:
         raise ConfigError(f"{where}: no such file") from None

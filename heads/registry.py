@@ -220,8 +220,8 @@ def create(name: str, **options: Any) -> FewShotHead:
     check_head_options(name, build, options, HeadError)
     try:
         head = build(**options)
-    except FsarError:
-        raise  # the head refused a value itself, in one line
+    except FsarError as error:  # the head refused a value itself, in one line
+        raise HeadError(f"head {name!r}: {' '.join(str(error).split())[:300]}") from None
     except Exception as error:
         if entry.source.builtin:
             raise  # a bug in fsar, not an option (options were checked above)

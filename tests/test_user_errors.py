@@ -115,6 +115,12 @@ def test_config_files_that_are_not_small_json_files(pair_store: Path, tmp_path: 
         )
         assert f"--config {config}: {names}" in line
     assert not out.exists()
+    args = ["--store", str(pair_store), "--out", str(out), "--plan"]
+    line = only_line(cli.study_app, [*args, str(nested)])
+    assert f"plan {nested}: nested deeper than" in line
+    line = only_line(cli.study_app, [*args, str(fifo)])
+    assert f"--plan {fifo}: not a built-in plan" in line
+    assert not out.exists()
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")

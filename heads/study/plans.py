@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from heads.config import EvalSettings
+from heads.config import EvalSettings, read_json_file
 from runtime.errors import FsarError
 
 PLAN_DIR = Path(__file__).resolve().parent / "plans"
@@ -155,12 +155,7 @@ def load_plan(name_or_path: str) -> Plan:
                 f"--plan {name_or_path}: not a built-in plan ({', '.join(builtin_plans())}) "
                 "nor a .json plan file"
             )
-    if path.stat().st_size > MAX_PLAN_BYTES:
-        raise PlanError(f"plan {path}: larger than {MAX_PLAN_BYTES} bytes")
-    try:
-        data = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise PlanError(f"plan {path}: not valid JSON ({error})") from None
+    data = read_json_file(path, f"plan {path}", MAX_PLAN_BYTES)
     return parse_plan(data, default_name=path.stem, source=str(path))
 
 
