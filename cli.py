@@ -103,7 +103,11 @@ class App(typer.Typer):
     text: rich markup would swallow defaults written as [runs/latest]."""
 
     def __init__(self, **options: Any) -> None:
-        super().__init__(rich_markup_mode=None, **{"cls": Group, **options})
+        super().__init__(
+            rich_markup_mode=None,
+            pretty_exceptions_show_locals=False,  # a bug's traceback, without every local value
+            **{"cls": Group, **options},
+        )
 
     def command(self, *args: Any, **options: Any) -> Any:
         return super().command(*args, **{"cls": Command, **options})
