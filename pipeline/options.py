@@ -59,12 +59,10 @@ class ExtractOptions:
         if self.batch_size is not None:
             whole_number("--batch-size", self.batch_size, 1, MAX_BATCH_FRAMES)
         real_number("--timeout", self.timeout, 0.0, MAX_TIMEOUT_S, above_low=True)
-        for option, value, allowed in (
-            ("--preprocess", self.preprocess, preprocessing),
-            ("--decode", self.decode, decoders),
-        ):
-            if value not in allowed:
-                raise OptionError(f"{option} {value!r}: use {' or '.join(allowed)}")
+        if self.preprocess not in preprocessing:
+            raise OptionError(f"--preprocess {self.preprocess!r}: use {' or '.join(preprocessing)}")
+        if self.decode not in decoders:
+            raise OptionError(f"--decode {self.decode}: use one of {', '.join(decoders)}")
 
 
 @dataclass

@@ -44,7 +44,7 @@ ROWS = [
         "options": {"levels": "token"},
     },
 ]
-FAILING = {"id": "broken", "head": "emp", "options": {"dim": 8}}  # fails in its first step
+FAILING = {"id": "broken", "head": "emp", "options": {"heads": 0}}  # builds, fails in its first step
 
 
 def plan_data(rows: list[dict], name: str = "tiny") -> dict:

@@ -68,7 +68,7 @@ CASES = [
     (cli.extract_app, [*EXTRACT, "--batch-size", "0"], "--batch-size 0"),
     (cli.extract_app, [*EXTRACT, "--workers", "0"], "--workers 0"),
     (cli.extract_app, [*EXTRACT, "--recipe", "nope"], "--recipe 'nope'"),
-    (cli.extract_app, [*EXTRACT, "--decode", "nope"], "--decode 'nope'"),
+    (cli.extract_app, [*EXTRACT, "--decode", "nope"], "--decode nope"),
     # fsar-synth
     (cli.synth_app, ["--out", OUT, "--classes", "6", "--seed", "-1"], "--seed -1"),
     (cli.synth_app, ["--out", OUT, "--classes", "7"], "--classes 7"),
