@@ -16,9 +16,10 @@ import pandas as pd
 from runtime.progress import progress_bar
 
 from .errors import CorruptStoreError, SpecMismatchError, StoreError
-from .featurestore import ChunkWriter, FeatureStore, create_store, open_store
+from .featurestore import FeatureStore, create_store, open_store
 from .layout import checksum_column, row_bytes, spec_differences, text_name, weights_file
 from .location import remove_partial
+from .writing import ChunkWriter
 
 SPLIT_ORDER = ("train", "val", "test")
 COSINE_SAME = 0.999  # below this, two copies of a video are different features, not fp16 rounding
@@ -223,7 +224,7 @@ def _write_store(
         for name, data_bytes in weights.items():
             dest.write_weights_file(name, data_bytes)
         if extra_attrs:
-            dest._set_attrs(**extra_attrs)
+            dest.set_attrs(**extra_attrs)
         dest.close()
     except BaseException:
         dest.close()

@@ -13,8 +13,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .featurestore import ChunkWriter, FeatureStore, create_store, done_update
+from .featurestore import FeatureStore, create_store
 from .layout import TEXT_DEFAULT, build_spec, cls_source, token_name
+from .writing import ChunkWriter, done_update
 
 TokenFn = Callable[[int, np.random.Generator], dict[str, np.ndarray]]
 
