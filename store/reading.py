@@ -130,7 +130,10 @@ class StoreReader:
         if name not in self._arrays:
             try:
                 self._arrays[name] = zarr.open_array(
-                    self.location.zarr_store, path=name, mode="r" if self.mode == "r" else "r+"
+                    self.location.zarr_store,
+                    path=name,
+                    mode="r" if self.mode == "r" else "r+",
+                    zarr_format=3,
                 )
             except StoreError:
                 raise
@@ -205,12 +208,10 @@ class StoreReader:
         out: dict[str, Any] = {}
         for name in names:
             arr = self.array(name)
-            if verify and name in self.row_tensors and view is not None:
+            if verify and name in self.row_tensors:
                 data = self._read_view_verified(arr, name, uniq, view)
             else:
                 data = self._read_unique(arr, name, uniq, view)
-                if verify and name in self.row_tensors:
-                    self._verify_rows(name, uniq, data)
             data = data[inverse] if not (len(uniq) == len(idx) and (uniq == idx).all()) else data
             if as_torch:
                 import torch
@@ -242,36 +243,56 @@ class StoreReader:
             raise
 
     def _read_view_verified(
-        self, arr: zarr.Array, name: str, uniq: np.ndarray, view: int
+        self, arr: zarr.Array, name: str, uniq: np.ndarray, view: int | None
     ) -> np.ndarray:
+        """Whole rows, checked; with `view`, read in batches of ~64 MB and sliced."""
+        if view is None:
+            return self._read_verified(arr, name, uniq)
         per_row = int(np.prod(arr.chunks[1:], dtype=object)) * arr.dtype.itemsize
         step = max(1, (64 << 20) // max(1, per_row))  # whole rows, at most ~64 MB at a time
         parts = []
         for start in range(0, len(uniq), step):
-            part = uniq[start : start + step]
-            whole = self._read_unique(arr, name, part, None)
-            self._verify_rows(name, part, whole)
+            whole = self._read_verified(arr, name, uniq[start : start + step])
             parts.append(np.ascontiguousarray(whole[:, view]))
         if not parts:
             return np.empty((0, *arr.shape[2:]), dtype=arr.dtype)
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
-    def _verify_rows(self, name: str, uniq: np.ndarray, data: np.ndarray) -> None:
+    def _read_verified(self, arr: zarr.Array, name: str, rows: np.ndarray) -> np.ndarray:
+        """Whole rows, each checked against its checksum. Rows that fail and whose chunks came
+        from a local cache are dropped from it and fetched once more; what fails then is an error
+        (and is not kept in the cache)."""
+        data = self._read_unique(arr, name, rows, None)
+        bad = self._bad_rows(name, rows, data)
+        if bad and self.location.forget(_chunk_keys(arr, rows[bad])):
+            data = self._read_unique(arr, name, rows, None)
+            bad = self._bad_rows(name, rows, data)
+            self.location.forget(_chunk_keys(arr, rows[bad]))
+        if bad:
+            r = int(rows[bad[0]])
+            status = self.manifest["status"].iat[r]
+            problem = (
+                "fails its checksum"
+                if status == "ok"
+                else f"has no recorded checksum (status {status})"
+            )
+            vid = self.manifest["video_id"].iat[r]
+            raise CorruptStoreError(
+                f"{self.location.describe()}: row {r} ({vid}) {name} {problem}; run fsar-store verify"
+            )
+        return data
+
+    def _bad_rows(self, name: str, rows: np.ndarray, data: np.ndarray) -> list[int]:
+        """Positions in `rows` whose data fails its recorded checksum (or has none)."""
         sums = self.manifest[checksum_column(name)].to_numpy()
         status = self.manifest["status"].to_numpy()
-        for pos, r in enumerate(uniq):
-            want = sums[int(r)]
-            problem = None
-            if status[int(r)] != "ok" or not isinstance(want, str):
-                problem = f"has no recorded checksum (status {status[int(r)]})"
-            elif checksum(data[pos]) != want:
-                problem = "fails its checksum"
-            if problem is not None:
-                vid = self.manifest["video_id"].iat[int(r)]
-                raise CorruptStoreError(
-                    f"{self.location.describe()}: row {int(r)} ({vid}) {name} {problem}; "
-                    "run fsar-store verify"
-                )
+        return [
+            pos
+            for pos, r in enumerate(rows)
+            if status[int(r)] != "ok"
+            or not isinstance(sums[int(r)], str)
+            or checksum(data[pos]) != sums[int(r)]
+        ]
 
     def text(
         self, name: str = TEXT_DEFAULT, verify: bool | None = None
@@ -326,3 +347,9 @@ class StoreReader:
             raise CorruptStoreError(
                 f"{self.location.describe()}: {LASTBLOCK_FILE} is not a valid safetensors file"
             ) from exc
+
+
+def _chunk_keys(arr: zarr.Array, rows: np.ndarray) -> list[str]:
+    """Store keys of the chunks holding `rows` (one chunk per row)."""
+    rest = (0,) * (arr.ndim - 1)
+    return [f"{arr.path}/{arr.metadata.encode_chunk_key((int(r), *rest))}" for r in rows]
