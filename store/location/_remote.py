@@ -17,13 +17,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from fsspec.asyn import sync
 from fsspec.implementations.cached import SimpleCacheFileSystem
-from zarr.abc.store import (
-    ByteRequest,
-    OffsetByteRequest,
-    RangeByteRequest,
-    Store,
-    SuffixByteRequest,
-)
+from zarr.abc.store import ByteRequest, Store
 from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 
 from ..errors import (
@@ -72,18 +66,6 @@ def _env_number(name: str, default: float, kind: type) -> Any:
     if value is None or not (0 < value < 10**6):
         raise StoreError(f"{name}={text!r} is not a positive {kind.__name__}: unset it or fix it")
     return value
-
-
-def _slice(data: bytes, byte_range: ByteRequest | None) -> bytes:
-    if byte_range is None:
-        return data
-    if isinstance(byte_range, RangeByteRequest):
-        return data[byte_range.start : byte_range.end]
-    if isinstance(byte_range, OffsetByteRequest):
-        return data[byte_range.offset :]
-    if isinstance(byte_range, SuffixByteRequest):
-        return data[max(0, len(data) - byte_range.suffix) :]
-    raise TypeError(f"unexpected byte range {byte_range!r}")
 
 
 def remote_filesystem(url: str, timeout: float) -> tuple[Any, str]:
@@ -138,16 +120,11 @@ class RemoteStore(Store):
         """Keep fetched chunks under `folder` (fsspec's simplecache: one file per chunk)."""
         self.cache = SimpleCacheFileSystem(fs=self.fs, cache_storage=str(folder))
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, RemoteStore) and other.url == self.url
-
-    def with_read_only(self, read_only: bool = False) -> RemoteStore:
-        if not read_only:
-            raise StoreError(f"{self.shown} is a remote store: it is read-only")
-        return self
-
     def __str__(self) -> str:
         return self.shown
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RemoteStore) and other.url == self.url
 
     def key_url(self, key: str) -> str:
         return f"{self.shown}/{key}"
@@ -228,10 +205,16 @@ class RemoteStore(Store):
         prototype: BufferPrototype | None = None,
         byte_range: ByteRequest | None = None,
     ) -> Buffer | None:
+        if (
+            byte_range is not None
+        ):  # zarr asks for ranges only inside shards, which fsar never writes
+            raise StoreError(
+                f"{self.key_url(key)}: fsar stores are read chunk by chunk, not in ranges"
+            )
         data = await self.fetch(key)
         if data is None:
             return None
-        return (prototype or default_buffer_prototype()).buffer.from_bytes(_slice(data, byte_range))
+        return (prototype or default_buffer_prototype()).buffer.from_bytes(data)
 
     async def get_partial_values(
         self,
