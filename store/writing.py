@@ -27,11 +27,11 @@ from .layout import (
     LASTBLOCK_NAME,
     LOCK_FILE,
     MANIFEST_FILE,
-    SCHEMA_VERSION,
     checksum_column,
     cls_source,
     manifest_columns,
     row_tensors,
+    schema_version_for,
     text_name,
     weights_file,
 )
@@ -107,7 +107,7 @@ def create_layout(
         group.attrs.update(
             {
                 **({"written_on": mark} if written_here else {}),
-                "schema_version": SCHEMA_VERSION,
+                "schema_version": schema_version_for(spec),
                 "spec": json.loads(json.dumps(spec)),
                 "classes": list(classes),
                 "tensors": names,
