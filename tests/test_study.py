@@ -44,7 +44,11 @@ ROWS = [
         "options": {"levels": "token"},
     },
 ]
-FAILING = {"id": "broken", "head": "emp", "options": {"heads": 0}}  # builds, fails in its first step
+FAILING = {
+    "id": "broken",
+    "head": "emp",
+    "options": {"heads": 0},
+}  # builds, fails in its first step
 
 
 def plan_data(rows: list[dict], name: str = "tiny") -> dict:
