@@ -63,3 +63,16 @@ def env_number(
     if not math.isfinite(value) or not low <= value <= high:
         raise refusal
     return value
+
+
+FLAG_WORDS = {"1": True, "on": True, "yes": True, "true": True, "0": False, "off": False, "no": False, "false": False}  # fmt: skip
+
+
+def env_flag(variable: str) -> bool | None:
+    """The FSAR_* variable `variable` as on (1/on/yes/true) or off (0/off/no/false), None when unset."""
+    text = os.environ.get(variable, "").strip().lower()
+    if not text:
+        return None
+    if text not in FLAG_WORDS:
+        raise OptionError(f"{variable}={text[:40]!r}: use 1 or 0 (or unset it)")
+    return FLAG_WORDS[text]

@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 import zarr
 
+from runtime.values import env_flag
+
 from .errors import CorruptStoreError, NotAStoreError, SchemaVersionError, StoreError
 from .layout import SCHEMA_VERSION
 from .location import HINT, Location, one_line
@@ -47,12 +49,8 @@ def written_here(location: Location, attrs: Mapping[str, Any]) -> bool:
 
 def verify_by_default(location: Location, attrs: Mapping[str, Any]) -> bool:
     """Whether reads check row checksums: env FSAR_VERIFY_READS (0/1), else unless written here."""
-    env = os.environ.get(VERIFY_ENV, "").strip().lower()
-    if env in ("0", "off", "no", "false"):
-        return False
-    if env in ("1", "on", "yes", "true"):
-        return True
-    return not written_here(location, attrs)
+    chosen = env_flag(VERIFY_ENV)
+    return chosen if chosen is not None else not written_here(location, attrs)
 
 
 def validate_attrs(attrs: Mapping[str, Any], where: str) -> None:

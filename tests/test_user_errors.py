@@ -174,3 +174,50 @@ def test_a_full_disk_anywhere_is_one_line_naming_the_file(tmp_path: Path, monkey
         line
         == f"error: No space left on device writing {video}: free space or choose another location, then run it again"
     )
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("FSAR_REMOTE_RETRIES", "abc"), ("FSAR_REMOTE_RETRIES", "0"), ("FSAR_REMOTE_TIMEOUT", "abc"),
+     ("FSAR_REMOTE_TIMEOUT", "nan"), ("FSAR_REMOTE_TIMEOUT", "-1")],
+)  # fmt: skip
+def test_a_bad_fsar_variable_is_one_line_naming_it(monkeypatch, variable: str, value: str) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv(variable, value)
+    line = only_line(
+        cli.store_app, ["info", "http://127.0.0.1:9/store"]
+    )  # refused before connecting
+    assert line.startswith(f"error: {variable}={value!r}: use ") and line.endswith("(or unset it)")
+
+
+def test_a_bad_verify_switch_is_one_line(pair_store: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("FSAR_VERIFY_READS", "maybe")
+    line = only_line(cli.eval_app, ["--store", str(pair_store), "--head", "proto"])
+    assert line == "error: FSAR_VERIFY_READS='maybe': use 1 or 0 (or unset it)"
+
+
+@pytest.mark.slow
+def test_a_refused_remote_read_stays_one_line_run_after_run(tmp_path: Path) -> None:
+    """A chunk read the server refuses ends a batch read at once while its other reads are still in
+    flight: at exit they must not print "Task was destroyed but it is pending!" (it did in about
+    half of the runs), so the error stays one line every time."""
+    import subprocess
+    import sys
+
+    from tests.share_fixtures import make_store
+    from tests.store_http import serve
+
+    make_store(tmp_path / "s")
+    env = dict(os.environ, FSAR_REMOTE_RETRIES="1", FSAR_REMOTE_TIMEOUT="2")
+    with serve(tmp_path) as (base, faults):
+        for chunk in (tmp_path / "s" / "cls").rglob("c/**/*"):
+            if chunk.is_file():
+                faults.by_path["/" + chunk.relative_to(tmp_path).as_posix()] = "500"
+        args = ["eval", "--store", f"{base}/s", "--head", "proto", "--way", "2", "--no-progress"]
+        for _ in range(6):
+            run = subprocess.run(
+                [sys.executable, "-m", "cli", *args], capture_output=True, text=True, env=env,
+                cwd=Path(cli.__file__).parent, timeout=300,
+            )  # fmt: skip
+            lines = [line for line in run.stderr.splitlines() if line.strip()]
+            assert run.returncode == 2 and len(lines) == 1, run.stderr[-3000:]
+            assert lines[0].startswith("error: cannot read ") and "500" in lines[0]
