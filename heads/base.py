@@ -155,6 +155,11 @@ class FewShotHead(nn.Module, ABC):
         """Constructor arguments that rebuild this head (saved in checkpoints)."""
         return dict(self._config)
 
+    def parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]] | None:
+        """Named optimiser groups of (name, parameter), each with its own learning rate
+        (`TrainConfig.group_lr`); None (default): one group of every parameter."""
+        return None
+
     # ---------------------------------------------------------------- per video
     @abstractmethod
     def video_features(self, inputs: Features) -> Features:

@@ -47,6 +47,7 @@ def _register_builtin() -> None:
     from .emp import EMPNet
     from .lastlayer import LastLayer
     from .probe import LinearProbe
+    from .tsfsar import TSFSAR
 
     register("emp", EMPNet)
     register("zeroshot", ZeroShot)
@@ -54,3 +55,4 @@ def _register_builtin() -> None:
     register("otam", OTAM)
     register("lastlayer", LastLayer)
     register("probe", LinearProbe)
+    register("tsfsar", TSFSAR)

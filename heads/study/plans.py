@@ -355,7 +355,9 @@ def _build(row: Row, store: Any, plan: Plan) -> Any:
     from heads.train import head_options
 
     try:
-        return registry.create(row.head, **head_options(row.head, row.options, store.spec))
+        return registry.create(
+            row.head, **head_options(row.head, row.options, store.spec, store.manifest)
+        )
     except ValueError as error:
         raise PlanError(f"plan {plan.name}, row {row.id}: {str(error).splitlines()[0]}") from None
 
