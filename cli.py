@@ -150,9 +150,12 @@ def store_info(
     import json
 
     from store import StoreError
+    from store.layout import recipe_sizes
+    from store.sizes import size_lines, taps_text
 
     with user_errors(StoreError):
         info = _open_for_cli(path, cache).info()
+    info["recipe_sizes"] = recipe_sizes(info["spec"])
     if json_out:
         typer.echo(json.dumps(info, indent=2, default=str))
         return
@@ -168,6 +171,8 @@ def store_info(
         f"recipe       {spec['recipe']}  layers={spec['layers']}  T={spec['frames']} V={spec['views']}  "
         f"L={spec['tokens']} D={spec['dim']}  {spec['dtype']}  codec={spec.get('codec')}"
     )
+    if spec.get("taps"):
+        typer.echo(f"taps         {taps_text(spec['taps'])}  W={spec['width']}  (resid/layerKK)")
     typer.echo(f"preprocess   {spec['preprocess'].get('name')}  image {spec['image_size']}")
     typer.echo(f"classes      {info['classes']}   rows {info['rows']}")
     for split, counts in info["counts"].items():
@@ -187,6 +192,9 @@ def store_info(
         )
     if info["weights"]:
         typer.echo("weights      " + ", ".join(info["weights"]))
+    typer.echo("per video, every recipe at this model, T and V:")
+    for line in size_lines(spec):
+        typer.echo(f"  {line}")
 
 
 @store_app.command("verify")

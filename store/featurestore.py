@@ -39,7 +39,6 @@ from .lastblock_file import lastblock_from_bytes, lastblock_to_bytes
 from .layout import (
     ALLOWED_DTYPES,
     CHECKSUM_ALGORITHM,
-    LASTBLOCK_FILE,
     LASTBLOCK_NAME,
     LOCK_FILE,
     MANIFEST_FILE,
@@ -47,11 +46,15 @@ from .layout import (
     SCHEMA_VERSION,
     SPEC_IDENTITY_FIELDS,
     TEXT_DEFAULT,
+    TSFSAR_INIT_FILE,
+    TSFSAR_INIT_NAME,
+    check_tsfsar_init,
     checksum_column,
     cls_source,
     manifest_columns,
     row_bytes,
     row_tensors,
+    schema_version_for,
     spec_field,
     text_name,
     weights_file,
@@ -444,25 +447,43 @@ class FeatureStore:
             )
         return data, templates
 
-    def read_lastblock(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        """Weights and config of the last ViT block (recipe `emp+last`), parsed without pickle."""
+    def read_weights(
+        self, name: str, hint: str = ""
+    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Tensors and config of `weights/<name>` (safetensors), checked against its recorded
+        sha256 and parsed without pickle; `hint` says how to get a missing file."""
+        path = weights_file(name)
+        want = self.attrs.get("weights", {}).get(name)
         try:
-            data = self.location.read_file(LASTBLOCK_FILE)
+            data = self.location.read_file(path) if want is not None else None
         except FileNotFoundError:
-            raise StoreError(
-                f"{self.location.describe()} has no {LASTBLOCK_FILE}: extract with --recipe emp+last"
-            ) from None
-        want = self.attrs.get("weights", {}).get(LASTBLOCK_NAME)
-        if want is None or hashlib.sha256(data).hexdigest() != want:
-            raise CorruptStoreError(
-                f"{self.location.describe()}: {LASTBLOCK_FILE} fails its checksum"
-            )
+            data = None
+        if data is None:
+            raise StoreError(f"{self.location.describe()} has no {path}{hint}")
+        if hashlib.sha256(data).hexdigest() != want:
+            raise CorruptStoreError(f"{self.location.describe()}: {path} fails its checksum")
         try:
             return lastblock_from_bytes(data)
         except ValueError as exc:
             raise CorruptStoreError(
-                f"{self.location.describe()}: {LASTBLOCK_FILE} is not a valid safetensors file"
+                f"{self.location.describe()}: {path} is not a valid safetensors file"
             ) from exc
+
+    def read_lastblock(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Weights and config of the last ViT block (recipe `emp+last`), parsed without pickle."""
+        return self.read_weights(LASTBLOCK_NAME, ": extract with --recipe emp+last")
+
+    def read_tsfsar_init(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """TS-FSAR's side-network init (recipes with `ts`): tensors of `tsfsar_init_shapes` and
+        the config they were computed with."""
+        tensors, config = self.read_weights(TSFSAR_INIT_NAME, ": extract with a recipe with ts")
+        try:
+            check_tsfsar_init(tensors, config)
+        except ValueError as exc:
+            raise CorruptStoreError(
+                f"{self.location.describe()}: {TSFSAR_INIT_FILE}: {exc}"
+            ) from None
+        return tensors, config
 
     # ------------------------------------------------------------------ writing (driver)
     def _require_writer(self) -> None:
@@ -610,11 +631,12 @@ class FeatureStore:
             except Exception as exc:
                 reason = "checksum mismatch" if "checksum" in str(exc) else one_line(exc)
                 problems.append(Problem(None, None, text_name(name), reason))
-        if LASTBLOCK_NAME in self.attrs.get("weights", {}):
+        readers = {LASTBLOCK_NAME: self.read_lastblock, TSFSAR_INIT_NAME: self.read_tsfsar_init}
+        for name in self.attrs.get("weights", {}):
             try:
-                self.read_lastblock()
+                readers.get(name, lambda n=name: self.read_weights(n))()
             except StoreError as exc:
-                problems.append(Problem(None, None, LASTBLOCK_FILE, str(exc)))
+                problems.append(Problem(None, None, weights_file(name), str(exc)))
         return problems
 
     def fingerprint(self) -> str:
@@ -726,7 +748,7 @@ def create_store(
         group.attrs.update(
             {
                 **({"written_on": mark} if written_here else {}),
-                "schema_version": SCHEMA_VERSION,
+                "schema_version": schema_version_for(spec),
                 "spec": json.loads(json.dumps(spec)),
                 "classes": list(classes),
                 "tensors": names,
