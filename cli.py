@@ -558,7 +558,11 @@ def eval_command(
     max_ram: float = typer.Option(8.0, help="GB the split may take in RAM; larger splits stream."),
     json_out: str | None = typer.Option(None, "--json", help="Write the result as JSON."),
     per_episode: str | None = typer.Option(None, help="Write each episode's accuracy (parquet)."),
-    option: list[str] = typer.Option([], help="Head option KEY=VALUE for --head (repeatable)."),
+    option: list[str] = typer.Option(
+        [],
+        help="Head option KEY=VALUE (repeatable): for --head, or a run's test-time options "
+        "(e.g. tsfsar's fuse_vision, fuse_clip, fuse_side).",
+    ),
     progress: bool = typer.Option(True, help="Progress bar."),
 ) -> None:
     """Evaluate a trained run or a training-free head on few-shot episodes."""
@@ -594,7 +598,7 @@ def eval_command(
             fail("--store is required with --head")
         s = open_store(store_path)
         if run_dir is not None:
-            model = load_run(run_dir, s, target)
+            model = load_run(run_dir, s, target, key_values(option))
         else:  # untrained: built at the store's dim, the same weights every time
             torch.manual_seed(seed)
             model = build_head(head, key_values(option), s, target)

@@ -24,7 +24,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from store.layout import TEXT_DEFAULT, cls_name
+from store.layout import (
+    TEXT_DEFAULT,
+    TEXT_DESCRIPTIONS,
+    TSFSAR_INIT_FILE,
+    TSFSAR_INIT_NAME,
+    cls_name,
+    resid_name,
+    tsfsar_side_width,
+)
+from store.layout import spec_taps as layout_taps
 
 from .base import Features, FewShotHead, class_means
 from .config import ConfigError
@@ -38,7 +47,6 @@ from .tsfsar_side import (
     temporal_side_blocks,
 )
 
-DESCRIPTIONS_TEXT = "descriptions"  # text/descriptions: `fsar-extract --class-descriptions FILE`
 # The released optimiser's groups (utils/optimizer.py:21-35), by the modules they hold here.
 PARAMETER_GROUPS = {
     "head": ("classifier.", "up_norm.", "up_proj."),  # names with Linear, up_linear, up_ln
@@ -51,11 +59,6 @@ LOSS_TERMS = ("vision", "classifier", "side_text", "distill", "clip_text")
 
 class TSFSARNotice(UserWarning):
     """A fallback the head takes (no class descriptions, no side-network initialisation)."""
-
-
-def resid_name(tap: int) -> str:
-    """`resid/layerKK`: the raw residual stream after CLIP block KK (00: the ln_pre output)."""
-    return f"resid/layer{tap:02d}"
 
 
 def parse_layers(value: str | Sequence[int], option: str, at_least: int) -> list[int]:
@@ -73,19 +76,8 @@ def parse_layers(value: str | Sequence[int], option: str, at_least: int) -> list
 
 
 def spec_taps(spec: dict[str, Any]) -> list[int]:
-    """The taps a store holds: its spec's `taps`, else the `resid/layerKK` tensors it lists."""
-    if spec.get("taps"):
-        return [int(t) for t in spec["taps"]]
-    names = [e["name"] for e in spec.get("tensors", [])]
-    return sorted(int(n.rsplit("layer", 1)[1]) for n in names if n.startswith("resid/layer"))
-
-
-def spec_depth(spec: dict[str, Any]) -> int:
-    """The CLIP depth of a store: its spec's `depth`, else its deepest tap."""
-    if spec.get("depth"):
-        return int(spec["depth"])
-    taps = spec_taps(spec)
-    return max(taps) if taps else 12
+    """The taps a store holds (none for a store without `ts`)."""
+    return layout_taps(spec) if spec.get("recipe") else [int(t) for t in spec.get("taps") or []]
 
 
 def distillation(student: torch.Tensor, teacher: torch.Tensor, t: float) -> torch.Tensor:
@@ -176,7 +168,8 @@ class TSFSAR(FewShotHead):
         """Shapes from the store: widths, taps, depth, frames, and the number of train classes."""
         options: dict[str, Any] = dict(
             dim=int(spec["dim"]), width=int(spec["width"]), taps=spec_taps(spec) or None,
-            depth=spec_depth(spec), frames=int(spec["frames"]),
+            depth=spec.get("depth"), frames=int(spec["frames"]),
+            side_width=tsfsar_side_width(int(spec["width"])),
         )  # fmt: skip
         if manifest is not None:
             options["base_classes"] = int(
@@ -204,10 +197,10 @@ class TSFSAR(FewShotHead):
 
     def prepare(self, store: Any) -> None:
         names = list(store.text_names)
-        name = DESCRIPTIONS_TEXT if DESCRIPTIONS_TEXT in names else TEXT_DEFAULT
-        if name != DESCRIPTIONS_TEXT:
+        name = TEXT_DESCRIPTIONS if TEXT_DESCRIPTIONS in names else TEXT_DEFAULT
+        if name != TEXT_DESCRIPTIONS:
             warnings.warn(
-                f"tsfsar: the store has no text/{DESCRIPTIONS_TEXT} (fsar-extract "
+                f"tsfsar: the store has no text/{TEXT_DESCRIPTIONS} (fsar-extract "
                 f"--class-descriptions FILE); using the template set text/{TEXT_DEFAULT}",
                 TSFSARNotice,
                 stacklevel=2,
@@ -230,18 +223,31 @@ class TSFSAR(FewShotHead):
         self.base_index = index.to(device)
 
     def load_store_init(self, store: Any) -> None:
-        """Side blocks and Adapter from the store's `weights/tsfsar_init.safetensors`, if it has one."""
-        reader = getattr(store, "read_tsfsar_init", None)
-        tensors = reader() if reader is not None else None
-        if tensors is None:
-            warnings.warn(
-                "tsfsar: the store has no weights/tsfsar_init.safetensors (extract with --recipe "
-                "ts); the side network starts from random weights",
-                TSFSARNotice,
-                stacklevel=2,
+        """Side blocks and Adapter from the store's `weights/tsfsar_init.safetensors`, if it has one
+        made for this head's widths (else they keep their random initialisation, said in one line)."""
+        if TSFSAR_INIT_NAME not in store.attrs.get("weights", {}):
+            return self._notice(f"the store has no {TSFSAR_INIT_FILE} (extract with --recipe ts)")
+        tensors, config = store.read_tsfsar_init()
+        mine = self._config
+        theirs = (int(config["side_width"]), float(config["mlp_ratio"]), int(config["adapter_dim"]))
+        if theirs != (mine["side_width"], float(mine["mlp_ratio"]), mine["dim"]):
+            return self._notice(
+                f"{TSFSAR_INIT_FILE} is for side width {theirs[0]}, MLP ratio {theirs[1]:g} and "
+                f"adapter width {theirs[2]}, the head has {mine['side_width']}, "
+                f"{mine['mlp_ratio']:g} and {mine['dim']}"
             )
-            return
-        self.load_init(tensors[0] if isinstance(tensors, tuple) else tensors)
+        if int(config["depth"]) < max(self.taps):
+            return self._notice(
+                f"{TSFSAR_INIT_FILE} covers {config['depth']} blocks, not tap {max(self.taps)}"
+            )
+        self.load_init(tensors)
+
+    def _notice(self, why: str) -> None:
+        warnings.warn(
+            f"tsfsar: {why}; the side network and Adapter start from random weights",
+            TSFSARNotice,
+            stacklevel=3,
+        )
 
     def load_init(self, tensors: dict[str, Any]) -> None:
         """Side block j from CLIP block taps[j + 1]'s PCA entry, the Adapter from the last block's."""

@@ -1,0 +1,115 @@
+"""`tsfsar` from a store: what `prepare` loads (init file, class descriptions, base classes), the
+fallbacks it states, and `fsar-train` / `fsar-eval` end to end on a tiny `ts` store."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cli import eval_app, train_app
+from heads.train import build_head
+from heads.tsfsar import TSFSARNotice
+from store import open_store
+from store.random_store import random_spec, random_tsfsar_init, write_random_store
+
+runner = CliRunner()
+TAPS = [0, 2, 4]
+
+
+@pytest.fixture(scope="module")
+def ts_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`ts` store of a 4-block ViT (width 48, dim 32; side width 16), taps 0, 2, 4, T 4, 2 views,
+    6/6/6 classes of 6 videos, a random side-network init and class descriptions."""
+    path = tmp_path_factory.mktemp("tsfsar") / "store"
+    spec = random_spec(recipe="ts", taps=TAPS, depth=4, width=48, dim=32, views=2)
+    write_random_store(path, spec, {"train": 6, "val": 6, "test": 6}, 6, descriptions=True,
+                       tsfsar_init=random_tsfsar_init(spec, seed=3)).close()  # fmt: skip
+    return path
+
+
+@pytest.fixture(scope="module")
+def bare_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same shapes without init file or descriptions; an `emp` store next to it."""
+    root = tmp_path_factory.mktemp("tsfsar-bare")
+    spec = random_spec(recipe="ts", taps=TAPS, depth=4, width=48, dim=32)
+    write_random_store(root / "ts", spec, {"train": 6, "val": 6, "test": 6}, 6).close()
+    write_random_store(root / "emp", random_spec(), {"train": 6, "val": 6, "test": 6}, 6).close()
+    return root
+
+
+def test_prepare_loads_the_init_descriptions_and_base_classes(ts_store: Path) -> None:
+    store = open_store(ts_store)
+    init, config = store.read_tsfsar_init()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TSFSARNotice)  # nothing to fall back on
+        head = build_head("tsfsar", {}, store, torch.device("cpu"))
+    assert head.config()["side_width"] == config["side_width"] == 16
+    assert head.config()["base_classes"] == 6 and head.base_ids.tolist() == list(range(6))
+    # side block j <- CLIP block taps[j + 1]; the Adapter <- adapter.attn.*
+    for j, block in enumerate(TAPS[1:]):
+        mine = head.side.blocks[j]
+        assert np.array_equal(
+            mine.attn.q.weight.detach().numpy(), init[f"block{block:02d}.attn.q.weight"]
+        )
+        assert np.array_equal(
+            mine.mlp.fc2.bias.detach().numpy(), init[f"block{block:02d}.mlp.fc2.bias"]
+        )
+        assert np.array_equal(
+            mine.norm2.weight.detach().numpy(), init[f"block{block:02d}.norm2.weight"]
+        )
+    assert np.array_equal(head.adapter.attn.v.bias.detach().numpy(), init["adapter.attn.v.bias"])
+    text, _ = store.text("descriptions")
+    assert torch.allclose(head.text_unit, torch.from_numpy(text[:, 0]), atol=1e-6)
+
+
+def test_missing_or_misfit_init_and_texts_are_said_in_one_line(
+    bare_store: Path, ts_store: Path
+) -> None:
+    with pytest.warns(TSFSARNotice) as caught:
+        build_head("tsfsar", {}, open_store(bare_store / "ts"), torch.device("cpu"))
+    said = sorted(str(w.message) for w in caught)
+    assert said == [
+        "tsfsar: the store has no text/descriptions (fsar-extract --class-descriptions FILE); "
+        "using the template set text/emp16",
+        "tsfsar: the store has no weights/tsfsar_init.safetensors (extract with --recipe ts); the "
+        "side network and Adapter start from random weights",
+    ]
+    with pytest.warns(
+        TSFSARNotice,
+        match="is for side width 16, MLP ratio 4 and adapter width 32, the head has 32",
+    ):
+        build_head("tsfsar", {"side_width": 32}, open_store(ts_store), torch.device("cpu"))
+
+
+def test_train_and_evaluate_from_the_command_line(
+    ts_store: Path, bare_store: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    args = ["--store", str(ts_store), "--head", "tsfsar", "--preset", "hmdb51", "--episodes", "4",
+            "--val-every", "2", "--val-episodes", "5", "--val-way", "3", "--out", str(run), "--no-progress"]  # fmt: skip
+    result = runner.invoke(train_app, args)
+    assert result.exit_code == 0, result.output
+    config = json.loads((run / "config.json").read_text())["config"]
+    assert (config["optimizer"], config["schedule"], config["episodes"]) == ("adamw", "cosine", 4)
+    assert config["head_options"]["taps"] == TAPS and config["head_options"]["fuse_clip"] == 0.8
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["episode"] for r in records if "val_accuracy" in r] == [2, 4]
+    evaluated = runner.invoke(eval_app, ["--checkpoint", str(run), "--episodes", "20", "--no-progress",
+                                         "--option", "fuse_clip=0", "--option", "fuse_side=0"])  # fmt: skip
+    assert evaluated.exit_code == 0, evaluated.output
+    assert "(95% CI, 20 episodes, 5-way 1-shot, test)" in evaluated.output
+    # fewer taps than the store holds: the depth ablation from one store
+    fewer = runner.invoke(train_app, [*args[:-3], "--out", str(tmp_path / "fewer"), "--no-progress",
+                                      "--option", "taps=0,4"])  # fmt: skip
+    assert fewer.exit_code == 0, fewer.output
+    # a store without taps: one line, exit 2
+    refused = runner.invoke(eval_app, ["--store", str(bare_store / "emp"), "--head", "tsfsar",
+                                       "--episodes", "5", "--no-progress"])  # fmt: skip
+    assert refused.exit_code == 2 and "Traceback" not in refused.output
+    assert "reads taps 0,1,2,3,4,5,6,7,8,9,10,11,12; the store has none" in refused.output
