@@ -628,7 +628,7 @@ def study_command(
         None, help="Store: directory, packed file or URL (workers read it too)."
     ),
     plan: str | None = typer.Option(
-        None, help="Built-in plan (ablation, baselines, shots) or a plan .json file."
+        None, help="Built-in plan (ablation, baselines, shots, tsfsar) or a plan .json file."
     ),
     out: str | None = typer.Option(None, help="Study folder [studies/<plan>]."),
     scheduler: str | None = typer.Option(

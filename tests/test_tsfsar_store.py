@@ -113,3 +113,42 @@ def test_train_and_evaluate_from_the_command_line(
                                        "--episodes", "5", "--no-progress"])  # fmt: skip
     assert refused.exit_code == 2 and "Traceback" not in refused.output
     assert "reads taps 0,1,2,3,4,5,6,7,8,9,10,11,12; the store has none" in refused.output
+
+
+def test_the_tsfsar_study_plan(ts_store: Path, tmp_path: Path) -> None:
+    """The built-in plan: training-free heads, emp, tsfsar on every tap and on fewer taps; rows the
+    store cannot serve are left out with the reason; the reported values carry their sources."""
+    from heads.study.plans import expand, load_plan
+
+    plan = load_plan("tsfsar")
+    vit = {"model": "ViT-B-16", "pretrained": "openai"}
+    assert plan.reported.of({**vit, "dataset": "hmdb51"}, "tsfsar", 5) == 88.9
+    assert plan.reported.of({**vit, "dataset": "ssv2_full"}, "tsfsar-depth3", 1) == 67.0
+    assert plan.reported.of({**vit, "dataset": "kinetics100"}, "emp", 1) == 89.1
+    assert plan.reported.of({**vit, "pretrained": "none", "dataset": "hmdb51"}, "tsfsar", 1) is None
+    assert sum("README.md:12" in n for n in plan.notes) == 1 and any(
+        "poster.pdf" in n for n in plan.notes
+    )
+    full = tmp_path / "full"
+    taps = [0, 2, 4, 6, 8, 10, 12]  # what the plan's rows read from a 12-block ViT
+    spec = random_spec(recipe="emp+ts", layers=(4, 8, 12), width=48, dim=32, taps=taps)
+    write_random_store(full, spec, {"train": 5, "val": 5, "test": 5}, 6).close()
+    served = expand(plan, open_store(full), str(full), episodes=10, train_overrides={"query": 1})
+    assert [r.id for r in served.rows] == [
+        "zeroshot", "proto", "otam", "emp", "tsfsar", "tsfsar-depth6", "tsfsar-depth3",
+    ]  # fmt: skip
+    depth3 = next(c for c in served.cells if c.id == "tsfsar-depth3.5shot.seed0")
+    assert (
+        depth3.head_options["taps"] == [0, 4, 8, 12]
+        and depth3.train["head_options"]["taps"] == "0,4,8,12"
+    )
+    partial = expand(
+        plan, open_store(ts_store), str(ts_store), episodes=10, train_overrides={"query": 1}
+    )
+    assert [r.id for r in partial.rows] == ["zeroshot", "proto", "otam", "tsfsar"]
+    assert any(
+        n.startswith("row emp left out: head emp reads tokens/ layers") for n in partial.notes
+    )
+    assert any(
+        "row tsfsar-depth3 left out: head tsfsar reads taps 0,4,8,12" in n for n in partial.notes
+    )
