@@ -119,8 +119,8 @@ def test_store_roles_and_missing_taps() -> None:
     spec.update(dim=32, width=48, frames=4)
     manifest = pd.DataFrame({"label": [0, 1, 1, 2], "split": ["train"] * 3 + ["test"]})
     assert TSFSAR.store_options(spec, manifest) == dict(
-        dim=32, width=48, taps=[0, 1, 2, 3, 4], depth=4, frames=4, base_classes=2
-    )
+        dim=32, width=48, taps=[0, 1, 2, 3, 4], depth=4, frames=4, base_classes=2, side_width=16
+    )  # side width: store.layout.tsfsar_side_width(48), as the store's init file
     assert "base_classes" not in TSFSAR.store_options(spec)
 
 

@@ -126,10 +126,14 @@ class Cell:
     eval: EvalSettings
     store_fingerprint: str
     config_hash: str = ""
+    head_package: str = ""  # "distribution version" of a plugin head; "" for a built-in
 
     def identity(self) -> dict[str, Any]:
-        """Everything the cell's result depends on (hashed into config_hash)."""
+        """Everything the cell's result depends on (hashed into config_hash); a plugin head's
+        package version too, so upgrading the plugin reruns its cells."""
+        package = {"head_package": self.head_package} if self.head_package else {}
         return {
+            **package,
             "head": self.head,
             "head_options": self.head_options,
             "train": self.train,
@@ -343,6 +347,7 @@ def expand(
                 cell = Cell(
                     id=cell_id, row=row.id, head=row.head, head_options=options, train=train,
                     shot=shot, seed=seed, eval=settings, store_fingerprint=store.fingerprint(),
+                    head_package=_package(row.head),
                 )  # fmt: skip
                 cells.append(replace(cell, config_hash=config_hash(cell.identity())))
     if plan.reference not in {r.id for r in rows}:
@@ -362,6 +367,14 @@ def _build(row: Row, store: Any, plan: Plan) -> Any:
         raise PlanError(f"plan {plan.name}, row {row.id}: {str(error).splitlines()[0]}") from None
 
 
+def _package(name: str) -> str:
+    from heads import registry
+
+    source = registry.source(name)
+    plugin = source.distribution and not source.builtin
+    return f"{source.distribution} {source.version}" if plugin else ""
+
+
 def _trained_config(row: Row, train: dict[str, Any]) -> dict[str, Any]:
     """The full config of the head a trained cell trains (its row's options over its preset's)."""
     from heads import registry
@@ -371,17 +384,16 @@ def _trained_config(row: Row, train: dict[str, Any]) -> dict[str, Any]:
 
 def _missing_inputs(head: Any, store: Any) -> str:
     """Why the store cannot serve this head ("" when it can)."""
+    from heads.data import missing_inputs
+
     try:
-        needed = sorted(set(head.inputs(store.spec).values()) - set(store.tensors))
+        missing = missing_inputs(head, store)
     except (
         ValueError
     ) as error:  # a head that says what the store lacks (tsfsar's taps, emp's layers)
         return str(error).splitlines()[0]
-    if needed:
-        return "the store has no " + ", ".join(needed) + (" (extract with --recipe emp+last)" if any(n.endswith("_in") for n in needed) else "")  # fmt: skip
-    if head.uses_text and "emp16" not in store.text_names:
-        return "the store has no text/emp16 (class text embeddings)"
-    return ""
+    hint = " (extract with --recipe emp+last)" if any(m.endswith("_in") for m in missing) else ""
+    return f"the store has no {', '.join(missing)}{hint}" if missing else ""
 
 
 def _check_episodes(store: Any, split: str, way: int, shot: int, query: int) -> int:
