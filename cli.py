@@ -395,7 +395,11 @@ def extract_command(
         help="Views per video (V): centre frames, then seeded random frames (emp: train augmented).",
     ),
     recipe: str = typer.Option("emp", help="emp (layers 4/8/12) or emp+last (+ last block input)."),
-    preprocess: str = typer.Option("openclip", help="openclip (the model's) or emp (EMP-Net's)."),
+    preprocess: str = typer.Option(
+        "openclip",
+        help="openclip (the model's), emp (EMP-Net's and TS-FSAR's) or emp-noflip (no training "
+        "flip: TS-FSAR's SSv2 recipe).",
+    ),
     splits: str | None = typer.Option(None, help="Only these splits, e.g. train,val."),
     part: str | None = typer.Option(None, help="Only part I/N of the videos (by video_id hash)."),
     workers: int | None = typer.Option(

@@ -114,7 +114,9 @@ def build_run_spec(clip: LoadedClip, options: ExtractOptions, device: str, preci
     from store.layout import build_spec
 
     if options.preprocess not in PREPROCESS_NAMES:
-        raise ExtractError(f"--preprocess {options.preprocess!r}: use openclip or emp")
+        raise ExtractError(
+            f"--preprocess {options.preprocess!r}: use {', '.join(PREPROCESS_NAMES)}"
+        )
     if options.recipe not in ("emp", "emp+last"):
         raise ExtractError(f"--recipe {options.recipe!r}: use emp or emp+last")
     if options.frames < 1 or options.views < 1:

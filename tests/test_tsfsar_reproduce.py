@@ -423,3 +423,40 @@ def test_side_initialisation_maps_each_block_to_its_tap() -> None:
     del init["block02.norm1.bias"]
     with pytest.raises(InitError, match="no block02.norm1.bias"):
         head.load_init(init)
+
+
+# ------------------------------------------------------------------------------ training views
+
+
+def test_ssv2_views_are_cropped_and_never_flipped() -> None:
+    """datasets/video_few_shot.py:366-381: RandomHorizontalFlipVideo only with AUGMENTATION.RANDOM_FLIP,
+    which the HMDB51, UCF101 and Kinetics configs set and the SSv2 configs do not. `--preprocess
+    emp-noflip` caches the same squash, crop and frames without the flip."""
+    import numpy as np
+
+    from heads.presets import TSFSAR_RELEASES
+    from pipeline.preprocess import (
+        augment_params,
+        build_transform,
+        preprocess_spec,
+        transform_video,
+    )
+    from tests.test_reproduce import released_clip
+
+    assert {name for (name, _), r in TSFSAR_RELEASES.items() if not r.flip} == {
+        "ssv2_small",
+        "ssv2_full",
+    }
+    cfg = {"size": 224, "mean": (0.5,) * 3, "std": (0.5,) * 3}
+    flipped, cropped = preprocess_spec("emp", cfg), preprocess_spec("emp-noflip", cfg)
+    assert cropped == {**flipped, "train_augment": "crop"}
+    drawn = [augment_params(cropped, f"video{i}", 1) for i in range(300)]
+    emp = [augment_params(flipped, f"video{i}", 1) for i in range(300)]
+    assert not any(d.flip for d in drawn) and any(d.flip for d in emp)
+    assert [(d.x, d.y) for d in drawn] == [(d.x, d.y) for d in emp]  # the same crops
+    pixels = np.random.default_rng(2).integers(0, 256, (3, 2, 60, 80, 3), dtype=np.uint8)
+    train = transform_video(cropped, build_transform(cropped), pixels, "vid", train=True)
+    np.testing.assert_array_equal(train[0], released_clip(pixels[0]))
+    for v in (1, 2):
+        a = augment_params(cropped, "vid", v)
+        np.testing.assert_array_equal(train[v], released_clip(pixels[v], False, (a.x, a.y)))
