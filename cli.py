@@ -486,7 +486,9 @@ def train_command(
         None, help="JSON file of training options (CLI options win)."
     ),
     preset: str | None = typer.Option(
-        None, help="hmdb51|ucf101|kinetics100|ssv2_small|ssv2_full: the released schedule."
+        None,
+        help="hmdb51|ucf101|kinetics100|ssv2_small|ssv2_full: the released recipe of --head "
+        "(tsfsar: TS-FSAR's, per --shot; other heads: EMP-Net's schedule).",
     ),
     head: str | None = typer.Option(
         None, help="Head to train: a trainable one of those listed below [emp]."
@@ -500,7 +502,9 @@ def train_command(
     ),
     lr: float | None = typer.Option(None, help="Peak learning rate [1e-3]."),
     decay_groups: str | None = typer.Option(
-        None, help="Weight decay on: matrices (not norms, biases, scalars) | released [matrices]."
+        None,
+        help="Weight decay on: matrices (not norms, biases, scalars) | released (EMP-Net's names) "
+        "| all [matrices].",
     ),
     val_every: int | None = typer.Option(None, help="Validate every N episodes [500]."),
     val_episodes: int | None = typer.Option(None, help="Validation episodes [1000]."),

@@ -4,13 +4,14 @@
     run_dir = train(cfg)
 
 Loop: sample episode -> `head.episode_loss` (per-video features, support set, query scores, loss)
--> backward; an Adam step every `episodes_per_step` episodes (gradient accumulation); validation on
+-> backward; an Adam or AdamW step (per head parameter group, its lr from the schedule) every
+`episodes_per_step` episodes (gradient accumulation; fp16 on CUDA through a gradient scaler); validation on
 the **val** split every `val_every` episodes; `best.safetensors` (best val accuracy) and
 `last.safetensors` (with optimizer and RNG state, for `--resume`; also written after the first
 optimiser steps, so an early kill loses little) in the run directory, next to `config.json`,
 `metrics.jsonl` and `curves.png`; `runs/latest` points to the newest run. Every option is checked,
 and the store and episodes are loaded, before the run directory is touched; an existing run is never
-overwritten unless asked. Options and presets: heads/config.py.
+overwritten unless asked. Options: heads/config.py; the released recipes (presets): heads/presets.py.
 """
 
 from __future__ import annotations
