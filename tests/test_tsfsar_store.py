@@ -152,3 +152,26 @@ def test_the_tsfsar_study_plan(ts_store: Path, tmp_path: Path) -> None:
     assert any(
         "row tsfsar-depth3 left out: head tsfsar reads taps 0,4,8,12" in n for n in partial.notes
     )
+
+
+def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(
+    ts_store: Path, tmp_path: Path
+) -> None:
+    """AdamW's four groups, their base learning rates and the cosine position survive a checkpoint."""
+    from safetensors.torch import load_file
+
+    from heads.config import TrainConfig
+    from heads.train import train
+
+    def config(out: Path) -> TrainConfig:
+        explicit = dict(store=str(ts_store), head="tsfsar", preset="hmdb51", episodes=6)
+        quiet = dict(out=str(out), progress=False, val_every=3, val_episodes=5, val_way=3)
+        return TrainConfig(**explicit, **quiet).resolved(explicit={*explicit, *quiet})
+
+    whole = train(config(tmp_path / "whole"))
+    train(config(tmp_path / "parts"), stop_at=2)
+    parts = train(config(tmp_path / "parts"), resume=True)
+    a, b = load_file(str(whole / "last.safetensors")), load_file(str(parts / "last.safetensors"))
+    assert a.keys() == b.keys() and any(k.startswith("optimizer/") for k in a)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
