@@ -175,3 +175,41 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(
     assert a.keys() == b.keys() and any(k.startswith("optimizer/") for k in a)
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.slow
+def test_videos_to_a_trained_tsfsar_end_to_end(tmp_path: Path) -> None:
+    """fsar-synth videos -> fsar-extract --recipe emp+ts (tiny ViT, taps 0,4,8,12, class descriptions,
+    the side init by PCA) -> fsar-train --head tsfsar --preset -> fsar-eval: the init and the
+    descriptions reach the head, nothing falls back."""
+    from cli import extract_app
+    from pipeline.model import TINY_MODEL
+    from pipeline.synth import make_synthetic_dataset
+
+    made = make_synthetic_dataset(tmp_path / "data", classes=12, videos_per_class=3, seed=1)
+    described = [c for split in ("train", "test") for c in made["classes"][split]]
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps({c: [f"shapes that {c}", f"a clip of {c}"] for c in described}))
+    store = tmp_path / "store"
+    extracted = runner.invoke(extract_app, [
+        "--dataset", "folder", "--data-root", str(tmp_path / "data"), "--store", str(store),
+        "--model", TINY_MODEL, "--pretrained", "none", "--workers", "1", "--no-progress",
+        "--recipe", "emp+ts", "--taps", "0,4,8,12", "--class-descriptions", str(prompts),
+    ])  # fmt: skip
+    assert extracted.exit_code == 0, extracted.output
+    run = tmp_path / "run"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TSFSARNotice)  # the init and the descriptions are used
+        trained = runner.invoke(train_app, [
+            "--store", str(store), "--head", "tsfsar", "--preset", "ssv2_full", "--shot", "1",
+            "--episodes", "3", "--query", "1", "--val-every", "3", "--val-episodes", "4",
+            "--val-way", "2", "--out", str(run), "--no-progress",
+        ])  # fmt: skip
+        assert trained.exit_code == 0, trained.output
+        evaluated = runner.invoke(eval_app, [
+            "--checkpoint", str(run), "--way", "4", "--episodes", "8", "--no-progress",
+        ])  # fmt: skip
+    assert evaluated.exit_code == 0, evaluated.output
+    assert "(95% CI, 8 episodes, 4-way 1-shot, test)" in evaluated.output
+    options = json.loads((run / "config.json").read_text())["config"]["head_options"]
+    assert options["taps"] == [0, 4, 8, 12] and options["temp_clip"] == 100.0  # SSv2-Full 1-shot
