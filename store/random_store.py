@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .featurestore import ChunkWriter, FeatureStore, create_store, done_update
+from .featurestore import FeatureStore, create_store
 from .layout import (
     TEXT_DEFAULT,
     TEXT_DESCRIPTIONS,
@@ -25,6 +25,7 @@ from .layout import (
     tsfsar_side_width,
     written_tensors,
 )
+from .writing import ChunkWriter, done_update
 
 TokenFn = Callable[[int, np.random.Generator], dict[str, np.ndarray]]
 
