@@ -383,7 +383,11 @@ def extract_command(
         help="Recipes with ts: PCA of the side-network init, released (the released run's "
         "seeded randomized solver) or exact [released].",
     ),
-    preprocess: str = typer.Option(E.preprocess, help="openclip (the model's) or emp (EMP-Net's)."),
+    preprocess: str = typer.Option(
+        E.preprocess,
+        help="openclip (the model's), emp (EMP-Net's and TS-FSAR's) or emp-noflip (no training "
+        "flip: TS-FSAR's SSv2 recipe).",
+    ),
     splits: str | None = typer.Option(None, help="Only these splits, e.g. train,val."),
     part: str | None = typer.Option(None, help="Only part I/N of the videos (by video_id hash)."),
     workers: int | None = typer.Option(
@@ -478,7 +482,11 @@ def train_command(
     config: str | None = typer.Option(
         None, help="JSON file of training options (CLI options win)."
     ),
-    preset: str | None = typer.Option(None, help=f"{'|'.join(PRESETS)}: the released schedule."),
+    preset: str | None = typer.Option(
+        None,
+        help=f"{'|'.join(PRESETS)}: the released recipe of --head (tsfsar: TS-FSAR's, per --shot; "
+        "other heads: EMP-Net's schedule).",
+    ),
     head: str = typer.Option(T.head, help="Head to train: a trainable one of those listed below."),
     way: int = typer.Option(T.way, help="Classes per episode."),
     shot: int = typer.Option(T.shot, help="Support videos per class."),
@@ -489,7 +497,9 @@ def train_command(
     ),
     lr: float = typer.Option(T.lr, help="Peak learning rate."),
     decay_groups: str = typer.Option(
-        T.decay_groups, help="Weight decay on: matrices (not norms, biases, scalars) | released."
+        T.decay_groups,
+        help="Weight decay on: matrices (not norms, biases, scalars) | released (EMP-Net's names) "
+        "| all.",
     ),
     val_every: int = typer.Option(T.val_every, help="Validate every N episodes."),
     val_episodes: int = typer.Option(T.val_episodes, help="Validation episodes."),
@@ -584,7 +594,11 @@ def eval_command(
     ),
     json_out: str | None = typer.Option(None, "--json", help="Write the result as JSON."),
     per_episode: str | None = typer.Option(None, help="Write each episode's accuracy (parquet)."),
-    option: list[str] = typer.Option([], help="Head option KEY=VALUE for --head (repeatable)."),
+    option: list[str] = typer.Option(
+        [],
+        help="Head option KEY=VALUE (repeatable): for --head, or a run's test-time options "
+        "(e.g. tsfsar's fuse_vision, fuse_clip, fuse_side).",
+    ),
     progress: bool = typer.Option(True, help="Progress bar."),
 ) -> None:
     """Evaluate a trained run or a training-free head on few-shot episodes."""
@@ -612,7 +626,7 @@ def study_command(
         None, help="Store: directory, packed file or URL (workers read it too)."
     ),
     plan: str | None = typer.Option(
-        None, help="Built-in plan (ablation, baselines, shots) or a plan .json file."
+        None, help="Built-in plan (ablation, baselines, shots, tsfsar) or a plan .json file."
     ),
     out: str | None = typer.Option(None, help="Study folder [studies/<plan>]."),
     scheduler: str | None = typer.Option(

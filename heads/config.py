@@ -15,6 +15,8 @@ from typing import Any
 
 from runtime.values import OptionError, real_number, seed, whole_number
 
+from .presets import BENCHMARKS, preset_options
+
 
 class ConfigError(OptionError):
     """A training or evaluation option users can fix (one-line message)."""
@@ -34,38 +36,12 @@ _COUNTS = (
 )  # fmt: skip
 
 
-# The released schedules as they actually run (EMP-Net configs, read with the released config loader;
-# docs/reproducing.md lists every line). One iteration = 2 episodes (2 GPUs, gradients averaged), an
-# optimiser step every 4 iterations. The released epoch counter `cur_iter // STEPS_ITER + cur_iter /
-# STEPS_ITER` stays below 1 for the whole first STEPS_ITER and reaches the decay epochs 4 and 6 at
-# 2 and 3 x STEPS_ITER, so in iterations: linear warm-up from WARMUP_START_LR over STEPS_ITER, full
-# lr until 2 x STEPS_ITER, x0.1 until 3 x STEPS_ITER, x0.01 after. Weight decay is OPTIMIZER.WEIGHT_DECAY
-# (1e-3; the configs' SOLVER.WEIGHT_DECAY 5e-5 is never read) on every parameter whose name has no "norm".
-def _released(
-    lr: float, iterations: int, steps_iter: int, val_every_iter: int, warmup_start: float
-) -> dict[str, Any]:
-    return dict(
-        lr=lr, lr_start=warmup_start, episodes=2 * iterations, episodes_per_iteration=2,
-        episodes_per_step=8, warmup_episodes=2 * steps_iter, decay_episodes=[4 * steps_iter, 6 * steps_iter],
-        decay_factor=0.1, weight_decay=1e-3, decay_groups="released", query=5, val_query=1,
-        val_every=2 * val_every_iter,
-    )  # fmt: skip
-
-
-# The 1-shot and 5-shot configs of each benchmark differ only in SHOT, MERGE_BEFORE (what `emp` does
-# for K > 1 anyway) and the unused USE_CLASSIFICATION_VALUE: one preset per benchmark, --shot picks.
-PRESETS: dict[str, dict[str, Any]] = {
-    "hmdb51": _released(1e-4, 5_000, 1_000, 500, 1e-6),
-    "ucf101": _released(1e-4, 5_000, 1_000, 500, 1e-6),
-    "kinetics100": _released(1e-4, 5_000, 1_000, 500, 1e-6),
-    "ssv2_small": _released(1e-3, 10_000, 2_000, 1_000, 1e-5),
-    "ssv2_full": _released(1e-3, 40_000, 8_000, 1_000, 1e-5),
-}
-DECAY_GROUPS = ("matrices", "released")
-
-
-# A preset reproduces the released run, so its head options are the released ones too.
-PRESET_HEAD_OPTIONS: dict[str, dict[str, Any]] = {"emp": {"loss": "released"}}
+# Presets (`--preset NAME`): the released recipes, per head (heads/presets.py owns every number).
+PRESETS = BENCHMARKS
+DECAY_GROUPS = ("matrices", "released", "all")
+OPTIMIZERS = ("adam", "adamw")
+SCHEDULES = ("step", "cosine")
+PRECISIONS = ("bf16", "fp16", "fp32")  # autocast in training on CUDA; CPU always runs fp32
 
 
 @dataclass
@@ -86,7 +62,12 @@ class TrainConfig:
     decay_episodes: list[int] | None = None  # default: 70% and 90% of episodes
     decay_factor: float = 0.1
     weight_decay: float = 1e-3
-    decay_groups: str = "matrices"  # or "released": by name, as models/utils/optimizer.py
+    decay_groups: str = "matrices"  # "released": by name, as EMP-Net's optimizer.py; "all"
+    optimizer: str = "adam"  # adam (L2 decay, EMP-Net) or adamw (decoupled decay, TS-FSAR)
+    adam_eps: float = 1e-8
+    schedule: str = "step"  # step: warm-up then step decay; cosine: TS-FSAR's cosine_lr
+    group_lr: dict[str, float] = field(default_factory=dict)  # lr per head parameter group
+    precision: str = "bf16"  # autocast on CUDA: bf16, fp16 (with a gradient scaler) or fp32
     batch_size: int = 32  # lastlayer --strategy finetune: videos per step
     val_every: int = 500
     val_episodes: int = 1_000
@@ -105,11 +86,14 @@ class TrainConfig:
             value = getattr(self, name)
             if value is None and name in ("val_way", "warmup_episodes"):
                 continue
-            whole_number(_flag(name), value, smallest, MAX_COUNT)
-        for name, above_zero in (("lr", True), ("lr_start", False), ("decay_factor", True),
-                                 ("weight_decay", False), ("max_ram", False)):  # fmt: skip
-            real_number(_flag(name), getattr(self, name), 0.0, above_low=above_zero)
-        seed(_flag("seed"), self.seed)
+            whole_number(_flag(name), value, smallest, MAX_COUNT, ConfigError)
+        for name, above_zero in (("lr", True), ("lr_start", False), ("adam_eps", True),
+                                 ("decay_factor", True), ("weight_decay", False),
+                                 ("max_ram", False)):  # fmt: skip
+            real_number(
+                _flag(name), getattr(self, name), 0.0, above_low=above_zero, error=ConfigError
+            )
+        seed(_flag("seed"), self.seed, ConfigError)
         if self.decay_episodes is not None and not (
             isinstance(self.decay_episodes, list)
             and all(isinstance(d, int) and not isinstance(d, bool) for d in self.decay_episodes)
@@ -117,6 +101,18 @@ class TrainConfig:
             raise ConfigError(f"decay_episodes {self.decay_episodes!r}: use a list of episodes")
         if not isinstance(self.head_options, dict):
             raise ConfigError(f"head_options {self.head_options!r}: use a JSON object")
+        for name, allowed in (("decay_groups", DECAY_GROUPS), ("optimizer", OPTIMIZERS),
+                              ("schedule", SCHEDULES), ("precision", PRECISIONS)):  # fmt: skip
+            if getattr(self, name) not in allowed:
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} {getattr(self, name)!r}: use {' or '.join(allowed)}"
+                )
+        if not isinstance(self.group_lr, dict) or not all(
+            isinstance(k, str) for k in self.group_lr
+        ):
+            raise ConfigError(f"group_lr {self.group_lr!r}: use a JSON object of positive numbers")
+        for group, lr in self.group_lr.items():
+            real_number(f"group_lr {group}", lr, 0.0, above_low=True, error=ConfigError)
         for name in ("store", "head", "val_split", "device"):
             if not isinstance(getattr(self, name), str):
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: use text")
@@ -131,20 +127,17 @@ class TrainConfig:
         if cfg.preset is not None:
             if cfg.preset not in PRESETS:
                 raise ConfigError(f"unknown preset {cfg.preset!r}; presets: {', '.join(PRESETS)}")
-            for key, value in PRESETS[cfg.preset].items():
+            training, head = preset_options(cfg.head, cfg.preset, cfg.shot)
+            for key, value in training.items():
                 if explicit is None or key not in explicit:
                     setattr(cfg, key, value)
             if isinstance(cfg.head_options, dict):  # (anything else: validate() says so)
-                for key, value in PRESET_HEAD_OPTIONS.get(cfg.head, {}).items():
+                for key, value in head.items():
                     cfg.head_options.setdefault(key, value)
         if cfg.warmup_episodes is None:
             cfg.warmup_episodes = cfg.episodes // 20
         if cfg.decay_episodes is None:
             cfg.decay_episodes = [cfg.episodes * 7 // 10, cfg.episodes * 9 // 10]
-        if cfg.decay_groups not in DECAY_GROUPS:
-            raise ConfigError(
-                f"--decay-groups {cfg.decay_groups!r}: use {' or '.join(DECAY_GROUPS)}"
-            )
         cfg.validate()
         if cfg.val_every % cfg.episodes_per_step:
             raise ConfigError(
@@ -159,7 +152,7 @@ def _flag(name: str) -> str:
 
 _TYPES: dict[str, tuple[type, ...]] = {
     "str": (str,), "int": (int,), "float": (int, float), "bool": (bool,),
-    "dict[str, Any]": (dict,), "list[int]": (list,),
+    "dict[str, Any]": (dict,), "dict[str, float]": (dict,), "list[int]": (list,),
 }  # fmt: skip
 
 
@@ -322,9 +315,9 @@ class EvalOptions:
     def validate(self) -> None:
         """Refuse values no evaluation can use, naming the option (ConfigError, one line)."""
         for name in ("episodes", "way", "shot", "query"):
-            whole_number(_flag(name), getattr(self, name), 1, MAX_COUNT)
-        real_number("--max-ram", self.max_ram, 0.0)
-        seed("--seed", self.seed)
+            whole_number(_flag(name), getattr(self, name), 1, MAX_COUNT, ConfigError)
+        real_number("--max-ram", self.max_ram, 0.0, error=ConfigError)
+        seed("--seed", self.seed, ConfigError)
         if self.head is not None and self.checkpoint is not None:
             raise ConfigError("give --checkpoint or --head, not both")
         if self.head is not None and self.store is None:

@@ -322,6 +322,10 @@ class EMPNet(FewShotHead):
     # ---------------------------------------------------------------- per video
     def inputs(self, spec: dict[str, Any]) -> dict[str, str]:
         layers = [int(k) for k in spec["layers"]]
+        if not layers:
+            raise ConfigError(
+                "head emp reads tokens/ layers: extract with --recipe emp (or emp+ts)"
+            )
         if not self.skip_fusion:
             return {"deep": token_name(layers[-1])}
         return {

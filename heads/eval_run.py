@@ -40,8 +40,9 @@ def run_evaluation(options: EvalOptions) -> EvalResult:
 
 
 def head_and_store(options: EvalOptions, device: torch.device) -> tuple[FewShotHead, Any]:
-    """A trained run's head and store (--store overrides the run's), or an untrained --head built at
-    the store's dim, seeded so that it has the same weights every time."""
+    """A trained run's head and store (--store overrides the run's; head options are its test-time
+    options), or an untrained --head built for the store, seeded so that it has the same weights
+    every time."""
     from store import open_store
 
     if options.head is not None:
@@ -54,7 +55,7 @@ def head_and_store(options: EvalOptions, device: torch.device) -> tuple[FewShotH
             f"no run at {run_dir} (train one with fsar-train, or pass --head proto)"
         )
     store = open_store(options.store or store_of_run(run_dir))
-    return load_run(run_dir, store, device), store
+    return load_run(run_dir, store, device, options.head_options), store
 
 
 def write_results(result: EvalResult, options: EvalOptions) -> None:

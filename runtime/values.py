@@ -21,28 +21,36 @@ class OptionError(FsarError, ValueError):
     """An option or an FSAR_* variable whose value fsar cannot use (one line naming it)."""
 
 
-def whole_number(name: str, value: Any, low: int, high: int) -> int:
-    """`value`, an int within low..high (a bool, a float or text is refused)."""
+def whole_number(
+    name: str, value: Any, low: int, high: int, error: type[OptionError] = OptionError
+) -> int:
+    """`value`, an int within low..high (a bool, a float or text is refused: `error`)."""
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise OptionError(f"{name} {value!r}: use a whole number from {low} to {high}")
+        raise error(f"{name} {value!r}: use a whole number from {low} to {high}")
     return value
 
 
 def real_number(
-    name: str, value: Any, low: float, high: float = math.inf, *, above_low: bool = False
+    name: str,
+    value: Any,
+    low: float,
+    high: float = math.inf,
+    *,
+    above_low: bool = False,
+    error: type[OptionError] = OptionError,
 ) -> float:
-    """`value` as a finite float within low..high (`above_low`: low itself refused)."""
+    """`value` as a finite float within low..high (`above_low`: low itself refused; else `error`)."""
     finite = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
     if not finite or value < low or value > high or (above_low and value == low):
         bound = f"above {low:g}" if above_low else f"from {low:g}"
         upper = "" if math.isinf(high) else f" to {high:g}"
-        raise OptionError(f"{name} {value!r}: use a finite number {bound}{upper}")
+        raise error(f"{name} {value!r}: use a finite number {bound}{upper}")
     return float(value)
 
 
-def seed(name: str, value: Any) -> int:
+def seed(name: str, value: Any, error: type[OptionError] = OptionError) -> int:
     """A seed: a whole number from 0 to 2**63 - 1."""
-    return whole_number(name, value, 0, MAX_SEED)
+    return whole_number(name, value, 0, MAX_SEED, error)
 
 
 def env_number(
