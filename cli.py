@@ -9,72 +9,27 @@ code 2 and one line; anything else is a bug and shows its traceback.
 from __future__ import annotations
 
 import sys
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import fields
 from typing import Any
 
 import typer
-from typer.core import TyperCommand, TyperGroup
 
 from heads.config import MAX_RAM_GB, PRESETS, EvalOptions, TrainConfig
 from pipeline.datasets import DATASETS
 from pipeline.options import ExtractOptions
-from runtime.errors import user_message
+from runtime.commands import (
+    App,
+    Command,
+    Group,
+    check_output_file,
+    comma_list,
+    fail,
+    given,
+    key_values,
+    option_values,
+)
 from runtime.threads import sleep_idle_threads
 
 sleep_idle_threads()  # before any command loads torch
-
-
-@contextmanager
-def one_line_errors() -> Iterator[None]:
-    """Errors a user can act on print one line and exit 2: fsar's own (FsarError), a command line
-    click cannot parse, memory or disk exhausted (runtime.errors.user_message). Anything else is a
-    bug in fsar and keeps its traceback."""
-    try:
-        yield
-    except typer.TyperException as error:  # typer's (vendored click) usage errors: bad options
-        fail(f"{error.format_message().splitlines()[0]} (see --help)")
-    except Exception as error:
-        message = user_message(error)
-        if message is None:
-            raise
-        fail(message)
-
-
-@contextmanager
-def one_line_warnings() -> Iterator[None]:
-    """Python warnings a command raises (e.g. a checkpoint of another plugin version) print as one
-    `warning: <message>` line, without Python's source line."""
-
-    def show(message: Warning | str, *args: Any, **kwargs: Any) -> None:
-        typer.echo(f"warning: {' '.join(str(message).split())}", err=True)
-
-    with warnings.catch_warnings():
-        warnings.showwarning = show
-        yield
-
-
-class _Handled:
-    """Parses its options and runs inside `one_line_errors` (a command, or a group: its callback,
-    e.g. `fsar-study` itself, and its sub-command names)."""
-
-    def make_context(self, *args: Any, **kwargs: Any) -> typer.Context:
-        with one_line_errors():
-            return super().make_context(*args, **kwargs)  # type: ignore[misc]
-
-    def invoke(self, ctx: typer.Context) -> Any:
-        with one_line_errors(), one_line_warnings():
-            return super().invoke(ctx)  # type: ignore[misc]
-
-
-class Command(_Handled, TyperCommand):
-    pass
-
-
-class Group(_Handled, TyperGroup):
-    pass
 
 
 class _ListsHeads:
@@ -98,21 +53,6 @@ class HeadsGroup(_ListsHeads, Group):
     pass
 
 
-class App(typer.Typer):
-    """A typer app whose commands and callback run inside `one_line_errors`. Help texts are plain
-    text: rich markup would swallow defaults written as [runs/latest]."""
-
-    def __init__(self, **options: Any) -> None:
-        super().__init__(
-            rich_markup_mode=None,
-            pretty_exceptions_show_locals=False,  # a bug's traceback, without every local value
-            **{"cls": Group, **options},
-        )
-
-    def command(self, *args: Any, **options: Any) -> Any:
-        return super().command(*args, **{"cls": Command, **options})
-
-
 app = App(
     help="fsar: offline CLIP feature store for few-shot action recognition.",
     no_args_is_help=True,
@@ -131,65 +71,12 @@ app.add_typer(store_app, name="store")
 app.add_typer(study_app, name="study")
 
 
-# ---------------------------------------------------------------- shared option and error helpers
-def fail(message: str, code: int = 2) -> None:
-    """Print a one-line error and exit (no traceback)."""
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
-
-
-def check_output_file(option: str, path: str) -> None:
-    """Refuse an output path that cannot be written, before any long work starts."""
-    import os
-    from pathlib import Path
-
-    target = Path(path)
-    parent = target.parent if str(target.parent) else Path(".")
-    if target.is_dir():
-        fail(f"{option} {path} is a directory; give a file name")
-    if not parent.is_dir():
-        fail(f"{option} {path}: directory {parent} does not exist; create it first")
-    if not os.access(parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
-        fail(f"{option} {path} cannot be written (permission denied)")
-
-
-def comma_list(text: str | None) -> list[str] | None:
-    """`a,b,c` -> ["a", "b", "c"] (None stays None; an empty list is refused)."""
-    if text is None:
-        return None
-    items = [x.strip() for x in text.split(",") if x.strip()]
-    if not items:
-        fail(f"empty list {text!r}")
-    return items
-
-
-def key_values(pairs: list[str]) -> dict:
-    """--option KEY=VALUE pairs -> {key: JSON value, or the text when it is not JSON}."""
-    import json
-
-    options = {}
-    for pair in pairs:
-        if "=" not in pair:
-            fail(f"--option takes KEY=VALUE (got {pair!r})")
-        key, value = pair.split("=", 1)
-        try:
-            options[key.replace("-", "_")] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key.replace("-", "_")] = value
-    return options
-
-
 def warn_refused_heads() -> None:
     """One line on stderr per installed plugin head that fsar refuses (a clash over its name)."""
     from heads.registry import problems
 
     for line in problems():
         typer.echo(f"warning: {line}", err=True)
-
-
-def option_values(ctx: typer.Context, options: type) -> dict[str, Any]:
-    """The command's parameters that are fields of the `options` dataclass, by name."""
-    return {f.name: ctx.params[f.name] for f in fields(options) if f.name in ctx.params}
 
 
 # ---------------------------------------------------------------- fsar-store
@@ -465,16 +352,6 @@ HEAD_FLAGS = (
 )  # fmt: skip
 
 
-def given(ctx: typer.Context, names: tuple[str, ...]) -> dict[str, Any]:
-    """The parameters among `names` that the command line set (not their defaults)."""
-    sources = {name: ctx.get_parameter_source(name) for name in names}  # (typer's own click)
-    return {
-        name: ctx.params[name]
-        for name in names
-        if getattr(sources[name], "name", "DEFAULT") != "DEFAULT"
-    }
-
-
 @train_app.command("train", cls=HeadsCommand)
 def train_command(
     ctx: typer.Context,
@@ -672,7 +549,7 @@ def study_command(
         chosen = load_plan(plan)
         options = StudyOptions(
             store=store, out=out or f"studies/{chosen.name}", scheduler=scheduler,
-            workers=workers, seeds=seed_list, episodes=episodes, train=key_values(train),
+            workers=workers, seeds=seed_list, episodes=episodes, train=key_values(train, "--train"),
             resume=resume, device=device, max_ram=max_ram, progress=progress,
         )  # fmt: skip
         summary = run_study(chosen, options)

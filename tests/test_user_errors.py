@@ -50,6 +50,9 @@ CASES = [
     (cli.eval_app, ["--store", STORE, "--head", "emp", "--option", "dim=1e9"], "--option dim=1000000000.0"),
     (cli.eval_app, ["--store", STORE, "--head", "emp", "--option", "heads=1e9"], "--option heads=1000000000.0"),
     (cli.eval_app, ["--store", STORE, "--head", "otam", "--option", "otam_lambda=NaN"], "otam_lambda=nan"),
+    (cli.eval_app, ["--store", STORE, "--head", "tsfsar", "--option", "taps=a,b"], "taps must be whole numbers"),
+    (cli.eval_app, ["--store", STORE, "--head", "tsfsar", "--option", "side_heads=3"], "not a multiple of its 3 heads"),
+    (cli.eval_app, ["--store", STORE, "--head", "proto", "--option", "k"], "--option takes KEY=VALUE"),
     (cli.eval_app, ["--store", STORE, "--head", "proto", "--episodes", "abc"], "'--episodes'"),
     (cli.eval_app, ["--store", STORE, "--head", "proto", "--episodez", "5"], "--episodez"),
     # fsar-train
@@ -78,6 +81,7 @@ CASES = [
     (cli.study_app, ["--store", STORE, "--plan", "baselines", "--out", OUT, "--episodes", HUGE], "--episodes"),
     (cli.study_app, ["--store", STORE, "--plan", "baselines", "--out", OUT, "--max-ram", "nan"], "--max-ram nan"),
     (cli.study_app, ["--store", STORE, "--plan", "baselines", "--out", OUT, "--workers", "0"], "--workers 0"),
+    (cli.study_app, ["--store", STORE, "--plan", "baselines", "--out", OUT, "--train", "lr"], "--train takes KEY=VALUE"),
     # fsar-store
     (cli.store_app, ["info", OUT], "store not found"),
     (cli.store_app, ["nosuch"], "No such command 'nosuch'"),
