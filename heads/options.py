@@ -1,5 +1,6 @@
 """Head options users give (`--option KEY=VALUE`, a plan row's options) checked against the head's
-own signature before it is built: a name it takes, a value of the annotated type, finite, bounded.
+own signature before it is built: a name it takes, a value of the annotated type, finite, bounded
+(`OPTION_RANGES` for the options that divide by or sample with their value).
 
     check_head_options("emp", EMPNet, {"otam_lambda": float("nan")})  # ConfigError, one line
 """
@@ -15,6 +16,17 @@ from typing import Any
 from .config import ConfigError
 
 MAX_OPTION_INT = 1 << 16  # widths, heads, steps: larger would allocate beyond any head's need
+MAX_OPTION_FLOAT = 1e6  # weights, temperatures, ratios: larger is a typo (and overflows an exp)
+# (low, high, low itself allowed) of the options a head divides by or draws with; other whole numbers
+# are 1..MAX_OPTION_INT (no width, count or step count is 0), other numbers 0..MAX_OPTION_FLOAT.
+POSITIVE = (0.0, MAX_OPTION_FLOAT, False)
+PROBABILITY = (0.0, 0.999, True)
+OPTION_RANGES: dict[str, tuple[float, float, bool]] = {
+    "otam_lambda": POSITIVE, "temperature": POSITIVE, "text_temperature": POSITIVE,
+    "temp_clip": POSITIVE, "temp_side": POSITIVE, "kd_t": POSITIVE, "gate_t": POSITIVE,
+    "mlp_ratio": POSITIVE, "novel_lr": POSITIVE,
+    "dropout": PROBABILITY, "attn_dropout": PROBABILITY, "ffn_dropout": PROBABILITY,
+}  # fmt: skip
 
 
 def check_head_options(
@@ -30,7 +42,7 @@ def check_head_options(
         raise refusal(f"head {name!r}: {error}") from None
     hints = _hints(build)
     for key, value in options.items():
-        want = _accepts(hints.get(key), value)
+        want = _accepts(hints.get(key), value) or _in_range(key, value)
         if want is not None:
             raise refusal(f"--option {key}={value!r}: head {name!r} takes {want}")
 
@@ -63,17 +75,28 @@ def _fits(kind: Any, value: Any) -> str | None:
         whole = isinstance(value, int) and not isinstance(value, bool)
         return (
             None
-            if whole and 0 <= value <= MAX_OPTION_INT
-            else f"a whole number 0..{MAX_OPTION_INT}"
+            if whole and 1 <= value <= MAX_OPTION_INT
+            else f"a whole number 1..{MAX_OPTION_INT}"
         )
     if kind is float:
         number = isinstance(value, int | float) and not isinstance(value, bool)
-        return None if number and math.isfinite(value) and value >= 0 else "a finite number >= 0"
+        fits = number and math.isfinite(value) and 0 <= value <= MAX_OPTION_FLOAT
+        return None if fits else f"a finite number 0..{MAX_OPTION_FLOAT:g}"
     if kind is str:
         return None if isinstance(value, str) else "text"
     if typing.get_origin(kind) in (Sequence, list, tuple):
         return None if isinstance(value, list | tuple | str) else "a list"
     return None
+
+
+def _in_range(key: str, value: Any) -> str | None:
+    """None when a number is within its option's `OPTION_RANGES` entry (or has none)."""
+    if key not in OPTION_RANGES or isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    low, high, low_allowed = OPTION_RANGES[key]
+    if (low <= value if low_allowed else low < value) and value <= high:
+        return None
+    return f"a number {'from' if low_allowed else 'above'} {low:g} to {high:g}"
 
 
 _UNIONS = (typing.Union, type(int | None))
