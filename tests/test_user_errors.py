@@ -197,6 +197,25 @@ def test_a_bad_fsar_variable_is_one_line_naming_it(monkeypatch, variable: str, v
     assert line.startswith(f"error: {variable}={value!r}: use ") and line.endswith("(or unset it)")
 
 
+def test_a_cache_folder_that_cannot_be_one_is_one_line_naming_it(
+    tmp_path: Path, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """--cache and FSAR_CACHE are checked before the server is asked (port 9: nothing answers)."""
+    a_file = tmp_path / "file"
+    a_file.write_text("mine")
+    url = "http://127.0.0.1:9/store"
+    for cache, why in ((a_file, "not a folder"), (a_file / "sub", "Not a directory")):
+        line = only_line(cli.store_app, ["info", url, "--cache", str(cache)])
+        assert line == (
+            f"error: --cache {cache}: cannot keep a cache there ({why}); give a folder fsar can "
+            "write, or unset it"
+        )
+    monkeypatch.setenv("FSAR_CACHE", str(a_file))
+    line = only_line(cli.eval_app, ["--store", url, "--head", "proto"])
+    assert line.startswith(f"error: FSAR_CACHE={str(a_file)!r}: cannot keep a cache there")
+    assert a_file.read_text() == "mine"
+
+
 def test_a_bad_verify_switch_is_one_line(pair_store: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setenv("FSAR_VERIFY_READS", "maybe")
     line = only_line(cli.eval_app, ["--store", str(pair_store), "--head", "proto"])

@@ -53,7 +53,10 @@ def resolve(
         else:
             if mode != "r":
                 raise StoreError(f"{redact(text)} is a remote store: it opens read-only")
-            return RemoteLocation(text, cache if cache is not None else os.environ.get(CACHE_ENV))
+            chosen = (
+                ("--cache", cache) if cache is not None else (CACHE_ENV, os.environ.get(CACHE_ENV))
+            )
+            return RemoteLocation(text, cache_folder(*chosen))
     path = Path(text)
     if mode != "w":
         if not path.exists():
@@ -69,3 +72,24 @@ def resolve(
     store = SafeLocalStore(path, read_only=(mode == "r"))
     store.limits = ChunkLimits(text)
     return DirLocation(text, store, path, mode != "r", store.limits)
+
+
+def cache_folder(option: str, folder: str | Path | None) -> Path | None:
+    """The folder `option` (--cache or FSAR_CACHE) names for fetched chunks, created if need be;
+    None when unset or empty. A path that is not a folder fsar can write is a StoreError naming it."""
+    if folder is None or not str(folder).strip():
+        return None
+    shown = f"{option} {folder}" if option.startswith("-") else f"{option}={str(folder)!r}"
+    try:
+        path = Path(folder).expanduser()
+        if path.exists() and not path.is_dir():
+            raise NotADirectoryError(20, "not a folder")
+        path.mkdir(parents=True, exist_ok=True)
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied")
+    except (OSError, RuntimeError) as error:  # (RuntimeError: ~user that does not exist)
+        why = getattr(error, "strerror", None) or str(error) or type(error).__name__
+        raise StoreError(
+            f"{shown}: cannot keep a cache there ({why}); give a folder fsar can write, or unset it"
+        ) from None
+    return path
