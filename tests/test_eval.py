@@ -20,11 +20,18 @@ from store import SpecMismatchError, open_store
 from tests.heads_fixtures import reversal_pair_store
 
 
-def test_ci_half_width_formula() -> None:
+def test_ci_half_width_is_the_t_interval_of_the_mean() -> None:
+    """README's formula: t(0.975, n - 1) * std(ddof=1) / sqrt(n), in percent."""
     values = np.array([1.0, 0.8, 0.6, 1.0, 0.4, 0.8])
-    want = 1.96 * np.std(values * 100, ddof=1) / math.sqrt(6)
-    assert confidence_interval(values) == pytest.approx(want, rel=1e-3)
+    # std of 100, 80, 60, 100, 40, 80 (ddof=1) = 23.381; t(0.975, 5) = 2.570582 (tables)
+    assert confidence_interval(values) == pytest.approx(
+        2.570582 * 23.380904 / math.sqrt(6), rel=1e-5
+    )
     assert confidence_interval(np.ones(100)) == 0.0
+    # 10,000 episodes: t(0.975, 9999) = 1.96024, the normal 1.96 to four digits
+    many = np.tile([0.0, 1.0], 5000)
+    assert confidence_interval(many) == pytest.approx(1.96024 * 50.0025 / 100, rel=1e-5)
+    assert math.isnan(confidence_interval(np.ones(1)))
 
 
 def test_streaming_equals_memory_and_is_deterministic(pair_store: Path) -> None:
