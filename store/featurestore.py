@@ -35,7 +35,7 @@ from .errors import (
     StoreError,
     UnsafeStoreError,
 )
-from .lastblock_file import lastblock_from_bytes, lastblock_to_bytes
+from .block_weights import block_weights_from_bytes, block_weights_to_bytes
 from .layout import (
     ALLOWED_DTYPES,
     CHECKSUM_ALGORITHM,
@@ -458,7 +458,7 @@ class FeatureStore:
                 f"{self.location.describe()}: {LASTBLOCK_FILE} fails its checksum"
             )
         try:
-            return lastblock_from_bytes(data)
+            return block_weights_from_bytes(data)
         except ValueError as exc:
             raise CorruptStoreError(
                 f"{self.location.describe()}: {LASTBLOCK_FILE} is not a valid safetensors file"
@@ -531,7 +531,7 @@ class FeatureStore:
     def write_lastblock(self, tensors: Mapping[str, Any], config: Mapping[str, Any]) -> None:
         """Save the last block's weights + config as `weights/lastblock.safetensors`."""
         self._require_writer()
-        self.write_weights_file(LASTBLOCK_NAME, lastblock_to_bytes(tensors, config))
+        self.write_weights_file(LASTBLOCK_NAME, block_weights_to_bytes(tensors, config))
 
     def write_weights_file(self, name: str, data: bytes) -> None:
         """Store raw bytes as `weights/<name>` (temp file, rename) and record their sha256."""

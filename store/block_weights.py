@@ -1,6 +1,6 @@
 """The last-block weights file: safetensors bytes with the block's config as JSON in its metadata.
 
-Tensors travel as float32 and nothing is ever unpickled; `lastblock_from_bytes` refuses anything
+Tensors travel as float32 and nothing is ever unpickled; `block_weights_from_bytes` refuses anything
 else with a ValueError. Stores keep the bytes at `weights/lastblock.safetensors` (docs/design.md).
 """
 
@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 
-def lastblock_to_bytes(tensors: Mapping[str, Any], config: Mapping[str, Any]) -> bytes:
+def block_weights_to_bytes(tensors: Mapping[str, Any], config: Mapping[str, Any]) -> bytes:
     """Serialise tensors (numpy or torch) as float32 safetensors, `config` under the `config` key."""
     from safetensors.numpy import save
 
@@ -26,8 +26,8 @@ def lastblock_to_bytes(tensors: Mapping[str, Any], config: Mapping[str, Any]) ->
     return save(arrays, metadata={"config": json.dumps(dict(config), sort_keys=True)})
 
 
-def lastblock_from_bytes(data: bytes) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Inverse of `lastblock_to_bytes`: (numpy tensors, config); ValueError for anything else."""
+def block_weights_from_bytes(data: bytes) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Inverse of `block_weights_to_bytes`: (numpy tensors, config); ValueError for anything else."""
     from safetensors.numpy import load
 
     try:
