@@ -7,7 +7,9 @@
 
 Results: bench/results/<name>.json (schema in bench/common.py) and bench/results/summary.md.
 `--report` also reads bench/results/gpu/*.json (written by `bash bench/gpu.sh`) when present, and
-rewrites the headline block of README.md ("Performance") from the same figures.
+rewrites the headline block of README.md ("Performance") from the same figures. A CPU benchmark
+without a result file keeps its section and headline rows as they were, so `--only NAME` followed
+by `--report` updates that benchmark's figures alone.
 """
 
 from __future__ import annotations
@@ -143,16 +145,43 @@ WHY_MISSED = {
 }
 
 
-def missed_lines(results: list[dict], headlines: list | None = None) -> list[str]:
-    """One line per headline whose target is missed in `results`, saying why it can be."""
+def missed_lines(
+    results: list[dict], headlines: list | None = None, previous: str = ""
+) -> list[str]:
+    """One line per headline whose target is missed in `results` (or, not measured now, in the
+    `previous` doc), saying why it can be."""
     lines = []
+    kept = {row.split(" | ")[0][2:]: row for row in _measured_rows(previous)}
     for what, bench, pick, _ in headlines or HEADLINES:
         fig = _figure(results, bench, pick)
-        if fig is None or fig.get("met") is not False:
+        missed = fig.get("met") is False if fig else kept.get(what, "").endswith("| no |")
+        if not missed:
             continue
         key = "small" if "Small head" in what else bench.split("|")[0]
         lines.append(f"- {what}: {WHY_MISSED.get(key, 'see its section below.')}")
     return ["Missed here, and why:", "", *lines, ""] if lines else []
+
+
+def _measured_rows(previous: str) -> list[str]:
+    return [
+        r for r in previous.splitlines() if r.startswith("| ") and " | not measured | " not in r
+    ]
+
+
+def keep_measured(rows: list[str], previous: str) -> list[str]:
+    """Headline rows not measured now take their row from `previous` (an earlier table, from the
+    same benchmarks' last run) where it was measured there."""
+    old = {row.split(" | ")[0]: row for row in _measured_rows(previous)}
+    return [old.get(r.split(" | ")[0], r) if " | not measured | " in r else r for r in rows]
+
+
+def previous_sections(text: str) -> dict[str, str]:
+    """The `### name` sections of the CPU part of an earlier docs/performance.md, by benchmark."""
+    if "\n## CPU\n" not in text:
+        return {}
+    cpu = text.split("\n## CPU\n", 1)[1].split("\n## GPU\n", 1)[0]
+    parts = re.split(r"^### ", cpu, flags=re.M)[1:]
+    return {part.split("\n", 1)[0].strip(): f"### {part.strip()}" for part in parts}
 
 
 def headline_rows(results: list[dict], headlines: list | None = None) -> list[str]:
@@ -187,9 +216,14 @@ def section(res: dict) -> list[str]:
     return lines + [""]
 
 
-def performance_doc(out: Path, gpu_out: Path) -> str:
+def performance_doc(out: Path, gpu_out: Path, previous: str = "") -> str:
+    """The doc from the results in `out` and `gpu_out`; a CPU benchmark without results keeps its
+    section, and its headline rows, from `previous` (the doc as it was), so rerunning one
+    benchmark updates its own figures only."""
     cpu = load(out, BENCHMARKS)
     gpu = load(gpu_out, BENCHMARKS)
+    headline = previous.split("## Headline figures", 1)[-1].split("## CPU", 1)[0]
+    kept = previous_sections(previous)
     lines = [
         "# Performance",
         "",
@@ -200,15 +234,19 @@ def performance_doc(out: Path, gpu_out: Path) -> str:
         "",
         "## Headline figures",
         "",
-        *headline_rows(cpu),
+        *keep_measured(headline_rows(cpu), headline),
         "",
-        *missed_lines(cpu),
+        *missed_lines(cpu, previous=headline),
         "## CPU",
         "",
     ]
-    for res in cpu:
-        lines += section(res)
-    if not cpu:
+    measured = {res["name"]: res for res in cpu}
+    for name in BENCHMARKS:
+        if name in measured:
+            lines += section(measured[name])
+        elif name in kept:
+            lines += [kept[name], ""]
+    if not cpu and not kept:
         lines += ["No CPU results yet: run `make bench`.", ""]
     lines += ["## GPU", ""]
     if gpu:
@@ -227,8 +265,8 @@ def performance_doc(out: Path, gpu_out: Path) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def readme_headline(out: Path) -> str:
-    rows = headline_rows(load(out, BENCHMARKS))
+def readme_headline(out: Path, previous: str = "") -> str:
+    rows = keep_measured(headline_rows(load(out, BENCHMARKS)), previous)
     return "\n".join(
         [HEADLINE_BEGIN, *rows, "", "Every figure, how to read it, and the GPU run: "
          "[docs/performance.md](docs/performance.md).", HEADLINE_END]
@@ -236,12 +274,14 @@ def readme_headline(out: Path) -> str:
 
 
 def write_docs(out: Path, gpu_out: Path, doc: Path = DOC, readme: Path | None = README) -> None:
-    doc.write_text(performance_doc(out, gpu_out))
+    doc.write_text(performance_doc(out, gpu_out, doc.read_text() if doc.exists() else ""))
     if readme is not None and readme.exists():
         text = readme.read_text()
         pattern = re.compile(re.escape(HEADLINE_BEGIN) + ".*?" + re.escape(HEADLINE_END), re.S)
-        if pattern.search(text):
-            readme.write_text(pattern.sub(lambda _: readme_headline(out), text))
+        found = pattern.search(text)
+        if found:
+            block = readme_headline(out, found.group(0))
+            readme.write_text(pattern.sub(lambda _: block, text))
 
 
 def run_benchmark(name: str, device: str, out: Path, quick: bool) -> int:

@@ -28,8 +28,8 @@ from torch import nn
 from store.layout import layer_in_name
 
 from .base import Features, FewShotHead, class_means, last_layer
-from .episodes import Episode, EpisodeSampler
 from .clip_block import LastBlock, load_last_block
+from .episodes import Episode, EpisodeSampler
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -27,6 +27,7 @@ import zarr
 import zarr.codecs
 import zarr.storage
 
+from .block_weights import block_weights_from_bytes, block_weights_to_bytes
 from .errors import (
     CorruptStoreError,
     NotAStoreError,
@@ -35,7 +36,6 @@ from .errors import (
     StoreError,
     UnsafeStoreError,
 )
-from .block_weights import block_weights_from_bytes, block_weights_to_bytes
 from .layout import (
     ALLOWED_DTYPES,
     CHECKSUM_ALGORITHM,

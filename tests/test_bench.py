@@ -138,3 +138,20 @@ def test_report_writes_the_performance_doc_and_the_readme_headline(tmp_path: Pat
         in new
     )
     assert "| Extraction: pipeline / bare encoder, steady state | not measured |" in new
+    # rerunning one other benchmark: its section joins, evaluation's section and headline stay
+    again = tmp_path / "again"
+    again.mkdir()
+    training = {**evaluation, "name": "training", "command": "python -m bench.training"}
+    training["figures"] = [
+        {**fig, "key": "episode_s.store.emp", "label": "emp: s/episode", "value": 8.5, "unit": "s"}
+    ]
+    (again / "training.json").write_text(json.dumps(training))
+    write_docs(again, again / "gpu", doc, readme)
+    text = doc.read_text()
+    assert text.index("### training") < text.index("### evaluation")
+    assert "| evaluation | emp 5-shot: ratio | 7.25 | x | <= 2 ✗ |" in text
+    assert "| training | emp: s/episode | 8.50 | s |  |" in text
+    assert "emp 5-shot fuses" in text  # the kept headline's reason stays
+    assert "| worst head and shot | 7.25x |" in readme.read_text().replace(
+        "Evaluation: 10,000 episodes / one pass over the split, ", ""
+    )

@@ -143,6 +143,7 @@ def test_keep_freed_memory_reuses_freed_blocks() -> None:
         assert min(int(f) for f in faults[2:]) < 2_000, faults
 
 
+@pytest.mark.slow
 def test_cli_outputs_and_spec_refusal(pair_store: Path, tmp_path: Path) -> None:
     cfg = TrainConfig(store=str(pair_store), head="emp", episodes=4, episodes_per_step=2, val_every=4,
                       val_episodes=20, way=3, query=1, out=str(tmp_path / "runs" / "r"), progress=False)  # fmt: skip

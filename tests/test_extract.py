@@ -27,7 +27,6 @@ from tests.bad_videos import EXPECTED_ERRORS, write_bad_videos
 
 TINY = ["--model", "fsar-tiny-vit", "--pretrained", "none"]
 HANG = "hang_here"
-pytestmark = pytest.mark.slow
 
 
 def fsar_extract_command() -> list[str]:
@@ -106,6 +105,7 @@ def expected_error(relpath: str) -> str | None:
     return EXPECTED_ERRORS.get(stem)
 
 
+@pytest.mark.slow
 def test_end_to_end_bad_inputs_and_timeout(
     reference_store: tuple[Path, subprocess.CompletedProcess[str]],
 ) -> None:
@@ -135,6 +135,7 @@ def test_end_to_end_bad_inputs_and_timeout(
         assert store.spec["preprocess"]["name"] == "openclip"
 
 
+@pytest.mark.slow
 def test_cached_tokens_equal_a_direct_forward(
     reference_store: tuple[Path, subprocess.CompletedProcess[str]], data_root: Path
 ) -> None:
@@ -168,6 +169,7 @@ def test_cached_tokens_equal_a_direct_forward(
     )
 
 
+@pytest.mark.slow
 def test_splits_part_sigkill_and_resume_equal_an_uninterrupted_run(
     reference_store: tuple[Path, subprocess.CompletedProcess[str]], data_root: Path
 ) -> None:
@@ -253,6 +255,7 @@ def invoke(args: list[str]) -> object:
     return CliRunner().invoke(extract_app, args)
 
 
+@pytest.mark.slow
 def test_rerun_of_a_complete_store_does_nothing(
     reference_store: tuple[Path, subprocess.CompletedProcess[str]], data_root: Path
 ) -> None:
@@ -265,6 +268,7 @@ def test_rerun_of_a_complete_store_does_nothing(
     assert (store_path / "manifest.parquet").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_different_spec_is_refused_naming_the_fields(
     reference_store: tuple[Path, subprocess.CompletedProcess[str]], data_root: Path
 ) -> None:
@@ -275,6 +279,7 @@ def test_different_spec_is_refused_naming_the_fields(
     assert "preprocess:" in result.output and "Traceback" not in result.output
 
 
+@pytest.mark.slow
 def test_text_only_adds_a_template_set(
     reference_store: tuple[Path, subprocess.CompletedProcess[str]], tmp_path: Path
 ) -> None:
@@ -341,6 +346,7 @@ def test_missing_layout_and_flag_errors(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "--dataset and --data-root are required" in result.output
 
 
+@pytest.mark.slow
 def test_batching_frames_across_videos_matches_one_forward_per_video(
     reference_store: tuple[Path, subprocess.CompletedProcess[str]], data_root: Path, tmp_path: Path
 ) -> None:
@@ -463,6 +469,7 @@ def _reallocation_faults() -> dict[str, object]:
     }
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
 def test_local_cluster_workers_reuse_freed_memory_and_skip_the_profiler(tmp_path: Path) -> None:
     # Dask's default worker environment makes every large block a fresh mmap: each 16 MiB round is
