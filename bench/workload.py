@@ -18,13 +18,10 @@ WAY, SHOT, QUERY = 5, 1, 5  # the training episode of issue 6
 
 def token_shapes(spec: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """Per-row shapes of the tensors ChunkWriter takes (cls/ arrays are derived from tokens/)."""
-    from store.layout import cls_source
+    from store.layout import written_tensors
 
-    return {
-        e["name"]: tuple(e["shape_per_row"])
-        for e in spec["tensors"]
-        if cls_source(e["name"]) is None
-    }
+    written = set(written_tensors(spec))
+    return {e["name"]: tuple(e["shape_per_row"]) for e in spec["tensors"] if e["name"] in written}
 
 
 def random_pool(spec: dict[str, Any], n: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
@@ -49,16 +46,19 @@ def build_store(
 
     `store.random_store.write_random_store` with rows from a small pool of random rows: creation
     stays fast, and every chunk is still compressed and written on its own, so sizes and read costs
-    are those of distinct rows. Adds `text/emp16` and, for `emp+last`, a random last block. Returns
+    are those of distinct rows. Adds `text/emp16`, for `last` a random last block, for `ts` a random
+    side-network init and `text/descriptions`. Returns
     (seconds spent in ChunkWriter.write_row, the store open read-only).
     """
     from store import open_store
-    from store.random_store import write_random_store
+    from store.layout import recipe_parts
+    from store.random_store import random_tsfsar_init, write_random_store
 
     pool = pool or random_pool(spec, 4)
     names = set(token_shapes(spec))
+    parts = recipe_parts(spec["recipe"])
     lastblock = None
-    if spec["recipe"] == "emp+last":
+    if "last" in parts:
         block = random_last_block(int(spec["width"]), int(spec["dim"]))
         lastblock = (block.state_tensors(), block.config)
     times: list[float] = []
@@ -68,6 +68,8 @@ def build_store(
         splits,
         tokens_fn=lambda row, _rng: {k: v for k, v in pool[row % len(pool)].items() if k in names},
         lastblock=lastblock,
+        tsfsar_init=random_tsfsar_init(spec) if "ts" in parts else None,
+        descriptions="ts" in parts,
         write_times=times,
     ).close()
     return sum(times), open_store(path)

@@ -1,7 +1,7 @@
 """`lastlayer` (Cao et al. 2024): fine-tune only the last CLIP block + ln_post + proj.
 
 Three names, three things: `lastlayer` is this head (its `--head` name); `heads/clip_block.py` is
-CLIP's last block as a torch module; `store/block_weights.py` reads and writes the file the store
+CLIP's last block as a torch module; `store/weights_format.py` reads and writes the file the store
 keeps it in, `weights/lastblock.safetensors`. The block is rebuilt from that file and runs
 on the cached residual stream `tokens/layer{last}_in`; only the CLS output is computed. A video's
 feature is the time mean of the L2-normalised projected CLS; scores are cosines times a learnable

@@ -27,7 +27,6 @@ import zarr
 import zarr.codecs
 import zarr.storage
 
-from .block_weights import block_weights_from_bytes, block_weights_to_bytes
 from .errors import (
     CorruptStoreError,
     NotAStoreError,
@@ -39,7 +38,6 @@ from .errors import (
 from .layout import (
     ALLOWED_DTYPES,
     CHECKSUM_ALGORITHM,
-    LASTBLOCK_FILE,
     LASTBLOCK_NAME,
     LOCK_FILE,
     MANIFEST_FILE,
@@ -47,11 +45,15 @@ from .layout import (
     SCHEMA_VERSION,
     SPEC_IDENTITY_FIELDS,
     TEXT_DEFAULT,
+    TSFSAR_INIT_FILE,
+    TSFSAR_INIT_NAME,
+    check_tsfsar_init,
     checksum_column,
     cls_source,
     manifest_columns,
     row_bytes,
     row_tensors,
+    schema_version_for,
     spec_field,
     text_name,
     weights_file,
@@ -60,6 +62,7 @@ from .location import HINT, DirLocation, Location, one_line, resolve, safe_membe
 from .lock import StoreLock
 from .manifest import manifest_to_bytes, new_manifest, read_manifest
 from .safety import check_array, check_spec
+from .weights_format import weights_from_bytes, weights_to_bytes
 
 DEFAULT_CODEC: dict[str, Any] = {"name": "zstd", "level": 3}
 VERIFY_ENV = "FSAR_VERIFY_READS"
@@ -444,25 +447,43 @@ class FeatureStore:
             )
         return data, templates
 
-    def read_lastblock(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        """Weights and config of the last ViT block (recipe `emp+last`), parsed without pickle."""
+    def read_weights(
+        self, name: str, hint: str = ""
+    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Tensors and config of `weights/<name>` (safetensors), checked against its recorded
+        sha256 and parsed without pickle; `hint` says how to get a missing file."""
+        path = weights_file(name)
+        want = self.attrs.get("weights", {}).get(name)
         try:
-            data = self.location.read_file(LASTBLOCK_FILE)
+            data = self.location.read_file(path) if want is not None else None
         except FileNotFoundError:
-            raise StoreError(
-                f"{self.location.describe()} has no {LASTBLOCK_FILE}: extract with --recipe emp+last"
-            ) from None
-        want = self.attrs.get("weights", {}).get(LASTBLOCK_NAME)
-        if want is None or hashlib.sha256(data).hexdigest() != want:
-            raise CorruptStoreError(
-                f"{self.location.describe()}: {LASTBLOCK_FILE} fails its checksum"
-            )
+            data = None
+        if data is None:
+            raise StoreError(f"{self.location.describe()} has no {path}{hint}")
+        if hashlib.sha256(data).hexdigest() != want:
+            raise CorruptStoreError(f"{self.location.describe()}: {path} fails its checksum")
         try:
-            return block_weights_from_bytes(data)
+            return weights_from_bytes(data)
         except ValueError as exc:
             raise CorruptStoreError(
-                f"{self.location.describe()}: {LASTBLOCK_FILE} is not a valid safetensors file"
+                f"{self.location.describe()}: {path} is not a valid safetensors file"
             ) from exc
+
+    def read_lastblock(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Weights and config of the last ViT block (recipe `emp+last`), parsed without pickle."""
+        return self.read_weights(LASTBLOCK_NAME, ": extract with --recipe emp+last")
+
+    def read_tsfsar_init(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """TS-FSAR's side-network init (recipes with `ts`): tensors of `tsfsar_init_shapes` and
+        the config they were computed with."""
+        tensors, config = self.read_weights(TSFSAR_INIT_NAME, ": extract with a recipe with ts")
+        try:
+            check_tsfsar_init(tensors, config)
+        except ValueError as exc:
+            raise CorruptStoreError(
+                f"{self.location.describe()}: {TSFSAR_INIT_FILE}: {exc}"
+            ) from None
+        return tensors, config
 
     # ------------------------------------------------------------------ writing (driver)
     def _require_writer(self) -> None:
@@ -531,7 +552,14 @@ class FeatureStore:
     def write_lastblock(self, tensors: Mapping[str, Any], config: Mapping[str, Any]) -> None:
         """Save the last block's weights + config as `weights/lastblock.safetensors`."""
         self._require_writer()
-        self.write_weights_file(LASTBLOCK_NAME, block_weights_to_bytes(tensors, config))
+        self.write_weights_file(LASTBLOCK_NAME, weights_to_bytes(tensors, config))
+
+    def write_tsfsar_init(self, tensors: Mapping[str, Any], config: Mapping[str, Any]) -> None:
+        """Save TS-FSAR's side-network init + config as `weights/tsfsar_init.safetensors`."""
+        self._require_writer()
+        arrays = {k: np.asarray(v) for k, v in tensors.items()}
+        check_tsfsar_init(arrays, config)
+        self.write_weights_file(TSFSAR_INIT_NAME, weights_to_bytes(arrays, config))
 
     def write_weights_file(self, name: str, data: bytes) -> None:
         """Store raw bytes as `weights/<name>` (temp file, rename) and record their sha256."""
@@ -610,11 +638,12 @@ class FeatureStore:
             except Exception as exc:
                 reason = "checksum mismatch" if "checksum" in str(exc) else one_line(exc)
                 problems.append(Problem(None, None, text_name(name), reason))
-        if LASTBLOCK_NAME in self.attrs.get("weights", {}):
+        readers = {LASTBLOCK_NAME: self.read_lastblock, TSFSAR_INIT_NAME: self.read_tsfsar_init}
+        for name in self.attrs.get("weights", {}):
             try:
-                self.read_lastblock()
+                readers.get(name, lambda n=name: self.read_weights(n))()
             except StoreError as exc:
-                problems.append(Problem(None, None, LASTBLOCK_FILE, str(exc)))
+                problems.append(Problem(None, None, weights_file(name), str(exc)))
         return problems
 
     def fingerprint(self) -> str:
@@ -726,7 +755,7 @@ def create_store(
         group.attrs.update(
             {
                 **({"written_on": mark} if written_here else {}),
-                "schema_version": SCHEMA_VERSION,
+                "schema_version": schema_version_for(spec),
                 "spec": json.loads(json.dumps(spec)),
                 "classes": list(classes),
                 "tensors": names,

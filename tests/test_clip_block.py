@@ -15,7 +15,7 @@ from heads.clip_block import LastBlock, load_last_block
 from pipeline.encoder import FrameEncoder, export_last_block
 from pipeline.errors import UnsupportedModel
 from pipeline.model import TINY_MODEL, load_clip
-from store.block_weights import block_weights_from_bytes, block_weights_to_bytes
+from store.weights_format import weights_from_bytes, weights_to_bytes
 
 torch.set_num_threads(1)
 
@@ -119,8 +119,8 @@ def test_parameters_are_trainable(case):
 
 def test_bytes_roundtrip(case):
     _, _, _, tensors, config = case
-    data = block_weights_to_bytes(tensors, config)
-    arrays, cfg = block_weights_from_bytes(data)
+    data = weights_to_bytes(tensors, config)
+    arrays, cfg = weights_from_bytes(data)
     assert cfg == config
     assert set(arrays) == set(tensors)
     for k, v in tensors.items():
@@ -144,7 +144,7 @@ def test_bad_state_and_config_are_refused(case):
     from safetensors.numpy import save
 
     with pytest.raises(ValueError, match="lacks the 'config' metadata"):
-        block_weights_from_bytes(save({"proj": np.zeros((2, 2), np.float32)}))
+        weights_from_bytes(save({"proj": np.zeros((2, 2), np.float32)}))
 
 
 def test_blocks_with_unsupported_features_are_refused():

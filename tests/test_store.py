@@ -405,7 +405,7 @@ def test_newer_schema_is_refused_in_one_line(tmp_path: Path) -> None:
     result = runner.invoke(cli.store_app, ["info", str(tmp_path / "s")])
     assert result.exit_code == 2
     assert result.output.strip() == (
-        f"error: {tmp_path / 's'} has store schema 99, this fsar reads up to 1: upgrade fsar"
+        f"error: {tmp_path / 's'} has store schema 99, this fsar reads up to 2: upgrade fsar"
     )
 
 
