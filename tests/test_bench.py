@@ -20,10 +20,17 @@ MACHINE_KEYS = {"cores", "cpu_model", "torch", "torch_threads", "device", "memor
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> Path:
-    """Every benchmark's quick run, in this process (what `run_all --quick` runs one per process)."""
+    """Every benchmark's quick run, in this process (what `run_all --quick` runs one per process),
+    leaving the process's allocator alone: a benchmark applies fsar's malloc policy for the rest of
+    its process, which here is every later test's."""
     out = tmp_path_factory.mktemp("bench")
-    for name in BENCHMARKS:
-        importlib.import_module(f"bench.{name}").main(["--quick", "--out", str(out)])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("runtime.memory.keep_freed_memory", lambda: False)
+        for name in BENCHMARKS:
+            module = importlib.import_module(f"bench.{name}")
+            if hasattr(module, "keep_freed_memory"):
+                patch.setattr(module, "keep_freed_memory", lambda: False)
+            module.main(["--quick", "--out", str(out)])
     return out
 
 
