@@ -4,6 +4,7 @@
     python -m bench.run_all --quick         # make bench-quick: tiny sizes, for CI (figures meaningless)
     python -m bench.run_all --device cuda   # the same on a GPU
     python -m bench.run_all --report        # write docs/performance.md from bench/results/*.json
+    python -m bench.run_all --report --only tsfsar --update   # replace only that section
 
 Results: bench/results/<name>.json (schema in bench/common.py) and bench/results/summary.md.
 `--report` also reads bench/results/gpu/*.json (written by `bash bench/gpu.sh`) when present, and
@@ -256,6 +257,20 @@ def write_docs(out: Path, gpu_out: Path, doc: Path = DOC, readme: Path | None = 
             readme.write_text(pattern.sub(lambda _: readme_headline(out), text))
 
 
+def update_doc(text: str, results: list[dict]) -> str:
+    """The doc with each result's CPU section replaced, or added at the end of the CPU part; every
+    other section and the headline kept (a partial rerun updates its own sections only)."""
+    cpu, gpu = text.split("\n## GPU", 1) if "\n## GPU" in text else (text, None)
+    for res in results:
+        block = "\n".join(section(res))
+        pattern = re.compile(rf"^### {re.escape(res['name'])}\n.*?(?=^### |\Z)", re.S | re.M)
+        if pattern.search(cpu):
+            cpu = pattern.sub(lambda _, block=block: block + "\n", cpu, count=1)
+        else:
+            cpu = cpu.rstrip("\n") + "\n\n" + block + "\n"
+    return cpu if gpu is None else cpu.rstrip("\n") + "\n\n## GPU" + gpu
+
+
 def run_benchmark(name: str, device: str, out: Path, quick: bool) -> int:
     """`python -m bench.<name>` in its own process; its exit code."""
     cmd = [sys.executable, "-m", f"bench.{name}", "--device", device, "--out", str(out)]
@@ -289,6 +304,11 @@ def main(argv: list[str] | None = None) -> int:
         help="no runs: print the table of existing results and write docs/performance.md",
     )
     p.add_argument("--print-only", action="store_true", help="with --report: write no file")
+    p.add_argument(
+        "--update",
+        action="store_true",
+        help="with --report: replace only the --only benchmarks' sections of docs/performance.md",
+    )
     args = p.parse_args(argv)
     out = Path(args.out)
     names = [n for n in args.only.split(",") if n]
@@ -304,6 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     elif not args.print_only:
         if any(r["quick"] for r in load(out, BENCHMARKS)):
             print("quick results: docs/performance.md not written (it holds full runs only)")
+        elif args.update:
+            DOC.write_text(update_doc(DOC.read_text(), load(out, names)))
+            print(f"updated the {', '.join(names)} sections of {DOC.relative_to(REPO_ROOT)}")
         else:
             write_docs(out, out / "gpu")
             print(f"wrote {DOC.relative_to(REPO_ROOT)} and the headline block of README.md")
