@@ -198,6 +198,17 @@ def section(res: dict) -> list[str]:
     return lines + [""]
 
 
+GPU_PLACEHOLDER = [
+    "No GPU figures yet: `bash bench/gpu.sh` (under 8 minutes on one H100-class card",
+    "before its tsfsar step was added; that step has not run on a GPU yet)",
+    "measures extraction vs the bare encoder, emp training from the store vs frozen CLIP",
+    "online, emp 1-shot and 5-shot evaluation over 10,000 episodes, the loader stall",
+    "share, and TS-FSAR at 13 taps from the store vs online with its loader's read rates",
+    "against the break-even rate; then rerun `python -m bench.run_all --report`.",
+    "",
+]
+
+
 def performance_doc(out: Path, gpu_out: Path) -> str:
     cpu = load(out, BENCHMARKS)
     gpu = load(gpu_out, BENCHMARKS)
@@ -228,15 +239,7 @@ def performance_doc(out: Path, gpu_out: Path) -> str:
         for res in gpu:
             lines += section(res)
     else:
-        lines += [
-            "No GPU figures yet: `bash bench/gpu.sh` (under 8 minutes on one H100-class card",
-            "before its tsfsar step was added; that step has not run on a GPU yet)",
-            "measures extraction vs the bare encoder, emp training from the store vs frozen CLIP",
-            "online, emp 1-shot and 5-shot evaluation over 10,000 episodes, the loader stall",
-            "share, and TS-FSAR at 13 taps from the store vs online with its loader's read rates",
-            "against the break-even rate; then rerun `python -m bench.run_all --report`.",
-            "",
-        ]
+        lines += GPU_PLACEHOLDER
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -257,10 +260,13 @@ def write_docs(out: Path, gpu_out: Path, doc: Path = DOC, readme: Path | None = 
             readme.write_text(pattern.sub(lambda _: readme_headline(out), text))
 
 
-def update_doc(text: str, results: list[dict]) -> str:
+def update_doc(text: str, results: list[dict], gpu_part: list[str] | None = None) -> str:
     """The doc with each result's CPU section replaced, or added at the end of the CPU part; every
-    other section and the headline kept (a partial rerun updates its own sections only)."""
+    other section and the headline kept (a partial rerun updates its own sections only).
+    `gpu_part` replaces the GPU part's lines (the placeholder while there are no GPU results)."""
     cpu, gpu = text.split("\n## GPU", 1) if "\n## GPU" in text else (text, None)
+    if gpu_part is not None:
+        gpu = "\n\n" + "\n".join(gpu_part).rstrip() + "\n"
     for res in results:
         block = "\n".join(section(res))
         pattern = re.compile(rf"^### {re.escape(res['name'])}\n.*?(?=^### |\Z)", re.S | re.M)
@@ -325,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
         if any(r["quick"] for r in load(out, BENCHMARKS)):
             print("quick results: docs/performance.md not written (it holds full runs only)")
         elif args.update:
-            DOC.write_text(update_doc(DOC.read_text(), load(out, names)))
+            placeholder = None if load(out / "gpu", BENCHMARKS) else GPU_PLACEHOLDER
+            DOC.write_text(update_doc(DOC.read_text(), load(out, names), placeholder))
             print(f"updated the {', '.join(names)} sections of {DOC.relative_to(REPO_ROOT)}")
         else:
             write_docs(out, out / "gpu")

@@ -176,3 +176,5 @@ def test_update_replaces_only_the_rerun_sections() -> None:
     assert "old t" not in cpu and "- new t" in cpu and "old s" in cpu and "row" in cpu
     assert cpu.index("### store") < cpu.index("### tsfsar") and "- new ts" in cpu
     assert gpu == "\n\n### training\n\ngpu t\n"
+    placeholder = update_doc("# P\n\n## CPU\n\n## GPU\n\nold words\n", [res], ["new words", ""])
+    assert placeholder.endswith("## GPU\n\nnew words\n") and "old words" not in placeholder
