@@ -4,6 +4,7 @@
     python -m bench.run_all --quick         # make bench-quick: tiny sizes, for CI (figures meaningless)
     python -m bench.run_all --device cuda   # the same on a GPU
     python -m bench.run_all --report        # write docs/performance.md from bench/results/*.json
+    python -m bench.run_all --report --only tsfsar --update   # replace only that section
 
 Results: bench/results/<name>.json (schema in bench/common.py) and bench/results/summary.md.
 `--report` also reads bench/results/gpu/*.json (written by `bash bench/gpu.sh`) when present, and
@@ -226,6 +227,17 @@ def section(res: dict) -> list[str]:
     return lines + [""]
 
 
+GPU_PLACEHOLDER = [
+    "No GPU figures yet: `bash bench/gpu.sh` (under 8 minutes on one H100-class card",
+    "before its tsfsar step was added; that step has not run on a GPU yet)",
+    "measures extraction vs the bare encoder, emp training from the store vs frozen CLIP",
+    "online, emp 1-shot and 5-shot evaluation over 10,000 episodes, the loader stall",
+    "share, and TS-FSAR at 13 taps from the store vs online with its loader's read rates",
+    "against the break-even rate; then rerun `python -m bench.run_all --report`.",
+    "",
+]
+
+
 def performance_doc(out: Path, gpu_out: Path, previous: str = "") -> str:
     """The doc from the results in `out` and `gpu_out`; a CPU benchmark without results keeps its
     section, and its headline rows, from `previous` (the doc as it was), so rerunning one
@@ -265,15 +277,7 @@ def performance_doc(out: Path, gpu_out: Path, previous: str = "") -> str:
         for res in gpu:
             lines += section(res)
     else:
-        lines += [
-            "No GPU figures yet: `bash bench/gpu.sh` (under 8 minutes on one H100-class card",
-            "before its tsfsar step was added; that step has not run on a GPU yet)",
-            "measures extraction vs the bare encoder, emp training from the store vs frozen CLIP",
-            "online, emp 1-shot and 5-shot evaluation over 10,000 episodes, the loader stall",
-            "share, and TS-FSAR at 13 taps from the store vs online with its loader's read rates",
-            "against the break-even rate; then rerun `python -m bench.run_all --report`.",
-            "",
-        ]
+        lines += GPU_PLACEHOLDER
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -294,6 +298,23 @@ def write_docs(out: Path, gpu_out: Path, doc: Path = DOC, readme: Path | None = 
         if found:
             block = readme_headline(out, found.group(0))
             readme.write_text(pattern.sub(lambda _: block, text))
+
+
+def update_doc(text: str, results: list[dict], gpu_part: list[str] | None = None) -> str:
+    """The doc with each result's CPU section replaced, or added at the end of the CPU part; every
+    other section and the headline kept (a partial rerun updates its own sections only).
+    `gpu_part` replaces the GPU part's lines (the placeholder while there are no GPU results)."""
+    cpu, gpu = text.split("\n## GPU", 1) if "\n## GPU" in text else (text, None)
+    if gpu_part is not None:
+        gpu = "\n\n" + "\n".join(gpu_part).rstrip() + "\n"
+    for res in results:
+        block = "\n".join(section(res))
+        pattern = re.compile(rf"^### {re.escape(res['name'])}\n.*?(?=^### |\Z)", re.S | re.M)
+        if pattern.search(cpu):
+            cpu = pattern.sub(lambda _, block=block: block + "\n", cpu, count=1)
+        else:
+            cpu = cpu.rstrip("\n") + "\n\n" + block + "\n"
+    return cpu if gpu is None else cpu.rstrip("\n") + "\n\n## GPU" + gpu
 
 
 def run_benchmark(name: str, device: str, out: Path, quick: bool) -> int:
@@ -329,6 +350,11 @@ def main(argv: list[str] | None = None) -> int:
         help="no runs: print the table of existing results and write docs/performance.md",
     )
     p.add_argument("--print-only", action="store_true", help="with --report: write no file")
+    p.add_argument(
+        "--update",
+        action="store_true",
+        help="with --report: replace only the --only benchmarks' sections of docs/performance.md",
+    )
     args = p.parse_args(argv)
     out = Path(args.out)
     names = [n for n in args.only.split(",") if n]
@@ -344,6 +370,10 @@ def main(argv: list[str] | None = None) -> int:
     elif not args.print_only:
         if any(r["quick"] for r in load(out, BENCHMARKS)):
             print("quick results: docs/performance.md not written (it holds full runs only)")
+        elif args.update:
+            placeholder = None if load(out / "gpu", BENCHMARKS) else GPU_PLACEHOLDER
+            DOC.write_text(update_doc(DOC.read_text(), load(out, names), placeholder))
+            print(f"updated the {', '.join(names)} sections of {DOC.relative_to(REPO_ROOT)}")
         else:
             write_docs(out, out / "gpu")
             print(f"wrote {DOC.relative_to(REPO_ROOT)} and the headline block of README.md")

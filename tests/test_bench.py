@@ -183,3 +183,22 @@ def test_tsfsar_episode_bytes_follow_the_store_layout() -> None:
     assert episode_bytes(spec, every) == 30 * (13 * 197 * 768 + 512) * 8 * 2
     assert round(episode_bytes(spec, every) / 1e9, 2) == 0.94
     assert episode_bytes(spec, three) < episode_bytes(spec, every) / 3
+
+
+def test_update_replaces_only_the_rerun_sections() -> None:
+    """--report --update: a rerun benchmark's CPU section is replaced (or added), every other
+    section, the headline and the GPU part stay as they were."""
+    from bench.run_all import update_doc
+
+    doc = "# P\n\n## Headline\n\nrow\n\n## CPU\n\n### training\n\nold t\n\n### store\n\nold s\n\n## GPU\n\n### training\n\ngpu t\n"
+    res = {"name": "training", "quick": False, "command": "python -m bench.training",
+           "seconds": 60, "machine": {"cores": 2, "cpu_model": "x", "memory_gib": 8,
+           "torch": "2", "torch_threads": 2, "device": "cpu", "load_average_at_start": [1.0]},
+           "figures": [], "notes": ["new t"]}  # fmt: skip
+    new = update_doc(doc, [res, {**res, "name": "tsfsar", "notes": ["new ts"]}])
+    cpu, gpu = new.split("## GPU")
+    assert "old t" not in cpu and "- new t" in cpu and "old s" in cpu and "row" in cpu
+    assert cpu.index("### store") < cpu.index("### tsfsar") and "- new ts" in cpu
+    assert gpu == "\n\n### training\n\ngpu t\n"
+    placeholder = update_doc("# P\n\n## CPU\n\n## GPU\n\nold words\n", [res], ["new words", ""])
+    assert placeholder.endswith("## GPU\n\nnew words\n") and "old words" not in placeholder

@@ -184,3 +184,19 @@ def test_pack_unpack_and_merge_keep_taps_and_init(ts_store: Path, tmp_path: Path
             b.read(b.select(split="test"), ["resid/layer04"])["resid/layer04"],
         )
         assert ab.read_tsfsar_init()[1] == b.read_tsfsar_init()[1]
+
+
+def test_ts_store_reads_over_http_like_the_local_one(ts_store: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from tests.store_http import serve
+
+    shutil.copytree(ts_store, tmp_path / "www" / "ts")
+    with serve(tmp_path / "www") as (url, _), open_store(url + "/ts") as remote:
+        with open_store(ts_store) as local:
+            names = ["resid/layer00", "resid/layer12", "cls/layer12"]
+            got, want = remote.read([3, 1], names, verify=True), local.read([3, 1], names)
+            for name in names:
+                np.testing.assert_array_equal(got[name], want[name])
+            assert remote.read_tsfsar_init()[1] == local.read_tsfsar_init()[1]
+            assert remote.fingerprint() == local.fingerprint() and remote.verify() == []
