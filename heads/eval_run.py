@@ -6,14 +6,17 @@ its episodes, and the result files (`--json`, `--per-episode`).
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
+from runtime import files
 from runtime.device import pick_device
 from runtime.values import OptionError
 
@@ -61,8 +64,8 @@ def head_and_store(options: EvalOptions, device: torch.device) -> tuple[FewShotH
 def write_results(result: EvalResult, options: EvalOptions) -> None:
     """The summary as JSON (--json) and each episode's accuracy as Parquet (--per-episode)."""
     if options.json_out is not None:
-        text = json.dumps(result.to_json(), indent=2)
-        write_output("--json", options.json_out, lambda path: path.write_text(text))
+        text = json.dumps(result.to_json(), indent=2).encode()
+        write_output("--json", options.json_out, lambda f: f.write(text))
     if options.per_episode is not None:
         import pandas as pd
 
@@ -70,21 +73,34 @@ def write_results(result: EvalResult, options: EvalOptions) -> None:
         write_output("--per-episode", options.per_episode, table.to_parquet)
 
 
-def write_output(option: str, target: str, write: Callable[[Path], object]) -> None:
-    """`write(path)` the file an option names, whole or not at all: into a temporary file beside it,
-    renamed over it at the end (a device such as /dev/stdout is written directly). A failure (a full
-    disk) is an OptionError naming the option, and leaves the target as it was."""
+def write_output(option: str, target: str, write: Callable[[IO[bytes]], object]) -> None:
+    """`write(file)` the file an option names, whole or not at all (runtime.files.write_file: a
+    temporary file beside it, renamed over it). A device or pipe the user names (/dev/stdout, a
+    link to one) is written directly, and only while someone reads a pipe (else it would block for
+    ever). A failure (a full disk) is an OptionError naming the option; the target stays as it was."""
     path = Path(target)
-    direct = path.exists() and not path.is_file()
-    temporary = path if direct else path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        write(temporary)
-        if not direct:
-            os.replace(temporary, path)
-    except BaseException as error:  # (Ctrl-C included: no temporary file stays behind)
-        if not direct:
-            temporary.unlink(missing_ok=True)
-        if not isinstance(error, OSError):
-            raise
+        if path.is_symlink() or (path.exists() and not path.is_file()):
+            _write_direct(path, write)
+        else:
+            files.write_file(path, write)
+    except files.DiskFullError:
+        raise OptionError(f"{option} {target}: cannot write it (No space left on device)") from None
+    except OSError as error:
+        if error.errno == errno.ENXIO:
+            raise OptionError(
+                f"{option} {target}: a pipe that nobody reads; start its reader first, or give a "
+                "file name"
+            ) from None
         why = error.strerror or type(error).__name__
         raise OptionError(f"{option} {target}: cannot write it ({why})") from None
+
+
+def _write_direct(path: Path, write: Callable[[IO[bytes]], object]) -> None:
+    """Render in memory, then write to the device or pipe (a pipe without a reader: ENXIO)."""
+    rendered = io.BytesIO()
+    write(rendered)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NONBLOCK, 0o666)
+    os.set_blocking(descriptor, True)
+    with os.fdopen(descriptor, "wb") as out:
+        out.write(rendered.getvalue())

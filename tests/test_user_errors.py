@@ -154,6 +154,32 @@ def test_a_full_disk_under_an_output_is_one_line_naming_it(
     assert kept.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == [kept.name]
 
 
+def test_an_output_pipe_is_written_while_read_and_refused_unread(
+    pair_store: Path, tmp_path: Path
+) -> None:
+    """A pipe nobody reads would block for ever (pyarrow retries its open through Ctrl-C)."""
+    import io
+
+    import pandas as pd
+
+    fifo = tmp_path / "episodes"
+    os.mkfifo(fifo)
+    args = ["--store", str(pair_store), "--head", "proto", "--episodes", "5", "--no-progress"]
+    line = only_line(cli.eval_app, [*args, "--per-episode", str(fifo)])
+    assert line == (
+        f"error: --per-episode {fifo}: a pipe that nobody reads; start its reader first, or give "
+        "a file name"
+    )
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # a reader (the file fits the pipe)
+    try:
+        result = CliRunner().invoke(cli.eval_app, [*args, "--per-episode", str(fifo)])
+        assert result.exit_code == 0, result.output
+        received = os.read(reader, 1 << 16)
+    finally:
+        os.close(reader)
+    assert list(pd.read_parquet(io.BytesIO(received))["episode"]) == [0, 1, 2, 3, 4]
+
+
 @pytest.mark.parametrize("library", ["numpy", "torch"])
 def test_an_allocation_that_fails_is_one_line_saying_what_to_do(  # type: ignore[no-untyped-def]
     pair_store: Path, monkeypatch, library: str
