@@ -180,6 +180,13 @@ def test_an_output_pipe_is_written_while_read_and_refused_unread(
     assert list(pd.read_parquet(io.BytesIO(received))["episode"]) == [0, 1, 2, 3, 4]
 
 
+def test_compare_refuses_a_pipe_unread(tmp_path: Path) -> None:
+    fifo = tmp_path / "a.parquet"
+    os.mkfifo(fifo)
+    line = only_line(cli.study_app, ["compare", str(fifo), str(fifo)])
+    assert line == f"error: {fifo}: not a regular file; give a per-episode Parquet file"
+
+
 @pytest.mark.parametrize("library", ["numpy", "torch"])
 def test_an_allocation_that_fails_is_one_line_saying_what_to_do(  # type: ignore[no-untyped-def]
     pair_store: Path, monkeypatch, library: str

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -71,6 +72,8 @@ def read_per_episode(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict[str
     import pyarrow.parquet as pq
 
     path = Path(path)
+    if path.exists() and not stat.S_ISREG(path.stat().st_mode):  # a FIFO would block for ever
+        raise StudyError(f"{path}: not a regular file; give a per-episode Parquet file")
     try:
         parquet = pq.ParquetFile(path)
     except (OSError, ValueError) as error:  # missing, not Parquet, truncated
