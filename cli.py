@@ -21,6 +21,7 @@ from runtime.commands import (
     Command,
     Group,
     check_output_file,
+    check_output_place,
     comma_list,
     fail,
     given,
@@ -135,6 +136,7 @@ def store_pack(
     from store.describe import human_bytes
     from store.pack import pack
 
+    check_output_place("OUT", out)
     size = pack(path, out)
     typer.echo(f"pack: {out} ({human_bytes(size)})")
 
@@ -147,6 +149,7 @@ def store_unpack(
     """Restore a packed store into a directory; members that would land outside DIR are refused."""
     from store.pack import unpack
 
+    check_output_place("DIR", directory)
     s = unpack(file, directory)
     typer.echo(f"unpack: {directory} ({s.n_rows} rows, fingerprint {s.fingerprint()})")
 
@@ -166,6 +169,7 @@ def store_merge(
 
     if prefer is not None and prefer.upper() not in ("A", "B"):
         fail(f"--prefer must be A or B, not {prefer!r}")
+    check_output_place("--out", out)
     report = merge(
         a,
         b,
@@ -193,6 +197,7 @@ def store_subset(
     """Copy some splits and/or tensors of a store into a new, complete store."""
     from store.merge import describe_report, subset
 
+    check_output_place("--out", out)
     report = subset(
         path,
         out,
@@ -218,6 +223,7 @@ def synth_command(
 
     from pipeline.synth import make_synthetic_dataset
 
+    check_output_place("--out", out)
     description = make_synthetic_dataset(out, classes, videos_per_class, seed)
     counts = ", ".join(f"{len(v)} {k}" for k, v in description["classes"].items())
     typer.echo(
@@ -325,6 +331,7 @@ def extract_command(
         return
     if dataset is None or data_root is None:
         fail("--dataset and --data-root are required (or --text-only --templates FILE)")
+    check_output_place("--store", store)
     values = option_values(ctx, ExtractOptions)
     values["class_descriptions"] = tuple(class_descriptions)
     try:
@@ -440,6 +447,7 @@ def train_command(
     else:
         flags = {name: ctx.params[name] for name in HEAD_FLAGS}
         cfg = config_from_options(given(ctx, TRAIN_OPTIONS), key_values(option), flags, config)
+        check_output_place("--out", cfg.out or "runs")
     run_dir = train(cfg, resume=resume, overwrite=overwrite)
     typer.echo(f"run: {run_dir}")
 
@@ -552,6 +560,7 @@ def study_command(
             workers=workers, seeds=seed_list, episodes=episodes, train=key_values(train, "--train"),
             resume=resume, device=device, max_ram=max_ram, progress=progress,
         )  # fmt: skip
+        check_output_place("--out", options.out)
         summary = run_study(chosen, options)
     except StudyInterrupted as stop:
         fail(str(stop), 130)

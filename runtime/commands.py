@@ -107,6 +107,24 @@ def check_output_file(option: str, path: str) -> None:
         raise OptionError(f"{option} {path} cannot be written (permission denied)")
 
 
+def check_output_place(option: str, path: str) -> None:
+    """Refuse a new output (file or folder) whose nearest existing ancestor is not a folder fsar
+    can write: a path under a regular file, or under a read-only folder. An existing output is
+    left to its command (resume, overwrite or refuse)."""
+    target = Path(path).expanduser()
+    if target.exists() or target.is_symlink():
+        return
+    for parent in target.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OptionError(f"{option} {path}: {parent} is a file, not a folder")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise OptionError(
+                    f"{option} {path}: {parent} cannot be written (permission denied)"
+                )
+            return
+
+
 def comma_list(text: str | None) -> list[str] | None:
     """`a,b,c` -> ["a", "b", "c"] (None stays None; an empty list is refused)."""
     if text is None:

@@ -107,6 +107,31 @@ def test_every_command_refuses_a_bad_value_in_one_line(  # type: ignore[no-untyp
     assert not out.exists()  # nothing written
 
 
+UNDER_A_FILE = [
+    (cli.store_app, ["pack", STORE, OUT], "OUT"),
+    (cli.store_app, ["merge", STORE, STORE, "--out", OUT], "--out"),
+    (cli.store_app, ["subset", STORE, "--out", OUT, "--splits", "test"], "--out"),
+    (cli.synth_app, ["--out", OUT, "--classes", "6"], "--out"),
+    (cli.train_app, ["--store", STORE, "--out", OUT], "--out"),
+    (cli.study_app, ["--store", STORE, "--plan", "baselines", "--out", OUT], "--out"),
+    (cli.extract_app, EXTRACT, "--store"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("app", "args", "option"), UNDER_A_FILE, ids=[x[0] for _, x, _ in UNDER_A_FILE]
+)
+def test_an_output_under_a_file_is_one_line(  # type: ignore[no-untyped-def]
+    app, args: list[str], option: str, pair_store: Path, data: Path, tmp_path: Path
+) -> None:
+    a_file = tmp_path / "file"
+    a_file.write_text("mine")
+    out = a_file / "out"
+    line = only_line(app, [a.format(store=pair_store, out=out, data=data) for a in args])
+    assert line == f"error: {option} {out}: {a_file} is a file, not a folder"
+    assert a_file.read_text() == "mine"
+
+
 def test_config_files_that_are_not_small_json_files(pair_store: Path, tmp_path: Path) -> None:
     """A FIFO would block forever, a deeply nested document exhausts the parser's recursion."""
     fifo = tmp_path / "fifo.json"
