@@ -23,8 +23,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench.common import REPO_ROOT, RESULTS_DIR, format_value, markdown_table
+from bench.learning_map import map_lines
 
-BENCHMARKS = ("extraction", "training", "evaluation", "store", "memory", "learning", "study")
+BENCHMARKS = (
+    "extraction", "training", "evaluation", "store", "memory", "learning", "learning_map", "study",
+)  # fmt: skip
+# how run_all starts a benchmark whose command is not `python -m bench.<name>`
+COMMANDS = {"learning_map": ["bench.learning", "--map"]}
+# benchmarks whose sections go to docs/learning.md (between markers) instead of performance.md
+LEARNING = ("learning_map", "learning")
+LEARNING_DOC = REPO_ROOT / "docs" / "learning.md"
 DOC = REPO_ROOT / "docs" / "performance.md"
 README = REPO_ROOT / "README.md"
 HEADLINE_BEGIN = "<!-- performance headline: written by python -m bench.run_all --report -->"
@@ -170,17 +178,16 @@ def headline_rows(results: list[dict], headlines: list | None = None) -> list[st
     return rows
 
 
-def section(res: dict) -> list[str]:
+def section(res: dict, heading: bool = True) -> list[str]:
     name = res["name"]
     mode = " (quick mode: tiny sizes, figures meaningless)" if res["quick"] else ""
     lines = [
-        f"### {name}",
-        "",
+        *([f"### {name}", ""] if heading else []),
         f"How to read it: {how_to_read(name)}",
         "",
         f"Command: `{res['command'].replace(str(REPO_ROOT) + '/', '')}`{mode}, {res['seconds'] / 60:.0f} min. {machine_line([res])}",
         "",
-        markdown_table([res]),
+        *(map_lines(res) if name == "learning_map" else [markdown_table([res])]),
     ]
     if res["notes"]:
         lines += [""] + [f"- {note}" for note in res["notes"]]
@@ -207,7 +214,13 @@ def performance_doc(out: Path, gpu_out: Path) -> str:
         "",
     ]
     for res in cpu:
-        lines += section(res)
+        if res["name"] not in LEARNING:
+            lines += section(res)
+    lines += [
+        "What each head learns (`python -m bench.learning --map` and `python -m bench.learning`, both",
+        "in `make bench`): [learning.md](learning.md), generated from the same results.",
+        "",
+    ]
     if not cpu:
         lines += ["No CPU results yet: run `make bench`.", ""]
     lines += ["## GPU", ""]
@@ -235,8 +248,30 @@ def readme_headline(out: Path) -> str:
     )  # fmt: skip
 
 
-def write_docs(out: Path, gpu_out: Path, doc: Path = DOC, readme: Path | None = README) -> None:
+def learning_blocks(text: str, out: Path) -> str:
+    """`text` with each learning result's block (between its markers) rewritten from `out`."""
+    for res in load(out, LEARNING):
+        begin, end = (
+            f"<!-- {res['name']}: written by python -m bench.run_all --report -->",
+            (f"<!-- end of {res['name']} -->"),
+        )
+        body = "\n".join([begin, *section(res, heading=False), end])
+        pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
+        text = pattern.sub(lambda _, body=body: body, text)
+    return text
+
+
+def write_docs(
+    out: Path,
+    gpu_out: Path,
+    doc: Path = DOC,
+    readme: Path | None = README,
+    learning: Path | None = None,
+) -> None:
+    """Write performance.md, the README's headline block and (`learning`) docs/learning.md's blocks."""
     doc.write_text(performance_doc(out, gpu_out))
+    if learning is not None and learning.exists():
+        learning.write_text(learning_blocks(learning.read_text(), out))
     if readme is not None and readme.exists():
         text = readme.read_text()
         pattern = re.compile(re.escape(HEADLINE_BEGIN) + ".*?" + re.escape(HEADLINE_END), re.S)
@@ -246,7 +281,8 @@ def write_docs(out: Path, gpu_out: Path, doc: Path = DOC, readme: Path | None = 
 
 def run_benchmark(name: str, device: str, out: Path, quick: bool) -> int:
     """`python -m bench.<name>` in its own process; its exit code."""
-    cmd = [sys.executable, "-m", f"bench.{name}", "--device", device, "--out", str(out)]
+    module = COMMANDS.get(name, [f"bench.{name}"])
+    cmd = [sys.executable, "-m", *module, "--device", device, "--out", str(out)]
     if quick:
         cmd.append("--quick")
     print(f"== {' '.join(cmd[1:])}", flush=True)
@@ -293,8 +329,9 @@ def main(argv: list[str] | None = None) -> int:
         if any(r["quick"] for r in load(out, BENCHMARKS)):
             print("quick results: docs/performance.md not written (it holds full runs only)")
         else:
-            write_docs(out, out / "gpu")
-            print(f"wrote {DOC.relative_to(REPO_ROOT)} and the headline block of README.md")
+            write_docs(out, out / "gpu", learning=LEARNING_DOC)
+            print(f"wrote {DOC.relative_to(REPO_ROOT)}, the blocks of docs/learning.md and the "
+                  "headline block of README.md")  # fmt: skip
     print(f"\n{table}")
     if failed:
         print(f"\nfailed: {', '.join(failed)}", file=sys.stderr)
