@@ -11,7 +11,9 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import click
 import typer
+from typer.core import TyperCommand, TyperGroup
 
 # torch's OpenMP threads sleep between parallel regions instead of spinning: on a busy machine
 # spinning threads made training several times slower (docs/performance.md). Read when torch loads.
@@ -19,6 +21,29 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # Help texts are plain text: rich markup would swallow defaults written as [runs/latest].
 PLAIN = dict(rich_markup_mode=None)
+
+
+class _ListsHeads:
+    """--help ends with the heads available here, read from package metadata when help is shown
+    (no head, plugin or torch is imported for it)."""
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        from heads import registry
+
+        super().format_epilog(ctx, formatter)  # type: ignore[misc]
+        rows = [(s.name, "built in" if s.builtin else s.describe()) for s in registry.sources()]
+        with formatter.section("Heads (fsar.heads entry points add more)"):
+            formatter.write_dl(rows + [("refused", line) for line in registry.problems()])
+
+
+class HeadsCommand(_ListsHeads, TyperCommand):
+    pass
+
+
+class HeadsGroup(_ListsHeads, TyperGroup):
+    pass
+
+
 app = typer.Typer(
     help="fsar: offline CLIP feature store for few-shot action recognition.",
     no_args_is_help=True,
@@ -36,6 +61,7 @@ synth_app = typer.Typer(
 study_app = typer.Typer(
     help="Studies: a plan of heads trained and tested on identical episodes, as Dask tasks.",
     no_args_is_help=True,
+    cls=HeadsGroup,
     **PLAIN,
 )
 app.add_typer(store_app, name="store")
@@ -111,12 +137,21 @@ def key_values(pairs: list[str]) -> dict:
 
 
 def heads_errors() -> tuple[type[Exception], ...]:
-    """What stage-2 commands report in one line: store, episodes, options, unknown heads."""
+    """What stage-2 commands report in one line: store, episodes, options, heads and plugins."""
     from heads.config import ConfigError
     from heads.episodes import EpisodeError
+    from heads.registry import HeadError
     from store import StoreError
 
-    return (StoreError, EpisodeError, ConfigError, FileNotFoundError, ValueError)
+    return (StoreError, EpisodeError, ConfigError, HeadError, FileNotFoundError, ValueError)
+
+
+def warn_refused_heads() -> None:
+    """One line on stderr per installed plugin head that fsar refuses (a clash over its name)."""
+    from heads.registry import problems
+
+    for line in problems():
+        typer.echo(f"warning: {line}", err=True)
 
 
 # ---------------------------------------------------------------- fsar-store
@@ -359,8 +394,30 @@ def extract_command(
         1,
         help="Views per video (V): centre frames, then seeded random frames (emp: train augmented).",
     ),
-    recipe: str = typer.Option("emp", help="emp (layers 4/8/12) or emp+last (+ last block input)."),
-    preprocess: str = typer.Option("openclip", help="openclip (the model's) or emp (EMP-Net's)."),
+    recipe: str = typer.Option(
+        "emp",
+        help="emp (layers 4/8/12), emp+last (+ last block input), ts (residual stream at --taps, "
+        "for tsfsar), emp+ts or emp+last+ts; sizes: fsar-store info, docs/extraction.md.",
+    ),
+    taps: str | None = typer.Option(
+        None, help="Recipes with ts: taps to cache, e.g. 0,4,8,12 (0 = ln_pre output) [all]."
+    ),
+    class_descriptions: list[str] = typer.Option(
+        [],
+        metavar="FILE",
+        help="TS-FSAR prompts/*.json files {class: [sentences]} -> text/descriptions (repeatable: "
+        "train and test files); undescribed classes use EMP-Net's 16 templates.",
+    ),
+    side_pca: str | None = typer.Option(
+        None,
+        help="Recipes with ts: PCA of the side-network init, released (the released run's "
+        "seeded randomized solver) or exact [released].",
+    ),
+    preprocess: str = typer.Option(
+        "openclip",
+        help="openclip (the model's), emp (EMP-Net's and TS-FSAR's) or emp-noflip (no training "
+        "flip: TS-FSAR's SSv2 recipe).",
+    ),
     splits: str | None = typer.Option(None, help="Only these splits, e.g. train,val."),
     part: str | None = typer.Option(None, help="Only part I/N of the videos (by video_id hash)."),
     workers: int | None = typer.Option(
@@ -377,7 +434,10 @@ def extract_command(
     ),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Retry failed rows too."),
     text_only: bool = typer.Option(
-        False, "--text-only", help="Only add text/<name> for --templates to an existing store."
+        False,
+        "--text-only",
+        help="Only add text to an existing store: text/<name> for --templates, text/descriptions "
+        "for --class-descriptions.",
     ),
     templates: str | None = typer.Option(None, help="Template file (one per line, with {})."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
@@ -389,6 +449,7 @@ def extract_command(
 ) -> None:
     """Extract CLIP features of a dataset's videos into a feature store (resumable)."""
     from pipeline.datasets import DatasetError
+    from pipeline.descriptions import add_descriptions
     from pipeline.errors import EncoderError, ExtractError
     from pipeline.extract import ExtractOptions, run_extraction
     from pipeline.text import add_text_embeddings
@@ -396,12 +457,18 @@ def extract_command(
 
     try:
         if text_only or templates:
-            if not (text_only and templates):
-                fail("--text-only and --templates FILE go together")
-            name, shape = add_text_embeddings(
-                store, templates, model, pretrained, device, allow_torchscript
-            )
-            typer.echo(f"{store}: wrote text/{name} {shape}")
+            if not text_only or not (templates or class_descriptions):
+                fail("--text-only goes with --templates FILE or --class-descriptions FILE")
+            if templates:
+                name, shape = add_text_embeddings(
+                    store, templates, model, pretrained, device, allow_torchscript
+                )
+                typer.echo(f"{store}: wrote text/{name} {shape}")
+            if class_descriptions:
+                for line in add_descriptions(
+                    store, class_descriptions, model, pretrained, device, allow_torchscript
+                ):
+                    typer.echo(line)
             return
         if dataset is None or data_root is None:
             fail("--dataset and --data-root are required (or --text-only --templates FILE)")
@@ -414,6 +481,9 @@ def extract_command(
             frames=frames,
             views=views,
             recipe=recipe,
+            taps=taps,
+            class_descriptions=tuple(class_descriptions),
+            side_pca=side_pca,
             preprocess=preprocess,
             splits=splits,
             part=part,
@@ -440,16 +510,20 @@ app.command("extract")(extract_command)
 
 
 # ---------------------------------------------------------------- fsar-train, fsar-eval
-@train_app.command("train")
+@train_app.command("train", cls=HeadsCommand)
 def train_command(
     store: str | None = typer.Option(None, help="Store path (stores/<dataset>)."),
     config: str | None = typer.Option(
         None, help="JSON file of training options (CLI options win)."
     ),
     preset: str | None = typer.Option(
-        None, help="hmdb51|ucf101|kinetics100|ssv2_small|ssv2_full: the released schedule."
+        None,
+        help="hmdb51|ucf101|kinetics100|ssv2_small|ssv2_full: the released recipe of --head "
+        "(tsfsar: TS-FSAR's, per --shot; other heads: EMP-Net's schedule).",
     ),
-    head: str | None = typer.Option(None, help="Head to train (emp, lastlayer, probe)."),
+    head: str | None = typer.Option(
+        None, help="Head to train: a trainable one of those listed below [emp]."
+    ),
     way: int | None = typer.Option(None, help="Classes per episode [5]."),
     shot: int | None = typer.Option(None, help="Support videos per class [1]."),
     query: int | None = typer.Option(None, help="Query videos per class in training [5]."),
@@ -459,7 +533,9 @@ def train_command(
     ),
     lr: float | None = typer.Option(None, help="Peak learning rate [1e-3]."),
     decay_groups: str | None = typer.Option(
-        None, help="Weight decay on: matrices (not norms, biases, scalars) | released [matrices]."
+        None,
+        help="Weight decay on: matrices (not norms, biases, scalars) | released (EMP-Net's names) "
+        "| all [matrices].",
     ),
     val_every: int | None = typer.Option(None, help="Validate every N episodes [500]."),
     val_episodes: int | None = typer.Option(None, help="Validation episodes [1000]."),
@@ -516,6 +592,7 @@ def train_command(
         keep_freed_memory()
     if resume and overwrite:
         fail("give --resume or --overwrite, not both")
+    warn_refused_heads()
     with user_errors(*heads_errors()):
         if resume:
             cfg = resume_config(Path(out or "runs/latest"), episodes, progress)
@@ -537,13 +614,13 @@ def train_command(
     typer.echo(f"run: {run_dir}")
 
 
-@eval_app.command("eval")
+@eval_app.command("eval", cls=HeadsCommand)
 def eval_command(
     store: str | None = typer.Option(None, help="Store path [the store the run's config names]."),
     checkpoint: str | None = typer.Option(None, help="Run directory [runs/latest]."),
     head: str | None = typer.Option(
         None,
-        help="A head instead of a run: zeroshot, proto, otam, or an untrained emp/probe.",
+        help="A head instead of a run: any listed below (a trainable one untrained).",
     ),
     episodes: int = typer.Option(10_000, help="Test episodes."),
     way: int = typer.Option(5, help="Classes per episode."),
@@ -558,11 +635,16 @@ def eval_command(
     max_ram: float = typer.Option(8.0, help="GB the split may take in RAM; larger splits stream."),
     json_out: str | None = typer.Option(None, "--json", help="Write the result as JSON."),
     per_episode: str | None = typer.Option(None, help="Write each episode's accuracy (parquet)."),
-    option: list[str] = typer.Option([], help="Head option KEY=VALUE for --head (repeatable)."),
+    option: list[str] = typer.Option(
+        [],
+        help="Head option KEY=VALUE (repeatable): for --head, or a run's test-time options "
+        "(e.g. tsfsar's fuse_vision, fuse_clip, fuse_side).",
+    ),
     progress: bool = typer.Option(True, help="Progress bar."),
 ) -> None:
     """Evaluate a trained run or a training-free head on few-shot episodes."""
     import json
+    import warnings
     from pathlib import Path
 
     import torch
@@ -579,6 +661,7 @@ def eval_command(
     for option_name, path in (("--json", json_out), ("--per-episode", per_episode)):
         if path is not None:
             check_output_file(option_name, path)
+    warn_refused_heads()
     with user_errors(*heads_errors()):
         target = pick_device(device)
         keep_freed_memory()
@@ -594,7 +677,11 @@ def eval_command(
             fail("--store is required with --head")
         s = open_store(store_path)
         if run_dir is not None:
-            model = load_run(run_dir, s, target)
+            with warnings.catch_warnings(record=True) as caught:  # e.g. another plugin version
+                warnings.simplefilter("always")
+                model = load_run(run_dir, s, target, key_values(option))
+            for warning in caught:
+                typer.echo(f"warning: {warning.message}", err=True)
         else:  # untrained: built at the store's dim, the same weights every time
             torch.manual_seed(seed)
             model = build_head(head, key_values(option), s, target)
@@ -613,8 +700,8 @@ def eval_command(
             )
 
 
-app.command("train")(train_command)
-app.command("eval")(eval_command)
+app.command("train", cls=HeadsCommand)(train_command)
+app.command("eval", cls=HeadsCommand)(eval_command)
 
 
 # ---------------------------------------------------------------- fsar-study
@@ -624,7 +711,7 @@ def study_command(
         None, help="Store: directory, packed file or URL (workers read it too)."
     ),
     plan: str | None = typer.Option(
-        None, help="Built-in plan (ablation, baselines, shots) or a plan .json file."
+        None, help="Built-in plan (ablation, baselines, shots, tsfsar) or a plan .json file."
     ),
     out: str | None = typer.Option(None, help="Study folder [studies/<plan>]."),
     scheduler: str | None = typer.Option(
@@ -666,6 +753,7 @@ def study_command(
         seed_list = [int(s) for s in comma_list(seeds)] if seeds is not None else None
     except ValueError:
         fail(f"--seeds {seeds!r}: give integers, e.g. 0,1,2")
+    warn_refused_heads()
     try:
         with user_errors(PlanError, StudyError, StoreError):
             chosen = load_plan(plan)
@@ -684,7 +772,7 @@ def study_command(
 
 
 study_app.callback(invoke_without_command=True)(study_command)
-study_app.command("run")(study_command)
+study_app.command("run", cls=HeadsCommand)(study_command)
 
 
 @study_app.command("compare")

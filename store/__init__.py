@@ -14,15 +14,7 @@ from .errors import (
     StoreError,
     StoreLockedError,
 )
-from .featurestore import (
-    ChunkWriter,
-    FeatureStore,
-    Problem,
-    checksum,
-    create_store,
-    done_update,
-    open_store,
-)
+from .featurestore import FeatureStore, create_store, open_store
 from .layout import (
     SCHEMA_VERSION,
     SPEC_IDENTITY_FIELDS,
@@ -34,6 +26,9 @@ from .layout import (
     spec_differences,
     token_name,
 )
+from .reading import checksum
+from .verification import Problem
+from .writing import ChunkWriter, done_update
 
 __all__ = [
     "SCHEMA_VERSION",

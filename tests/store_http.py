@@ -14,8 +14,9 @@ from pathlib import Path
 
 @dataclass
 class Faults:
-    """Per-path misbehaviour: `404`, `500`, `truncate` (half the body, then close) or `flood`
-    (1 MiB blocks, no length, until the client hangs up or FLOOD_LIMIT bytes: `sent` counts them)."""
+    """Per-path misbehaviour: `404`, `500`, `truncate` (half the body, then close), `flood`
+    (1 MiB blocks, no length, until the client hangs up or FLOOD_LIMIT bytes: `sent` counts them),
+    `html` (a 200 answer holding an HTML error page) or `html-once` (that, then the real file)."""
 
     by_path: dict[str, str] = field(default_factory=dict)
     requests: Counter = field(default_factory=Counter)
@@ -44,6 +45,16 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
             return
         if mode == "500":
             self.send_error(500)
+            return
+        if mode in ("html", "html-once"):
+            if mode == "html-once":
+                del self.faults.by_path[path]
+            page = b"<html><body>Service temporarily unavailable</body></html>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(page)))
+            self.end_headers()
+            self.wfile.write(page)
             return
         if mode == "flood":
             self.send_response(200)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
 import socket
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -86,9 +88,11 @@ def test_cache_makes_the_second_epoch_local(
         np.testing.assert_array_equal(first[name], second[name])
         np.testing.assert_array_equal(first[name], again[name])
     (cache_dir,) = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
-    cached = cache_dir / "tokens" / "layer04" / "c" / "3" / "0" / "0" / "0" / "0"
-    assert cached.read_bytes() == (local / cached.relative_to(cache_dir)).read_bytes()
-    assert not list(cache_dir.rglob("*.part")) and not (cache_dir / "manifest.parquet").exists()
+    cached = {p.read_bytes() for p in cache_dir.iterdir() if p.name != "SOURCE"}
+    assert len(cached) == len(rows) * len(s.row_tensors)  # one file per chunk (fsspec simplecache)
+    assert (local / "tokens/layer04/c/3/0/0/0/0").read_bytes() in cached
+    assert (local / "manifest.parquet").read_bytes() not in cached  # plain files are not cached
+    assert not list(cache_dir.rglob("*.part"))
 
 
 def test_404_chunk_names_row_and_url(served: tuple[str, Faults, Path]) -> None:
@@ -114,7 +118,7 @@ def test_404_chunk_names_row_and_url(served: tuple[str, Faults, Path]) -> None:
 def test_truncated_download_is_retried_bounded_and_never_cached(
     served: tuple[str, Faults, Path], tmp_path: Path
 ) -> None:
-    url, faults, _ = served
+    url, faults, local = served
     path = _chunk_path("tokens/layer08", 6, 5)
     faults.by_path[path] = "truncate"
     try:
@@ -125,13 +129,62 @@ def test_truncated_download_is_retried_bounded_and_never_cached(
         assert f"cannot read {url}/tokens/layer08/c/6/0/0/0/0 after 2 tries" in str(err.value)
         assert faults.requests[path] == 2
         (cache_dir,) = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
-        assert not (cache_dir / path.removeprefix("/stores/tiny/")).exists()
-        assert not list(cache_dir.rglob("*.part"))
+        assert [p.name for p in cache_dir.iterdir()] == ["SOURCE"]  # nothing cached, no .part
     finally:
         faults.by_path.clear()
     fixed = s.read([6], ["tokens/layer08"], verify=True)["tokens/layer08"]
     assert fixed.shape == (1, 1, 2, 5, 8)
-    assert (cache_dir / path.removeprefix("/stores/tiny/")).is_file()
+    whole = (local / path.removeprefix("/stores/tiny/")).read_bytes()
+    assert [p.read_bytes() for p in cache_dir.iterdir() if p.name != "SOURCE"] == [whole]
+
+
+def _cached_bodies(cache: Path) -> set[bytes]:
+    (folder,) = [p for p in cache.iterdir() if p.is_dir()]
+    return {p.read_bytes() for p in folder.iterdir() if p.name != "SOURCE"}
+
+
+def test_an_error_page_answer_never_poisons_the_cache(
+    served: tuple[str, Faults, Path], tmp_path: Path
+) -> None:
+    url, faults, local = served
+    cache = tmp_path / "cache"
+    key = "cls/layer12/c/4/0/0/0"
+    try:
+        faults.by_path[f"/stores/tiny/{key}"] = "html-once"  # a proxy's 200 error page, once
+        got = open_store(url, cache=cache).read([4], ["cls/layer12"], verify=True)
+        assert _cached_bodies(cache) == {(local / key).read_bytes()}  # the page was dropped
+        np.testing.assert_array_equal(
+            got["cls/layer12"], open_store(local).read([4], ["cls/layer12"])["cls/layer12"]
+        )
+        faults.by_path[f"/stores/tiny/{key}"] = "html"  # always: an error, and nothing kept
+        shutil.rmtree(cache)
+        with pytest.raises(CorruptStoreError, match=rf"chunk {key} declares None uncompressed"):
+            open_store(url, cache=cache).read([4], ["cls/layer12"])
+        assert _cached_bodies(cache) == set()
+    finally:
+        faults.by_path.clear()
+    assert open_store(url, cache=cache).read([4], ["cls/layer12"])["cls/layer12"].shape == (
+        1,
+        1,
+        2,
+        8,
+    )
+
+
+def test_a_cached_chunk_failing_its_checksum_is_fetched_again(
+    served: tuple[str, Faults, Path], tmp_path: Path
+) -> None:
+    url, _faults, local = served
+    cache = tmp_path / "cache"
+    want = open_store(local).read([2, 3], ["tokens/layer04"])["tokens/layer04"]
+    open_store(url, cache=cache).read([2, 3], ["tokens/layer04"])
+    (folder,) = [p for p in cache.iterdir() if p.is_dir()]
+    good = (local / "tokens/layer04/c/3/0/0/0/0").read_bytes()
+    (cached,) = [p for p in folder.iterdir() if p.read_bytes() == good]
+    cached.write_bytes((local / "tokens/layer04/c/2/0/0/0/0").read_bytes())  # valid, other values
+    got = open_store(url, cache=cache).read([2, 3], ["tokens/layer04"], verify=True)
+    np.testing.assert_array_equal(got["tokens/layer04"], want)
+    assert good in _cached_bodies(cache)
 
 
 def test_server_down_is_one_line_after_retries(tmp_path: Path) -> None:
@@ -173,14 +226,12 @@ def test_not_a_store_and_read_only(served: tuple[str, Faults, Path]) -> None:
         open_store(url, mode="a")
 
 
-def test_cloud_urls_without_their_extra_name_it() -> None:
-    pytest.importorskip("fsspec")
-    try:
-        import s3fs  # noqa: F401
+def test_cloud_urls_without_their_extra_name_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fsspec import registry
 
-        pytest.skip("s3fs installed: the check would need a bucket")
-    except ImportError:
-        pass
+    monkeypatch.setitem(sys.modules, "s3fs", None)  # as if `fsar[s3]` were not installed
+    monkeypatch.delitem(sys.modules["fsspec.registry"]._registry, "s3", raising=False)
+    assert "s3" not in registry  # nor imported by an earlier test
     with pytest.raises(StoreError, match=r"pip install 'fsar\[s3\]'"):
         open_store("s3://bucket/stores/hmdb51")
 

@@ -126,10 +126,14 @@ class Cell:
     eval: EvalSettings
     store_fingerprint: str
     config_hash: str = ""
+    head_package: str = ""  # "distribution version" of a plugin head; "" for a built-in
 
     def identity(self) -> dict[str, Any]:
-        """Everything the cell's result depends on (hashed into config_hash)."""
+        """Everything the cell's result depends on (hashed into config_hash); a plugin head's
+        package version too, so upgrading the plugin reruns its cells."""
+        package = {"head_package": self.head_package} if self.head_package else {}
         return {
+            **package,
             "head": self.head,
             "head_options": self.head_options,
             "train": self.train,
@@ -311,9 +315,8 @@ def expand(
     rows: list[Row] = []
     for row in plan.rows:
         head = _build(row, store, plan)
-        missing = _missing_inputs(head, store)
-        if missing:
-            message = f"the store has no {missing}"
+        message = _missing_inputs(head, store)
+        if message:
             if row.optional:
                 notes.append(f"row {row.id} left out: {message}")
                 continue
@@ -340,9 +343,11 @@ def expand(
                 for w in caught:
                     if str(w.message) not in notes:
                         notes.append(str(w.message))
+                options = head.config() if train is None else _trained_config(row, train)
                 cell = Cell(
-                    id=cell_id, row=row.id, head=row.head, head_options=head.config(), train=train,
+                    id=cell_id, row=row.id, head=row.head, head_options=options, train=train,
                     shot=shot, seed=seed, eval=settings, store_fingerprint=store.fingerprint(),
+                    head_package=_package(row.head),
                 )  # fmt: skip
                 cells.append(replace(cell, config_hash=config_hash(cell.identity())))
     if plan.reference not in {r.id for r in rows}:
@@ -355,18 +360,40 @@ def _build(row: Row, store: Any, plan: Plan) -> Any:
     from heads.train import head_options
 
     try:
-        return registry.create(row.head, **head_options(row.head, row.options, store.spec))
+        return registry.create(
+            row.head, **head_options(row.head, row.options, store.spec, store.manifest)
+        )
     except ValueError as error:
         raise PlanError(f"plan {plan.name}, row {row.id}: {str(error).splitlines()[0]}") from None
 
 
+def _package(name: str) -> str:
+    from heads import registry
+
+    source = registry.source(name)
+    plugin = source.distribution and not source.builtin
+    return f"{source.distribution} {source.version}" if plugin else ""
+
+
+def _trained_config(row: Row, train: dict[str, Any]) -> dict[str, Any]:
+    """The full config of the head a trained cell trains (its row's options over its preset's)."""
+    from heads import registry
+
+    return registry.create(row.head, **train["head_options"]).config()
+
+
 def _missing_inputs(head: Any, store: Any) -> str:
-    needed = sorted(set(head.inputs(store.spec).values()) - set(store.tensors))
-    if needed:
-        return ", ".join(needed) + (" (extract with --recipe emp+last)" if any(n.endswith("_in") for n in needed) else "")  # fmt: skip
-    if head.uses_text and "emp16" not in store.text_names:
-        return "text/emp16 (class text embeddings)"
-    return ""
+    """Why the store cannot serve this head ("" when it can)."""
+    from heads.data import missing_inputs
+
+    try:
+        missing = missing_inputs(head, store)
+    except (
+        ValueError
+    ) as error:  # a head that says what the store lacks (tsfsar's taps, emp's layers)
+        return str(error).splitlines()[0]
+    hint = " (extract with --recipe emp+last)" if any(m.endswith("_in") for m in missing) else ""
+    return f"the store has no {', '.join(missing)}{hint}" if missing else ""
 
 
 def _check_episodes(store: Any, split: str, way: int, shot: int, query: int) -> int:
@@ -390,6 +417,7 @@ def _train_config(
 ) -> dict[str, Any]:
     """The resolved TrainConfig of a trained cell, minus the fields set when it runs."""
     from heads.config import PRESETS, ConfigError, TrainConfig
+    from heads.train import head_options
 
     values = {**plan.train, **row.train, **overrides}
     preset = values.pop("preset", None)
@@ -397,8 +425,10 @@ def _train_config(
         preset = store.dataset if store.dataset in PRESETS else None
     explicit = set(values)
     try:
+        # the store's shapes and the row's options; the preset fills the head options they leave
+        options = head_options(row.head, row.options, store.spec, store.manifest)
         cfg = TrainConfig(
-            store=store_path, head=row.head, head_options=head.config(), shot=shot, seed=seed,
+            store=store_path, head=row.head, head_options=options, shot=shot, seed=seed,
             preset=preset, progress=False, **values,
         ).resolved(explicit=explicit)  # fmt: skip
     except (TypeError, ConfigError) as error:

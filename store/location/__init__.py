@@ -15,7 +15,7 @@ from ..errors import NotAStoreError, StoreError
 from ..safety import ChunkLimits
 from ._common import HINT, Location, is_url, one_line, safe_member
 from ._local import DirLocation, SafeLocalStore, remove_partial
-from ._remote import CACHE_ENV, Fetcher, RemoteLocation, RemoteStore, redact
+from ._remote import CACHE_ENV, RemoteLocation, RemoteStore, redact
 from ._zip import ZIP_DAMAGE, ZIP_FORMAT_DAMAGE, SafeZipStore, ZipLocation, check_zip_members
 
 __all__ = [
@@ -24,7 +24,6 @@ __all__ = [
     "ZIP_DAMAGE",
     "ZIP_FORMAT_DAMAGE",
     "DirLocation",
-    "Fetcher",
     "Location",
     "RemoteLocation",
     "RemoteStore",

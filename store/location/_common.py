@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
@@ -69,6 +69,11 @@ class Location(ABC):
 
     def describe(self) -> str:
         return self.uri
+
+    def forget(self, keys: Iterable[str]) -> bool:
+        """Drop locally cached copies of `keys` so that the next read fetches them again; True
+        when there was one (only a remote store with a cache has any)."""
+        return False
 
     def sizes(self, row_tensors: Sequence[str]) -> tuple[int | None, int | None]:
         """(bytes of the per-row tensors' chunks, bytes of the whole store), None where unknown."""

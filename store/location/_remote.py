@@ -1,6 +1,7 @@
-"""A store at a URL (http(s)://, s3://, gs://) through fsspec: bounded retries and reads, no listing.
+"""A store at a URL (http(s)://, s3://, gs://): an fsspec filesystem under a read-only zarr store.
 
-A missing chunk is an error, never zeros; chunks may be cached on disk (`cache=`, `FSAR_CACHE`).
+Answers are bounded and retried a bounded number of times, a missing chunk is an error, and chunks may
+be cached on disk by fsspec's `simplecache` (`cache=`, `FSAR_CACHE`); a cached body that fails is dropped.
 """
 
 from __future__ import annotations
@@ -9,21 +10,14 @@ import asyncio
 import hashlib
 import json
 import os
-import tempfile
-import threading
-import time
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from zarr.abc.store import (
-    ByteRequest,
-    OffsetByteRequest,
-    RangeByteRequest,
-    Store,
-    SuffixByteRequest,
-)
+from fsspec.asyn import sync
+from fsspec.implementations.cached import SimpleCacheFileSystem
+from zarr.abc.store import ByteRequest, Store
 from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 
 from ..errors import (
@@ -34,7 +28,8 @@ from ..errors import (
     StoreError,
 )
 from ..safety import MAX_FILE_BYTES, ChunkLimits
-from ._common import Location, one_line, safe_member
+from ._common import Location, one_line
+from ._http import BoundedHTTPFileSystem, TooLargeError
 
 CACHE_ENV = "FSAR_CACHE"
 RETRIES_ENV = "FSAR_REMOTE_RETRIES"
@@ -45,6 +40,7 @@ _EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
 
 
 def redact(url: str) -> str:
+    """The URL without user name and password."""
     parts = urlsplit(url)
     if parts.username or parts.password:
         host = parts.hostname or ""
@@ -59,179 +55,149 @@ def _is_chunk_key(key: str) -> bool:
     return base != "zarr.json" and not base.startswith(".")
 
 
-class _TooLarge(Exception):
-    """An object grew past its cap while being streamed (not retried)."""
+def _env_number(name: str, default: float, kind: type) -> Any:
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not (0 < value < 10**6):
+        raise StoreError(f"{name}={text!r} is not a positive {kind.__name__}: unset it or fix it")
+    return value
 
 
-class Fetcher:
-    """Whole-object reads from an fsspec filesystem with bounded retries and an optional cache.
+def remote_filesystem(url: str, timeout: float) -> tuple[Any, str]:
+    """fsspec's filesystem for the URL (on fsspec's own event loop) and the store's root in it."""
+    import fsspec
 
-    Objects are streamed in blocks and cut off past the bytes their key can hold (`limits`), so a
-    server answering one chunk with gigabytes costs at most one chunk's worth of memory.
-    """
+    scheme = url.split("://", 1)[0].lower()
+    try:
+        if scheme in ("http", "https"):
+            import aiohttp
 
-    block = 1 << 20
-
-    def __init__(
-        self,
-        url: str,
-        *,
-        retries: int | None = None,
-        timeout: float | None = None,
-    ) -> None:
-        self.url = url.rstrip("/")
-        self.shown = redact(self.url)
-        self.retries = max(1, int(retries or os.environ.get(RETRIES_ENV) or DEFAULT_RETRIES))
-        self.timeout = float(timeout or os.environ.get(TIMEOUT_ENV) or DEFAULT_TIMEOUT_S)
-        self.cache_dir: Path | None = None
-        self.limits = ChunkLimits(self.shown)
-        self.fs, self.root = self._filesystem()
-        self._stream = self.url.split("://", 1)[0].lower() in ("http", "https")
-
-    def _filesystem(self) -> tuple[Any, str]:
-        import fsspec
-
-        scheme = self.url.split("://", 1)[0].lower()
-        try:
-            if scheme in ("http", "https"):
-                import aiohttp
-
-                fs = fsspec.filesystem(
-                    "http",
-                    client_kwargs={"timeout": aiohttp.ClientTimeout(total=self.timeout)},
-                    skip_instance_cache=True,
-                )
-                return fs, self.url
-            return fsspec.core.url_to_fs(self.url)
-        except ImportError as exc:
-            extra = _EXTRAS.get(scheme)
-            hint = f": pip install 'fsar[{extra}]'" if extra else ""
-            raise StoreError(
-                f"reading {scheme}:// stores needs an optional library ({one_line(exc)}){hint}"
-            ) from exc
-        except ValueError as exc:  # unknown protocol
-            raise StoreError(f"cannot read {self.shown}: {one_line(exc)}") from exc
-
-    def key_url(self, key: str) -> str:
-        return f"{self.shown}/{key}"
-
-    def _cache_path(self, key: str) -> Path | None:
-        if self.cache_dir is None or not safe_member(key):
-            return None
-        return self.cache_dir / key
-
-    def fetch(self, key: str, *, missing_ok: bool, plain: bool = False) -> bytes | None:
-        """The object's bytes; None (missing_ok) or FileNotFoundError/MissingChunkError on 404.
-
-        Chunks (array keys other than metadata) are cached; `plain` files (manifest, weights) are not.
-        """
-        chunk = not plain and _is_chunk_key(key)
-        cap = MAX_FILE_BYTES if plain else self.limits.cap(key)
-        cached = self._cache_path(key) if chunk else None
-        if cached is not None and cached.is_file() and cached.stat().st_size <= cap:
-            return cached.read_bytes()
-        path = f"{self.root.rstrip('/')}/{key}"
-        last: BaseException | None = None
-        for attempt in range(self.retries):
-            try:
-                data = self._read_capped(path, cap)
-                break
-            except _TooLarge:
-                raise CorruptStoreError(
-                    f"{self.key_url(key)} is larger than its key can hold ({cap} bytes); refusing it"
-                ) from None
-            except FileNotFoundError:
-                if missing_ok:
-                    return None
-                if chunk:
-                    raise MissingChunkError(
-                        f"chunk missing on the server: {self.key_url(key)} (not found)"
-                    ) from None
-                raise
-            except Exception as exc:  # connection refused, timeout, 5xx, truncated body
-                last = exc
-                if attempt + 1 < self.retries:
-                    time.sleep(min(2.0, 0.2 * 2**attempt))
-        else:
-            assert last is not None
-            raise RemoteStoreError(
-                f"cannot read {self.key_url(key)} after {self.retries} tries ({one_line(last)})"
-            ) from last
-        if cached is not None:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=cached.parent, prefix=f".{cached.name}.", suffix=".part")
-            try:
-                with os.fdopen(fd, "wb") as fh:
-                    fh.write(data)
-                os.replace(tmp, cached)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
-        return data
-
-    def _read_capped(self, path: str, cap: int) -> bytes:
-        """The object's bytes, streamed; `_TooLarge` as soon as they pass `cap`."""
-        if self._stream:
-            from fsspec.asyn import sync
-
-            return sync(self.fs.loop, self._http_capped, path, cap)
-        parts: list[bytes] = []
-        total = 0
-        with self.fs.open(path, "rb") as fh:
-            while block := fh.read(min(self.block, cap + 1 - total)):
-                parts.append(bytes(block))
-                total += len(block)
-                if total > cap:
-                    raise _TooLarge
-        return b"".join(parts)
-
-    async def _http_capped(self, url: str, cap: int) -> bytes:
-        session = await self.fs.set_session()
-        async with session.get(self.fs.encode_url(url)) as response:
-            if response.status == 404:
-                raise FileNotFoundError(url)
-            response.raise_for_status()
-            if int(response.headers.get("Content-Length") or 0) > cap:
-                raise _TooLarge
-            parts: list[bytes] = []
-            total = 0
-            async for block in response.content.iter_chunked(self.block):
-                parts.append(block)
-                total += len(block)
-                if total > cap:
-                    raise _TooLarge
-        return b"".join(parts)
-
-
-def _slice(data: bytes, byte_range: ByteRequest | None) -> bytes:
-    if byte_range is None:
-        return data
-    if isinstance(byte_range, RangeByteRequest):
-        return data[byte_range.start : byte_range.end]
-    if isinstance(byte_range, OffsetByteRequest):
-        return data[byte_range.offset :]
-    if isinstance(byte_range, SuffixByteRequest):
-        return data[max(0, len(data) - byte_range.suffix) :]
-    raise TypeError(f"unexpected byte range {byte_range!r}")
+            timeout_kw = {"timeout": aiohttp.ClientTimeout(total=timeout)}
+            return BoundedHTTPFileSystem(client_kwargs=timeout_kw), url
+        # s3fs would ask each object's size first (a HEAD per chunk) to split large reads
+        options = {"max_concurrency": 1} if scheme in ("s3", "s3a") else {}
+        return fsspec.core.url_to_fs(url, skip_instance_cache=True, **options)
+    except ImportError as exc:
+        extra = _EXTRAS.get(scheme)
+        hint = f": pip install 'fsar[{extra}]'" if extra else ""
+        raise StoreError(
+            f"reading {scheme}:// stores needs an optional library ({one_line(exc)}){hint}"
+        ) from exc
+    except ValueError as exc:  # unknown protocol
+        raise StoreError(f"cannot read {redact(url)}: {one_line(exc)}") from exc
 
 
 class RemoteStore(Store):
-    """Read-only zarr store over a `Fetcher`; never lists (names come from root attributes)."""
+    """A read-only zarr store over an fsspec filesystem, never listed (names come from root attributes).
+
+    Each read is bounded by `limits.cap(key)`, retried on transport errors, checked by `limits`
+    (a missing chunk is an error); chunks go through `cache` when there is one, and a cached body
+    that fails a check is dropped and fetched once more. The filesystem runs on fsspec's own loop,
+    which also closes its connections when the process ends.
+    """
 
     supports_writes = False
     supports_deletes = False
     supports_listing = False
 
-    def __init__(self, fetcher: Fetcher) -> None:
+    def __init__(self, url: str, limits: ChunkLimits) -> None:
+        self.url = url.rstrip("/")
+        self.shown = redact(self.url)
+        self.limits = limits
+        self.retries = int(_env_number(RETRIES_ENV, DEFAULT_RETRIES, int))
+        timeout = float(_env_number(TIMEOUT_ENV, DEFAULT_TIMEOUT_S, float))
+        self.fs, root = remote_filesystem(self.url, timeout)
+        self.path = root.rstrip("/")
+        self.cache: SimpleCacheFileSystem | None = None
         super().__init__(read_only=True)
-        self.fetcher = fetcher
-        self._lock = threading.Lock()
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, RemoteStore) and other.fetcher.url == self.fetcher.url
+    def use_cache(self, folder: Path) -> None:
+        """Keep fetched chunks under `folder` (fsspec's simplecache: one file per chunk)."""
+        self.cache = SimpleCacheFileSystem(fs=self.fs, cache_storage=str(folder))
 
     def __str__(self) -> str:
-        return self.fetcher.shown
+        return self.shown
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RemoteStore) and other.url == self.url
+
+    def key_url(self, key: str) -> str:
+        return f"{self.shown}/{key}"
+
+    async def fetch(self, key: str, *, plain: bool = False) -> bytes | None:
+        """The object's bytes (None when absent), bounded, retried; chunks through the cache."""
+        cached = self.cache is not None and not plain and _is_chunk_key(key)
+        data = await self._fetch_once(key, plain, cached)
+        if plain:
+            return data
+        try:
+            self._check(key, data)
+        except CorruptStoreError:
+            if not (cached and data is not None and self.drop_cached([key])):
+                raise
+            data = await self._fetch_once(key, plain, cached, after_drop=True)
+            try:
+                self._check(key, data)
+            except CorruptStoreError:
+                self.drop_cached([key])
+                raise
+        return data
+
+    def _check(self, key: str, data: bytes | None) -> None:
+        if data is None and _is_chunk_key(key):
+            raise MissingChunkError(f"chunk missing on the server: {self.key_url(key)} (not found)")
+        self.limits.check(key, data)
+
+    async def _fetch_once(
+        self, key: str, plain: bool, cached: bool, after_drop: bool = False
+    ) -> bytes | None:
+        fs = self.cache if cached else self.fs
+        cap = MAX_FILE_BYTES if plain else self.limits.cap(key)
+        bounded = {"cap": cap} if isinstance(self.fs, BoundedHTTPFileSystem) else {}
+        last: BaseException | None = None
+        for attempt in range(self.retries):
+            try:
+                read = fs._cat_file(f"{self.path}/{key}", **bounded)
+                data = await asyncio.wrap_future(
+                    asyncio.run_coroutine_threadsafe(read, self.fs.loop)
+                )
+            except FileNotFoundError:
+                return None
+            except TooLargeError as exc:
+                raise CorruptStoreError(
+                    f"{self.key_url(key)} is larger than its key can hold ({exc.args[0]} bytes); "
+                    "refusing it"
+                ) from None
+            except Exception as exc:  # connection refused, timeout, 5xx, cut body
+                last = exc
+                if attempt + 1 < self.retries:
+                    await asyncio.sleep(min(2.0, 0.2 * 2**attempt))
+                continue
+            if len(data) > cap:  # other protocols: the client library read it whole
+                raise CorruptStoreError(f"{self.key_url(key)} is larger than its key can hold")
+            return data
+        assert last is not None
+        note = " (its cached copy failed its checks and was dropped)" if after_drop else ""
+        raise RemoteStoreError(
+            f"cannot read {self.key_url(key)} after {self.retries} tries ({one_line(last)}){note}"
+        ) from last
+
+    def drop_cached(self, keys: Iterable[str]) -> bool:
+        """Remove cached bodies of `keys`; True when one was there."""
+        if self.cache is None:
+            return False
+        dropped = False
+        for key in keys:
+            local = Path(self.cache.storage[-1]) / self.cache.hash_name(f"{self.path}/{key}")
+            if local.is_file():
+                local.unlink(missing_ok=True)
+                dropped = True
+        return dropped
 
     async def get(
         self,
@@ -239,12 +205,16 @@ class RemoteStore(Store):
         prototype: BufferPrototype | None = None,
         byte_range: ByteRequest | None = None,
     ) -> Buffer | None:
-        prototype = prototype or default_buffer_prototype()
-        data = await asyncio.to_thread(self.fetcher.fetch, key, missing_ok=not _is_chunk_key(key))
-        self.fetcher.limits.check(key, data)
+        if (
+            byte_range is not None
+        ):  # zarr asks for ranges only inside shards, which fsar never writes
+            raise StoreError(
+                f"{self.key_url(key)}: fsar stores are read chunk by chunk, not in ranges"
+            )
+        data = await self.fetch(key)
         if data is None:
             return None
-        return prototype.buffer.from_bytes(_slice(data, byte_range))
+        return (prototype or default_buffer_prototype()).buffer.from_bytes(data)
 
     async def get_partial_values(
         self,
@@ -255,16 +225,15 @@ class RemoteStore(Store):
 
     async def exists(self, key: str) -> bool:
         try:
-            data = await asyncio.to_thread(self.fetcher.fetch, key, missing_ok=True)
+            return await self.fetch(key) is not None
         except MissingChunkError:
             return False
-        return data is not None
 
-    async def set(self, key: str, value: Buffer) -> None:
-        raise StoreError(f"{self.fetcher.shown} is a remote store: it is read-only")
+    async def set(self, key: str, value: Buffer, byte_range: Any = None) -> None:
+        raise StoreError(f"{self.shown} is a remote store: it is read-only")
 
     async def delete(self, key: str) -> None:
-        raise StoreError(f"{self.fetcher.shown} is a remote store: it is read-only")
+        raise StoreError(f"{self.shown} is a remote store: it is read-only")
 
     async def list(self) -> AsyncIterator[str]:
         raise StoreError("remote stores are not listed: array names come from root attributes")
@@ -283,26 +252,37 @@ class RemoteLocation(Location):
     kind = "remote"
 
     def __init__(self, url: str, cache: str | Path | None) -> None:
-        fetcher = Fetcher(url)
-        try:
-            root = fetcher.fetch("zarr.json", missing_ok=False, plain=True)
-        except FileNotFoundError:
-            raise NotAStoreError(f"not a store: {fetcher.shown} (no zarr.json there)") from None
-        try:
-            created = json.loads(root or b"{}").get("attributes", {}).get("created_at", "")
-        except ValueError:
-            raise NotAStoreError(f"not a store: {fetcher.shown} (zarr.json is not JSON)") from None
+        limits = ChunkLimits(redact(url.rstrip("/")))
+        store = RemoteStore(url, limits)
+        root = sync(store.fs.loop, store.fetch, "zarr.json")
+        if root is None:
+            raise NotAStoreError(f"not a store: {store.shown} (no zarr.json there)")
         if cache:
-            # One cache folder per store instance: a store re-created at the same URL starts afresh.
-            tag = hashlib.sha256(f"{fetcher.url}\n{created}".encode()).hexdigest()[:16]
-            fetcher.cache_dir = Path(cache).expanduser() / tag
-            fetcher.cache_dir.mkdir(parents=True, exist_ok=True)
-            (fetcher.cache_dir / "SOURCE").write_text(fetcher.shown + "\n")
-        self.fetcher = fetcher
-        super().__init__(fetcher.shown, RemoteStore(fetcher), None, False, fetcher.limits)
+            store.use_cache(_cache_folder(Path(cache).expanduser(), store, root))
+        self.remote = store
+        super().__init__(store.shown, store, None, False, limits)
 
     def read_file(self, rel: str) -> bytes:
-        data = self.fetcher.fetch(rel, missing_ok=True, plain=True)
+        data = sync(self.remote.fs.loop, self.remote.fetch, rel, plain=True)
         if data is None:
             raise FileNotFoundError(rel)
         return data
+
+    def forget(self, keys: Iterable[str]) -> bool:
+        return self.remote.drop_cached(keys)
+
+
+def _cache_folder(cache: Path, store: RemoteStore, root: bytes) -> Path:
+    """One cache folder per store instance: a store re-created at the same URL starts afresh."""
+    try:
+        attrs = json.loads(root).get("attributes", {})
+        created = attrs.get("created_at", "") if isinstance(attrs, dict) else ""
+    except (ValueError, AttributeError, RecursionError):
+        raise NotAStoreError(
+            f"not a store: {store.shown} (zarr.json is not a JSON object)"
+        ) from None
+    tag = hashlib.sha256(f"{store.url}\n{created}".encode()).hexdigest()[:16]
+    folder = cache / tag
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "SOURCE").write_text(store.shown + "\n")
+    return folder
