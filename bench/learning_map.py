@@ -38,6 +38,7 @@ TRAINED: dict[str, tuple[str, dict[str, Any]]] = {
     "emp (released loss)": ("emp", {"loss": "released"}),
     "emp (skip weights from 0.5)": ("emp", {"layer_weights": True, "layer_weight_init": 0.5}),
     "lastlayer": ("lastlayer", {}),
+    "tsfsar": ("tsfsar", {}),
 }
 COLUMNS = (*FREE, "emp untrained", *TRAINED)
 LEARNS = (

@@ -1,6 +1,6 @@
 """Generated stores for the learning map: one base design, rows that change one factor each.
 
-`write_learning_store(path, FAMILY["nuisance x6"])` writes a seeded `emp+last` store through the store API.
+`write_learning_store(path, FAMILY["nuisance x3"])` writes a seeded `emp+last+ts` store through the store API.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Literal
 import numpy as np
 
 from .featurestore import FeatureStore
-from .layout import LASTBLOCK_KEYS, TEXT_DEFAULT, layer_in_name, token_name
+from .layout import LASTBLOCK_KEYS, TEXT_DEFAULT, layer_in_name, resid_name, token_name
 from .random_store import random_spec, write_random_store
 
 Where = Literal["cls", "all_patches", "few_patches"]
@@ -20,7 +20,7 @@ Layers = Literal["graded", "equal", "deep", "shallow"]
 ClassesBy = Literal["order", "content"]
 Text = Literal["informative", "random", "misleading"]
 
-DEPTH = 12  # taps 0..12 of the residual stream; tokens/layer04, 08, 12 and layer12_in are cached
+DEPTH = 12  # taps 0..12 of the residual stream: all cached (resid/), and tokens/layer04, 08, 12
 CACHED_LAYERS = (4, 8, 12)
 TEMPLATES = 16
 
@@ -181,8 +181,11 @@ def identity_last_block(width: int, dim: int, proj: np.ndarray, rng: np.random.G
     return tensors, config
 
 
-def write_learning_store(path: str | Path, f: Factors = BASE, *, seed: int = 0) -> FeatureStore:
-    """Write the store `f` describes (recipe emp+last, one view) at `path`; returns it open."""
+def write_learning_store(
+    path: str | Path, f: Factors = BASE, *, seed: int = 0, ts: bool = True
+) -> FeatureStore:
+    """Write the store `f` describes at `path` (recipe emp+last+ts, or emp+last without `ts`; one
+    view; every tap, no side-network initialisation); returns it open."""
     if any(n % 2 for n in (f.base_classes, f.val_classes, f.test_classes)):
         raise ValueError("every split needs an even number of classes (order pairs)")
     splits = [f.base_classes, f.val_classes, f.test_classes]
@@ -202,9 +205,11 @@ def write_learning_store(path: str | Path, f: Factors = BASE, *, seed: int = 0) 
             rng.choice(f.patches, f.carriers, replace=False) if f.where == "few_patches" else None
         )
         carrier[1:][chosen if chosen is not None else slice(None)] = 1.0
-    shares = {tap: layer_share(f.layers, tap) for tap in (*CACHED_LAYERS, DEPTH - 1)}
+    taps = list(range(DEPTH + 1)) if ts else []
+    shares = {tap: layer_share(f.layers, tap) for tap in (*CACHED_LAYERS, DEPTH - 1, *taps)}
     spec = random_spec(frames=f.frames, dim=f.dim, width=width, patches=f.patches,
-                       recipe="emp+last", layers=CACHED_LAYERS)  # fmt: skip
+                       recipe="emp+last+ts" if ts else "emp+last", layers=CACHED_LAYERS,
+                       taps=taps or None, depth=DEPTH)  # fmt: skip
 
     def streams(row: int, row_rng: np.random.Generator) -> dict[str, np.ndarray]:
         label = row // f.videos_per_class
@@ -221,6 +226,7 @@ def write_learning_store(path: str | Path, f: Factors = BASE, *, seed: int = 0) 
 
         out = {token_name(k): layer_norm(tap(k)) @ proj for k in CACHED_LAYERS}
         out[layer_in_name(DEPTH)] = tap(DEPTH - 1)
+        out.update({resid_name(k): tap(k) for k in taps})
         return {k: v.astype(np.float16) for k, v in out.items()}
 
     counts = dict(zip(("train", "val", "test"), splits, strict=True))

@@ -76,7 +76,7 @@ def test_store_is_consistent_like_an_extraction(tmp_path: Path) -> None:
     """tokens/layer12 is the cached last block applied to tokens/layer12_in; cls/ is token 0."""
     write_learning_store(tmp_path / "s", replace(BASE, **SMALL)).close()
     store = open_store(tmp_path / "s")
-    assert store.spec["recipe"] == "emp+last" and store.spec["dim"] == 16
+    assert store.spec["recipe"] == "emp+last+ts" and store.spec["dim"] == 16
     assert len(store.classes) == 8 and len(store.manifest) == 16
     rows = store.select(split="test")
     data = store.read(rows, ["tokens/layer12", "tokens/layer12_in", "cls/layer12"])
@@ -86,6 +86,12 @@ def test_store_is_consistent_like_an_extraction(tmp_path: Path) -> None:
         out = block(x.flatten(0, 1)).reshape(data["tokens/layer12"][:, 0].shape).numpy()
     np.testing.assert_allclose(out, data["tokens/layer12"][:, 0], atol=0.02)
     np.testing.assert_array_equal(data["cls/layer12"], data["tokens/layer12"][:, :, :, 0])
+    # the ts taps: every block's raw stream; the last block starts as the identity (tap 12 = its input)
+    assert store.spec["taps"] == list(range(13))
+    taps = store.read(rows, ["resid/layer00", "resid/layer04", "resid/layer12"])
+    np.testing.assert_array_equal(taps["resid/layer12"], data["tokens/layer12_in"])
+    assert taps["resid/layer04"].shape == (len(rows), 1, 4, 5, 16)
+    assert np.abs(taps["resid/layer00"]).max() > 0  # tap 0: nuisance and noise, no signal
     text, _ = store.text()
     assert text.shape == (8, 16, 16)
 
