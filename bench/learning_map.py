@@ -36,7 +36,6 @@ TRAINED: dict[str, tuple[str, dict[str, Any]]] = {
     "probe": ("probe", {}),
     "emp": ("emp", {}),
     "emp (released loss)": ("emp", {"loss": "released"}),
-    "emp (skip weights from 0.5)": ("emp", {"layer_weights": True, "layer_weight_init": 0.5}),
     "lastlayer": ("lastlayer", {}),
     "tsfsar": ("tsfsar", {}),
 }
@@ -45,37 +44,51 @@ LEARNS = (
     10.0  # test points a trained head gains over the same head untrained that count as learning
 )
 BASE_EPISODES = 200  # test episodes drawn from the base (train) classes: does a head fit them?
+VAL_EPISODES = 100  # val episodes at each of the two checkpoints (episodes N/2 and N)
 
 
 def train_head(
-    store: Path, out: Path, head: str, options: dict, episodes: int, val: int, **training: Any
+    store: Path,
+    out: Path,
+    head: str,
+    options: dict,
+    episodes: int,
+    val: int,
+    val_every: int = 0,
+    **training: Any,
 ) -> Path:
     """`fsar-train --store S --head H --episodes N --lr 3e-3` with `options` as head options
-    (`training`: other fsar-train options, e.g. lr)."""
+    (`training`: other fsar-train options, e.g. lr; validation every `val_every` episodes, by
+    default at N/2 and N)."""
     from heads.train import TrainConfig, train
 
     explicit = dict(store=str(store), head=head, episodes=episodes, lr=LR, head_options=options)
     explicit.update(training)
-    quiet = dict(out=str(out), progress=False, val_every=max(1, episodes // 3), val_episodes=val)
+    every = val_every or max(1, episodes // 2)
+    quiet = dict(out=str(out), progress=False, val_every=every, val_episodes=val)
     return train(TrainConfig(**explicit, **quiet).resolved(explicit=set(explicit)))
 
 
 def curve(run: Path) -> dict[str, Any]:
-    """The run's training loss (first and last records) and its validation accuracies."""
+    """The run's training loss (mean of the first and last tenth, and every record) and its
+    validation accuracies."""
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    losses = [r["loss"] for r in records if r.get("kind") == "train"]
+    train = [(r["episode"], r["loss"]) for r in records if r.get("kind") == "train"]
+    losses = [loss for _, loss in train]
     val = [(r["episode"], r["val_accuracy"]) for r in records if "val_accuracy" in r]
     head = max(1, len(losses) // 10)
     return {
         "loss_first": sum(losses[:head]) / head,
         "loss_last": sum(losses[-head:]) / head,
         "val": val,
+        "loss": train,
     }
 
 
 def score_row(store_path: Path, work: Path, episodes: int, test: dict, val: int) -> dict:
     """Accuracy of every column on one store; each trained run's curve, its untrained accuracy
-    (same options, seed 0) and its accuracy on the base classes."""
+    (same options, seed 0) and its accuracy on the base classes. A finished column is kept in
+    `work` (its own JSON, keyed on what it depends on) so an interrupted map resumes there."""
     import torch
 
     from heads.evaluate import evaluate, load_run
@@ -83,24 +96,38 @@ def score_row(store_path: Path, work: Path, episodes: int, test: dict, val: int)
     from store import open_store
 
     store = open_store(store_path)
+    untrained_cache: dict[str, float] = {}
 
     def untrained(name: str, options: dict) -> float:
-        torch.manual_seed(0)
-        head = build_head(name, options, store, torch.device("cpu"))
-        return evaluate(head, store, **test).accuracy
+        # the loss does not change an untrained head's predictions
+        key = json.dumps([name, {k: v for k, v in options.items() if k != "loss"}], sort_keys=True)
+        if key not in untrained_cache:
+            torch.manual_seed(0)
+            head = build_head(name, options, store, torch.device("cpu"))
+            untrained_cache[key] = evaluate(head, store, **test).accuracy
+        return untrained_cache[key]
 
     accuracy = {name: untrained(name, {}) for name in FREE}
     accuracy["emp untrained"] = untrained("emp", {})
     runs: dict[str, dict] = {}
-    for column, (head, options) in TRAINED.items():
-        start = time.perf_counter()
-        run = train_head(store_path, work / f"run{len(runs)}", head, options, episodes, val)
-        trained = load_run(run, store)
-        accuracy[column] = evaluate(trained, store, **test).accuracy
-        base = evaluate(trained, store, **{**test, "split": "train", "episodes": BASE_EPISODES})
-        runs[column] = {**curve(run), "base_accuracy": base.accuracy,
-                        "untrained": untrained(head, options),
-                        "seconds": time.perf_counter() - start}  # fmt: skip
+    for i, (column, (head, options)) in enumerate(TRAINED.items()):
+        done = work / f"column{i}.json"
+        key = [head, options, episodes, test, val]
+        if done.exists() and json.loads(done.read_text())["key"] == key:
+            runs[column] = json.loads(done.read_text())["run"]
+        else:
+            start = time.perf_counter()
+            shutil.rmtree(work / f"run{i}", ignore_errors=True)  # an interrupted column's run
+            run = train_head(store_path, work / f"run{i}", head, options, episodes, val)
+            trained = load_run(run, store)
+            base = {**test, "split": "train", "episodes": BASE_EPISODES}
+            runs[column] = {**curve(run), "test_accuracy": evaluate(trained, store, **test).accuracy,
+                            "base_accuracy": evaluate(trained, store, **base).accuracy,
+                            "untrained": untrained(head, options),
+                            "seconds": time.perf_counter() - start}  # fmt: skip
+            shutil.rmtree(run, ignore_errors=True)
+            done.write_text(json.dumps({"key": key, "run": runs[column]}))
+        accuracy[column] = runs[column]["test_accuracy"]
     return {"accuracy": accuracy, "runs": runs}
 
 
@@ -181,7 +208,7 @@ def main(argv: list[str] | None = None, module: str = "learning_map") -> None:
     unknown = [n for n in names if n not in FAMILY]
     if unknown:
         p.error(f"unknown row(s) {', '.join(unknown)}; rows: {', '.join(FAMILY)}")
-    episodes, test, val = EPISODES, dict(TEST), 200
+    episodes, test, val = EPISODES, dict(TEST), VAL_EPISODES
     if args.quick:  # a tiny store, one row, a handful of episodes: the code path, not the figures
         names, episodes, val = names[:1], 6, 10
         test["episodes"] = 20
@@ -190,7 +217,8 @@ def main(argv: list[str] | None = None, module: str = "learning_map") -> None:
     res = Result("learning_map", args.quick, args.device, module=module)
     rows: dict[str, dict] = {}
     with Scratch(args.work, "learning-map") as work:
-        for i, name in enumerate(names):
+        for name in names:
+            i = list(FAMILY).index(name)  # row{i}: its files in --work, whichever rows run
             factors = FAMILY[name]
             if args.quick:
                 factors = factors.__class__(**{**asdict(factors), **QUICK_SIZES})
@@ -200,7 +228,7 @@ def main(argv: list[str] | None = None, module: str = "learning_map") -> None:
                 row = json.loads(done.read_text())["row"]
             else:
                 path = work / f"row{i}"
-                shutil.rmtree(path, ignore_errors=True)
+                shutil.rmtree(path / "store", ignore_errors=True)
                 write_learning_store(path / "store", factors).close()
                 row = score_row(path / "store", path, episodes, test, val)
                 shutil.rmtree(path, ignore_errors=True)
@@ -215,7 +243,8 @@ def main(argv: list[str] | None = None, module: str = "learning_map") -> None:
         f"(checkpoint chosen on {val} val episodes); test: the same {test['episodes']} episodes for every "
         "head; chance is 20%"
     )
-    res.write(args.out)
+    path = res.write(args.out)
+    plot_map({"config": res.config}, path.with_suffix(".png"))
 
 
 # quick mode: the smallest stores the family allows (every split two pairs, D 16, 4 frames)

@@ -16,6 +16,7 @@ import argparse
 import ast
 import json
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -251,14 +252,20 @@ def readme_headline(out: Path) -> str:
     )  # fmt: skip
 
 
-def learning_blocks(text: str, out: Path) -> str:
-    """`text` with each learning result's block (between its markers) rewritten from `out`."""
+def learning_blocks(text: str, out: Path, figures: Path | None = None) -> str:
+    """`text` with each learning result's block (between its markers) rewritten from `out`; a
+    result's plot (`out/<name>.png`) is copied into `figures` and shown at the block's end."""
     for res in load(out, LEARNING):
         begin, end = (
             f"<!-- {res['name']}: written by python -m bench.run_all --report -->",
             (f"<!-- end of {res['name']} -->"),
         )
-        body = "\n".join([begin, *section(res, heading=False), end])
+        plot, lines = out / f"{res['name']}.png", section(res, heading=False)
+        if figures is not None and plot.exists():
+            figures.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(plot, figures / plot.name)
+            lines += [f"![{res['name']}]({figures.name}/{plot.name})", ""]
+        body = "\n".join([begin, *lines, end])
         pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
         text = pattern.sub(lambda _, body=body: body, text)
     return text
@@ -274,7 +281,8 @@ def write_docs(
     """Write performance.md, the README's headline block and (`learning`) docs/learning.md's blocks."""
     doc.write_text(performance_doc(out, gpu_out))
     if learning is not None and learning.exists():
-        learning.write_text(learning_blocks(learning.read_text(), out))
+        figures = learning.parent / "img"
+        learning.write_text(learning_blocks(learning.read_text(), out, figures))
     if readme is not None and readme.exists():
         text = readme.read_text()
         pattern = re.compile(re.escape(HEADLINE_BEGIN) + ".*?" + re.escape(HEADLINE_END), re.S)

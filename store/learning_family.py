@@ -60,6 +60,10 @@ class Factors:
 
 
 BASE = Factors()
+# the rows at a tenth of the cost (D 32, 6 frames, 4 patches of which one carries the signal): the
+# fast tests and `python -m bench.learning --small`
+SMALL = dict(base_classes=12, val_classes=6, test_classes=6, videos_per_class=8, dim=32, frames=6,
+             patches=4, carriers=1)  # fmt: skip
 
 # One factor changed from BASE per row (`independent` is the case: several at once).
 FAMILY: dict[str, Factors] = {

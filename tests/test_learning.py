@@ -15,12 +15,9 @@ from heads.evaluate import evaluate, load_run
 from heads.train import TrainConfig, head_options, train
 from heads.tsfsar import TSFSARNotice
 from store import open_store
-from store.learning_family import FAMILY, write_learning_store
+from store.learning_family import FAMILY, SMALL, write_learning_store
 from store.random_store import hidden_order_store
 
-# the map's rows at a tenth of the size: D 32, 6 frames, 4 patches (one carries the signal)
-TINY = dict(base_classes=12, val_classes=6, test_classes=6, videos_per_class=8, dim=32, frames=6,
-            patches=4, carriers=1)  # fmt: skip
 HELD_OUT = dict(split="test", way=5, shot=1, query=1, episodes=200, seed=7)
 # trainable head -> the row where it must learn (lastlayer averages over time: it needs content)
 ROWS = {"probe": "base", "emp": "base", "lastlayer": "classes differ by content"}
@@ -32,7 +29,7 @@ def stores(tmp_path_factory) -> dict[str, Path]:
     paths = {}
     for row in set(ROWS.values()):
         paths[row] = root / row.replace(" ", "_")
-        write_learning_store(paths[row], replace(FAMILY[row], **TINY)).close()
+        write_learning_store(paths[row], replace(FAMILY[row], **SMALL)).close()
     return paths
 
 
