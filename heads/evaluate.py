@@ -12,8 +12,6 @@ random views approximate.
 
 from __future__ import annotations
 
-import json
-import math
 import re
 import time
 import warnings
@@ -29,16 +27,12 @@ from runtime.progress import progress_bar
 from .base import FewShotHead, table_class_means
 from .data import SplitData
 from .episodes import EpisodeBatch, EpisodeSampler, draw_keys
-
-Z_95 = 1.959963984540054
+from .stats import ci95_half_width
 
 
 def confidence_interval(correct_fraction: np.ndarray) -> float:
-    """95% half-width (percent) of the mean episode accuracy: 1.96 * sample std / sqrt(episodes)."""
-    values = np.asarray(correct_fraction, dtype=np.float64) * 100.0
-    if len(values) < 2:
-        return float("nan")
-    return float(Z_95 * values.std(ddof=1) / math.sqrt(len(values)))
+    """95% half-width (percent) of the mean episode accuracy: fsar's one rule (heads.stats)."""
+    return ci95_half_width(np.asarray(correct_fraction, dtype=np.float64) * 100.0)
 
 
 @dataclass
@@ -375,14 +369,18 @@ def _check_head_installed(checkpoint: Path, name: str, recorded: Any) -> None:
 
 def store_of_run(run_dir: str | Path) -> str:
     """The store path a run's config.json names."""
+    from runtime import files
+
     from .checkpoint import CheckpointError
 
     path = Path(run_dir) / "config.json"
+    if not path.exists() and not path.is_symlink():
+        raise CheckpointError(f"no run at {run_dir}: {path} does not exist")
     try:
-        path_in_config = json.loads(path.read_text())["store"]["path"]
-    except FileNotFoundError:
-        raise CheckpointError(f"no run at {run_dir}: {path} does not exist") from None
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        path_in_config = files.read_json(path, "run config")["store"]["path"]
+    except files.FileRefused as error:
+        raise CheckpointError(str(error)) from None
+    except (ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(
             f"{path} is not a run's config ({type(exc).__name__}): pass --store"
         ) from None

@@ -15,7 +15,6 @@ import pandas as pd
 import zarr
 
 from .errors import CorruptStoreError, RemoteStoreError, StoreError, UnsafeStoreError
-from .lastblock_file import lastblock_from_bytes
 from .layout import (
     ALLOWED_DTYPES,
     LASTBLOCK_NAME,
@@ -34,6 +33,7 @@ from .lock import StoreLock
 from .manifest import read_manifest
 from .root import validate_attrs, verify_by_default
 from .safety import check_array, check_spec
+from .weights_format import weights_from_bytes
 
 
 def checksum(array: np.ndarray) -> str:
@@ -347,7 +347,7 @@ class StoreReader:
         if hashlib.sha256(data).hexdigest() != want:
             raise CorruptStoreError(f"{self.location.describe()}: {path} fails its checksum")
         try:
-            return lastblock_from_bytes(data)
+            return weights_from_bytes(data)
         except ValueError as exc:
             raise CorruptStoreError(
                 f"{self.location.describe()}: {path} is not a valid safetensors file"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from heads.lastblock import load_last_block
+from heads.clip_block import load_last_block
 from store import open_store
 from store.learning_family import (
     BASE,
