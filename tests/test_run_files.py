@@ -25,6 +25,7 @@ from heads.clip_block import LastBlock, load_last_block
 from heads.config import ConfigError
 from heads.curves import metric_records, plot_curves
 from heads.train import RUN_FILES, TrainConfig, build_head, train
+from store.errors import CorruptStoreError
 
 runner = CliRunner()
 pytestmark = pytest.mark.usefixtures("quiet_allocator")
@@ -162,14 +163,19 @@ def test_a_damaged_run_folder_resumes_or_is_refused_in_one_line(
 
 
 # ---------------------------------------------------------------------- nothing half-made
+def loop_fails(run: object, stop_at: object) -> None:
+    raise RuntimeError("a bug in the training loop")
+
+
 def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing(
-    pair_store: Path, tmp_path: Path
+    pair_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """`--option dim=3` used to leave a config.json that refused the rerun as 'already holds a run'."""
+    """A run that fails before its first checkpoint (`--option dim=3` did; it is now refused before
+    anything is written) used to leave a config.json that refused the rerun as 'already holds a run'."""
     out = tmp_path / "runs" / "r"
-    code, text = cli_train(
-        "--store", pair_store, "--out", out, *TRAIN, "--option", "dim=3", crash=True
-    )
+    with monkeypatch.context() as patch:
+        patch.setattr("heads.train._loop", loop_fails)
+        code, text = cli_train("--store", pair_store, "--out", out, *TRAIN, crash=True)
     assert code != 0
     assert not out.exists() and not [p for p in out.parent.iterdir() if p.name != "latest"], text
     code, text = cli_train("--store", pair_store, "--out", out, *TRAIN)
@@ -188,13 +194,14 @@ def test_a_full_disk_during_training_is_one_line_and_leaves_no_run(
 
 
 def test_overwrite_replaces_the_old_run_only_at_the_new_ones_first_checkpoint(
-    finished: Path, pair_store: Path, tmp_path: Path
+    finished: Path, pair_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     run = copy_run(finished, tmp_path)
     (run / "notes.txt").write_text("mine")
     before = {p.name: p.read_bytes() for p in run.iterdir()}
-    code, _ = cli_train("--store", pair_store, "--out", run, *TRAIN, "--overwrite",
-                        "--option", "dim=3", crash=True)  # fmt: skip
+    with monkeypatch.context() as patch:
+        patch.setattr("heads.train._loop", loop_fails)
+        code, _ = cli_train("--store", pair_store, "--out", run, *TRAIN, "--overwrite", crash=True)
     assert code != 0 and {p.name: p.read_bytes() for p in run.iterdir()} == before
     code, out = cli_train("--store", pair_store, "--out", run, *TRAIN, "--overwrite", "--seed", "5")
     assert code == 0, out
@@ -229,10 +236,10 @@ def test_a_last_block_config_claiming_width_8192_is_refused_before_building(
         init(self, *args, **kwargs)
 
     monkeypatch.setattr(LastBlock, "__init__", spy)
-    with pytest.raises(ValueError, match="has shape .*expected"):
+    with pytest.raises(CorruptStoreError, match="has shape .*expected"):
         load_last_block(small_block.state_tensors(), config)
     assert built_on == ["meta"]
-    with pytest.raises(ValueError, match="beyond any CLIP's"):
+    with pytest.raises(CorruptStoreError, match="beyond any CLIP's"):
         load_last_block(small_block.state_tensors(), {**config, "width": 65536})
 
 
