@@ -18,7 +18,7 @@ from .config import ConfigError
 MAX_OPTION_INT = 1 << 16  # widths, heads, steps: larger would allocate beyond any head's need
 MAX_OPTION_FLOAT = 1e6  # weights, temperatures, ratios: larger is a typo (and overflows an exp)
 # (low, high, low itself allowed) of the options a head divides by or draws with; other whole numbers
-# are 1..MAX_OPTION_INT (no width, count or step count is 0), other numbers 0..MAX_OPTION_FLOAT.
+# are 0..MAX_OPTION_INT, other numbers 0..MAX_OPTION_FLOAT.
 POSITIVE = (0.0, MAX_OPTION_FLOAT, False)
 PROBABILITY = (0.0, 0.999, True)
 OPTION_RANGES: dict[str, tuple[float, float, bool]] = {
@@ -75,8 +75,8 @@ def _fits(kind: Any, value: Any) -> str | None:
         whole = isinstance(value, int) and not isinstance(value, bool)
         return (
             None
-            if whole and 1 <= value <= MAX_OPTION_INT
-            else f"a whole number 1..{MAX_OPTION_INT}"
+            if whole and 0 <= value <= MAX_OPTION_INT
+            else f"a whole number 0..{MAX_OPTION_INT}"
         )
     if kind is float:
         number = isinstance(value, int | float) and not isinstance(value, bool)

@@ -55,7 +55,6 @@ CASES = [
     (cli.eval_app, ["--store", STORE, "--head", "proto", "--option", "k"], "--option takes KEY=VALUE"),
     (cli.eval_app, ["--store", STORE, "--head", "otam", "--option", "otam_lambda=0"], "otam_lambda=0: head 'otam' takes a number above 0"),
     (cli.eval_app, ["--store", STORE, "--head", "otam", "--option", "otam_lambda=1e23"], "otam_lambda=1e+23"),
-    (cli.eval_app, ["--store", STORE, "--head", "emp", "--option", "heads=0"], "heads=0: head 'emp' takes a whole number 1.."),
     (cli.eval_app, ["--store", STORE, "--head", "emp", "--option", "attn_dropout=1"], "attn_dropout=1: head 'emp' takes a number from 0 to 0.999"),
     (cli.eval_app, ["--store", STORE, "--head", "proto", "--episodes", "abc"], "'--episodes'"),
     (cli.eval_app, ["--store", STORE, "--head", "proto", "--episodez", "5"], "--episodez"),
