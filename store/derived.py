@@ -15,7 +15,7 @@ import pandas as pd
 
 from runtime.progress import progress_bar
 
-from .errors import CorruptStoreError, StoreError
+from .errors import CorruptStoreError, NonFiniteError, StoreError
 from .featurestore import FeatureStore, create_store, open_store
 from .layout import checksum_column, row_bytes
 from .location import remove_partial
@@ -207,7 +207,14 @@ def _copy_batch(
     data = store.read([src.row for _, src in batch], names, verify=False)
     updates = []
     for i, (out_row, src) in enumerate(batch):
-        sums = writer.write_row(out_row, {n: data[n][i] for n in names})
+        try:
+            sums = writer.write_row(out_row, {n: data[n][i] for n in names})
+        except NonFiniteError:
+            where = store.location.describe()
+            raise NonFiniteError(
+                f"{where}: row {src.row} ({src.record['video_id']}) holds NaN or inf values; "
+                f"it is not copied (run fsar-store verify {where})"
+            ) from None
         _check_copied(store, src, sums, names)
         fields = _copied_fields(src.record, [k for k in _COPIED_COLUMNS if k != "error"])
         updates.append({"row": out_row, "status": "ok", "error": None, **fields, **sums})

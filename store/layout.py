@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the manifest records each row's finiteness (column `finite`)
 MANIFEST_FILE = "manifest.parquet"
 LOCK_FILE = "fsar.lock"
 RECIPES = ("emp", "emp+last")
@@ -56,7 +56,7 @@ MANIFEST_BASE_COLUMNS = (
     "frame_indices",
     "decoder",
 )
-MANIFEST_TAIL_COLUMNS = ("extracted_at",)
+MANIFEST_TAIL_COLUMNS = ("finite", "extracted_at")
 
 # Fields that decide whether two stores hold the same features (merge, resume, checkpoints).
 SPEC_IDENTITY_FIELDS = (
@@ -121,6 +121,13 @@ def cls_source(name: str) -> str | None:
     """The `tokens/` array a `cls/` array is token 0 of; None for any other name."""
     match = _CLS.match(name)
     return token_name(int(match.group(1))) if match else None
+
+
+def dimension_names(name: str) -> list[str]:
+    """Axis names of a per-row array, as written in its zarr.json."""
+    if cls_source(name) is not None:
+        return ["video", "view", "frame", "channel"]
+    return ["video", "view", "frame", "token", "channel"]
 
 
 def encoded_names(recipe: str, layers: Sequence[int]) -> list[str]:

@@ -20,7 +20,7 @@ import pandas as pd
 import zarr
 import zarr.codecs
 
-from .errors import StoreError
+from .errors import NonFiniteError, StoreError
 from .lastblock_file import lastblock_to_bytes
 from .layout import (
     CHECKSUM_ALGORITHM,
@@ -30,6 +30,7 @@ from .layout import (
     SCHEMA_VERSION,
     checksum_column,
     cls_source,
+    dimension_names,
     manifest_columns,
     row_tensors,
     text_name,
@@ -63,12 +64,6 @@ def make_compressors(codec: Mapping[str, Any]) -> Any:
 
 def _now() -> pd.Timestamp:
     return pd.Timestamp(datetime.now(timezone.utc))
-
-
-def _dimension_names(name: str) -> list[str]:
-    if cls_source(name) is not None:
-        return ["video", "view", "frame", "channel"]
-    return ["video", "view", "frame", "token", "channel"]
 
 
 def create_layout(
@@ -146,7 +141,7 @@ def _create_arrays(group: zarr.Group, spec: Mapping[str, Any], n_rows: int) -> N
             dtype=entry["dtype"],
             fill_value=0,
             compressors=compressors,
-            dimension_names=_dimension_names(entry["name"]),
+            dimension_names=dimension_names(entry["name"]),
         )
 
 
@@ -158,27 +153,42 @@ class StoreWriter(StoreReader):
             raise StoreError(f"{self.location.describe()} is open read-only")
 
     def commit(self, updates: Sequence[Mapping[str, Any]]) -> None:
-        """Apply manifest updates (each names its `row`) and rewrite the manifest atomically."""
+        """Apply manifest updates (each names its `row`) and rewrite the manifest atomically.
+
+        A row may be `ok` only with every checksum and `finite` recorded (what
+        `ChunkWriter.write_row` returns); nothing changes when an update is refused.
+        """
         self._require_writer()
         allowed = set(manifest_columns(self.row_tensors)) - {"video_id", "row"}
-        m = self.manifest
+        m = self.manifest.copy()
         for upd in updates:
             r = int(upd["row"])
-            if upd.get("status") == "ok":
-                missing = [t for t in self.row_tensors if not upd.get(checksum_column(t))]
-                if missing:
-                    raise ValueError(f"row {r} committed ok without checksums for {missing}")
+            unknown = sorted(set(upd) - allowed - {"row"})
+            if unknown:
+                raise ValueError(f"unknown manifest column {unknown[0]!r}")
+            if upd.get("status", "ok") != "ok" and "finite" not in upd:
+                m.at[r, "finite"] = None  # a row that is not ok claims nothing
             for key, value in upd.items():
-                if key == "row":
-                    continue
-                if key not in allowed:
-                    raise ValueError(f"unknown manifest column {key!r}")
                 if key == "frame_indices" and value is not None:
                     value = [list(map(int, v)) for v in value]
                 if key == "extracted_at" and value is not None:
                     value = pd.Timestamp(value)
-                m.at[r, key] = value
+                if key != "row":
+                    m.at[r, key] = value
+            record = [m.at[r, checksum_column(t)] for t in self.row_tensors]
+            if m.at[r, "status"] == "ok" and (
+                not all(isinstance(v, str) for v in record)
+                or not isinstance(m.at[r, "finite"], (bool, np.bool_))
+                or not m.at[r, "finite"]
+            ):
+                raise ValueError(
+                    f"row {r} committed ok without checksums and finiteness (what "
+                    "ChunkWriter.write_row returns)"
+                )
         self._writer().write_file(MANIFEST_FILE, manifest_to_bytes(m, self.row_tensors))
+        self.manifest = m
+        if self.attrs["schema_version"] < SCHEMA_VERSION:  # the manifest now has `finite`
+            self.set_attrs(schema_version=SCHEMA_VERSION)
 
     def _writer(self) -> DirLocation:
         if not isinstance(self.location, DirLocation):
@@ -195,6 +205,8 @@ class StoreWriter(StoreReader):
         """Add or replace `text/<name>`: (C, M, D) embeddings of every class under M templates."""
         self._require_writer()
         emb = np.asarray(embeddings, dtype=np.float32)
+        if not np.isfinite(emb).all():
+            raise NonFiniteError(f"{text_name(name)}: NaN or inf embeddings are not written")
         if emb.ndim != 3 or emb.shape[0] != len(self.classes) or emb.shape[1] != len(templates):
             raise ValueError(
                 f"{text_name(name)} must be (classes={len(self.classes)}, templates={len(templates)}, D), "
@@ -251,7 +263,8 @@ class ChunkWriter:
 
     def write_row(self, row: int, tensors: Mapping[str, np.ndarray]) -> dict[str, str]:
         """Write one video's tensors (shape without the row axis); `cls/` arrays are derived from
-        their `tokens/` arrays when not given. Returns the manifest checksum columns written.
+        their `tokens/` arrays when not given. Nothing is written unless every value is finite.
+        Returns the manifest fields that record what was written (checksums, `finite`).
         """
         data = dict(tensors)
         for name in self._entries:
@@ -261,19 +274,29 @@ class ChunkWriter:
         missing = set(self._entries) - set(data)
         if missing:
             raise ValueError(f"row {row}: missing tensors {sorted(missing)}")
-        sums = {}
-        for name, value in data.items():
-            entry = self._entries.get(name)
-            if entry is None:
-                raise ValueError(f"the store has no per-row tensor {name!r}")
-            value = np.ascontiguousarray(value, dtype=entry["dtype"])
-            if list(value.shape) != entry["shape_per_row"]:
-                raise ValueError(
-                    f"{name}: shape {value.shape}, the spec says {entry['shape_per_row']}"
-                )
+        values = {name: self._as_stored(row, name, value) for name, value in data.items()}
+        sums: dict[str, Any] = {}
+        for name, value in values.items():
             self._arrays[name][row] = value
             sums[checksum_column(name)] = checksum(value)
-        return sums
+        return {**sums, "finite": True}
+
+    def _as_stored(self, row: int, name: str, value: np.ndarray) -> np.ndarray:
+        """The value in the array's dtype; refused when its shape is not the spec's or when it
+        holds NaN or inf (after the cast: float16 overflows past 65504)."""
+        entry = self._entries.get(name)
+        if entry is None:
+            raise ValueError(f"the store has no per-row tensor {name!r}")
+        value = np.ascontiguousarray(value, dtype=entry["dtype"])
+        if list(value.shape) != entry["shape_per_row"]:
+            raise ValueError(f"{name}: shape {value.shape}, the spec says {entry['shape_per_row']}")
+        bad = int(value.size - np.count_nonzero(np.isfinite(value)))
+        if bad:
+            raise NonFiniteError(
+                f"row {row} {name}: {bad} NaN or inf value(s) ({entry['dtype']} overflow?); "
+                "the row is not written"
+            )
+        return value
 
 
 def done_update(row: int, sums: Mapping[str, str], **fields: Any) -> dict[str, Any]:

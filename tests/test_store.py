@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 import cli
 from store import (
+    SCHEMA_VERSION,
     ChunkWriter,
     CorruptStoreError,
     StoreLockedError,
@@ -113,7 +114,7 @@ def test_create_presizes_arrays_and_marks_rows_pending(store_path: Path, spec: d
     import zarr
 
     root = zarr.open_group(str(store_path), mode="r")
-    assert root.attrs["schema_version"] == 1 and root.attrs["classes"] == CLASSES
+    assert root.attrs["schema_version"] == 2 and root.attrs["classes"] == CLASSES
     assert root.attrs["spec"]["recipe"] == "emp+last"
     assert set(pq.read_table(store_path / "manifest.parquet").column_names) >= {
         "video_id",
@@ -332,7 +333,11 @@ def test_fingerprint_ignores_row_order_and_codec(tmp_path: Path, spec: dict) -> 
     with open_store(b, mode="a") as s:
         s.commit(
             [
-                done_update(n - 1 - r, wb.write_row(n - 1 - r, _row_tokens(spec, r)))
+                done_update(
+                    n - 1 - r,
+                    wb.write_row(n - 1 - r, _row_tokens(spec, r)),
+                    frame_indices=[[1, 2, 3, 4]] * spec["views"],  # the frames a head sees
+                )
                 for r in range(n)
             ]
         )
@@ -405,7 +410,7 @@ def test_newer_schema_is_refused_in_one_line(tmp_path: Path) -> None:
     result = runner.invoke(cli.store_app, ["info", str(tmp_path / "s")])
     assert result.exit_code == 2
     assert result.output.strip() == (
-        f"error: {tmp_path / 's'} has store schema 99, this fsar reads up to 1: upgrade fsar"
+        f"error: {tmp_path / 's'} has store schema 99, this fsar reads up to {SCHEMA_VERSION}: upgrade fsar"
     )
 
 

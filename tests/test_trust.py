@@ -1,0 +1,282 @@
+"""Stores are accepted only in the form fsar writes: the structural cases of issue #20, store side."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import zarr
+from typer.testing import CliRunner
+
+import cli
+from store import CorruptStoreError, checksum, checksum_column, open_store
+from store.errors import UnsafeStoreError
+from store.pack import pack
+from tests.share_fixtures import chunk_file, copy_store, make_store
+from tests.store_http import serve
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_store(tmp_path_factory.mktemp("trust") / "good")
+
+
+@pytest.fixture(autouse=True)
+def default_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FSAR_VERIFY_READS", raising=False)
+    monkeypatch.delenv("FSAR_CACHE", raising=False)
+    monkeypatch.setenv("FSAR_REMOTE_RETRIES", "1")
+    monkeypatch.setattr("runtime.memory.keep_freed_memory", lambda: False)
+
+
+def _cli(app: object, *args: str) -> tuple[int, str]:
+    result = runner.invoke(app, list(args))  # type: ignore[arg-type]
+    assert "Traceback" not in result.output, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    return result.exit_code, result.output
+
+
+def _one_line_error(code: int, out: str, *phrases: str) -> None:
+    assert code == 2, out
+    assert len(out.strip().splitlines()) == 1 and out.startswith("error: "), out
+    for phrase in phrases:
+        assert phrase in out, out
+
+
+def _eval(store: Path | str) -> tuple[int, str]:
+    args = ("--head", "proto", "--episodes", "20", "--way", "2", "--no-progress")
+    return _cli(cli.eval_app, "--store", str(store), *args)
+
+
+def _forge_row(path: Path, tensor: str, row: int, change) -> None:  # type: ignore[no-untyped-def]
+    """Rewrite one row's values and its manifest record as a sender could (checksum matching)."""
+    arr = zarr.open_array(path / tensor, mode="r+")
+    value = change(np.asarray(arr[row]).astype(np.float32)).astype(arr.dtype)
+    arr[row] = value
+    with open_store(path, mode="a") as s:
+        record = {checksum_column(tensor): checksum(value), "finite": True}
+        s.commit([{"row": row, "status": "ok", **record}])
+
+
+# ---------------------------------------------------------------------- one fingerprint
+def test_relabelling_test_videos_changes_the_fingerprint(good: Path, tmp_path: Path) -> None:
+    evil = copy_store(good, tmp_path / "relabelled")
+    s = open_store(evil)
+    test = s.select(split="test")
+    names = sorted(set(s.manifest["class_name"].iloc[test]))
+    swap = {names[0]: names[1], names[1]: names[0]}
+    with open_store(evil, mode="a") as w:  # label and class name changed together
+        w.commit(
+            [
+                {"row": int(r), "class_name": swap[c], "label": w.classes.index(swap[c])}
+                for r, c in zip(test, s.manifest["class_name"].iloc[test], strict=True)
+            ]
+        )
+    code, out = _cli(cli.store_app, "verify", str(evil))
+    assert code == 0, out  # every checksum still matches: only the fingerprint tells
+    before, after = open_store(good).fingerprint(), open_store(evil).fingerprint()
+    assert before != after
+    assert f"fingerprint  {after}" in _cli(cli.store_app, "info", str(evil))[1]
+
+
+# ---------------------------------------------------------------------- the form of arrays
+def test_a_dot_chunk_key_separator_is_refused(good: Path, tmp_path: Path) -> None:
+    evil = copy_store(good, tmp_path / "dots")
+    meta_path = evil / "cls" / "layer12" / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    meta["chunk_key_encoding"]["configuration"]["separator"] = "."
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(CorruptStoreError, match="cls/layer12 has chunk key encoding"):
+        open_store(evil)
+    for args in (("info", str(evil)), ("verify", str(evil))):
+        _one_line_error(*_cli(cli.store_app, *args), "fsar writes")
+    with pytest.MonkeyPatch.context() as mp:  # never read as zeros, checks or no checks
+        mp.setenv("FSAR_VERIFY_READS", "0")
+        _one_line_error(*_eval(evil), "chunk key encoding")
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "phrase"),
+    [
+        ("fill_value", 1.0, "fill value 1.0"),
+        ("codecs", [{"name": "bytes", "configuration": {"endian": "big"}}], "little endian"),
+        (
+            "codecs",
+            [
+                {"name": "bytes", "configuration": {"endian": "little"}},
+                {"name": "zstd", "configuration": {"level": 99, "checksum": False}},
+            ],
+            "zstd level=99 is outside",
+        ),
+        ("attributes", {"x": 1}, "has attributes"),
+        ("storage_transformers", [{"name": "t"}], "storage transformers"),
+        ("extra", 1, "has key 'extra'"),
+    ],
+)
+def test_array_documents_other_than_fsar_writes_are_refused(
+    good: Path, tmp_path: Path, field: str, value: object, phrase: str
+) -> None:
+    evil = copy_store(good, tmp_path / "odd")
+    meta_path = evil / "tokens" / "layer04" / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    meta[field] = value
+    meta_path.write_text(json.dumps(meta))
+    _one_line_error(*_cli(cli.store_app, "info", str(evil)), "tokens/layer04", phrase)
+
+
+def test_spec_sizes_are_bounded_before_anything_is_built(good: Path, tmp_path: Path) -> None:
+    evil = copy_store(good, tmp_path / "wide")
+    meta_path = evil / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    spec = meta["attributes"]["spec"]
+    spec["dim"] = 32768  # a consistent spec and tensor list, D far beyond any CLIP
+    for t in spec["tensors"]:
+        if not t["name"].endswith("_in"):
+            t["shape_per_row"][-1] = 32768
+    meta_path.write_text(json.dumps(meta))
+    _one_line_error(*_cli(cli.store_app, "info", str(evil)), "spec dim=32768 is outside 1..4096")
+
+
+# ---------------------------------------------------------------------- the manifest
+def _rewrite_manifest(path: Path, column: str, row: int, value: object) -> int:
+    """The manifest with one cell replaced, zstd-compressed as a sender could; returns its size."""
+    table = pq.read_table(path / "manifest.parquet")
+    cells = table.column(column).to_pylist()
+    cells[row] = value
+    table = table.set_column(
+        table.schema.get_field_index(column),
+        column,
+        pa.array(cells, table.schema.field(column).type),
+    )
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd")
+    (path / "manifest.parquet").write_bytes(sink.getvalue())
+    return len(sink.getvalue())
+
+
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [("error", "x" * (64 << 20)), ("frame_indices", [[0] * (16 << 20)])],
+)
+def test_a_manifest_cell_inflating_to_megabytes_is_refused_before_reading(
+    good: Path, tmp_path: Path, column: str, value: object
+) -> None:
+    evil = copy_store(good, tmp_path / "bomb")
+    size = _rewrite_manifest(evil, column, 3, value)
+    assert size < 200_000  # a small file ...
+    code, out = _cli(cli.store_app, "info", str(evil))  # ... declaring 64 MB in one column
+    _one_line_error(code, out, f"column {column} holds", "refusing to read it")
+
+
+def test_a_manifest_of_another_schema_is_refused(good: Path, tmp_path: Path) -> None:
+    evil = copy_store(good, tmp_path / "schema")
+    table = pq.read_table(evil / "manifest.parquet").append_column("extra", pa.array([1] * 10))
+    pq.write_table(table, evil / "manifest.parquet")
+    _one_line_error(*_cli(cli.store_app, "info", str(evil)), "has columns", "'extra'")
+
+
+# ---------------------------------------------------------------------- values
+def test_non_finite_rows_are_refused_by_verify_and_reads(good: Path, tmp_path: Path) -> None:
+    evil = copy_store(good, tmp_path / "nan")
+    row = int(open_store(good).select(split="test")[0])
+    _forge_row(evil, "cls/layer12", row, lambda v: v * np.nan)
+    code, out = _cli(cli.store_app, "verify", str(evil))
+    assert code == 1 and f"BAD row {row} (" in out and "cls/layer12: holds NaN or inf" in out
+    _one_line_error(*_eval(evil), f"row {row} (", "holds NaN or inf values")
+
+
+def test_the_writer_refuses_to_record_a_non_finite_row(good: Path, tmp_path: Path) -> None:
+    from store import ChunkWriter
+    from store.errors import NonFiniteError
+
+    path = copy_store(good, tmp_path / "w")
+    s = open_store(path)
+    big = {n: np.full(s.spec["tensors"][i]["shape_per_row"], 1e5, np.float32)  # > fp16 max
+           for i, n in enumerate(s.row_tensors) if n.startswith("tokens/")}  # fmt: skip
+    before = chunk_file(s, "tokens/layer04", 1).read_bytes()
+    with pytest.raises(NonFiniteError, match=r"row 1 tokens/layer04: \d+ NaN or inf"):
+        ChunkWriter(path).write_row(1, big)
+    assert chunk_file(s, "tokens/layer04", 1).read_bytes() == before
+
+
+def test_merge_conflicts_need_a_choice_and_nan_is_never_copied(good: Path, tmp_path: Path) -> None:
+    row = int(open_store(good).select(split="test")[0])
+    scaled = copy_store(good, tmp_path / "x8")
+    _forge_row(scaled, "tokens/layer04", row, lambda v: v * 8)  # cosine 1: only the scale differs
+    nan = copy_store(good, tmp_path / "nan")
+    _forge_row(nan, "tokens/layer04", row, lambda v: v * np.nan)
+    vid = open_store(good).manifest["video_id"].iat[row]
+    for other, reason in ((scaled, "scale x8.00"), (nan, "B's copy holds NaN or inf")):
+        code, out = _cli(
+            cli.store_app, "merge", str(good), str(other), "--out", str(tmp_path / "m")
+        )
+        _one_line_error(code, out, "1 conflict(s)", f"video {vid} tokens/layer04: {reason}")
+        assert not (tmp_path / "m").exists()
+    code, out = _cli(
+        cli.store_app, "merge", str(good), str(nan), "--out", str(tmp_path / "a"), "--prefer", "A"
+    )
+    assert code == 0 and "resolved with A's copies" in out, out
+    assert open_store(tmp_path / "a").fingerprint() == open_store(good).fingerprint()
+    code, out = _cli(
+        cli.store_app, "merge", str(good), str(nan), "--out", str(tmp_path / "b"), "--prefer", "B"
+    )
+    _one_line_error(code, out, f"row {row} ({vid}) holds NaN or inf values; it is not copied")
+    assert not (tmp_path / "b").exists()
+    code, out = _cli(
+        cli.store_app,
+        "merge",
+        str(good),
+        str(scaled),
+        "--out",
+        str(tmp_path / "c"),
+        "--prefer",
+        "B",
+    )
+    assert code == 0, out
+    assert open_store(tmp_path / "c").fingerprint() == open_store(scaled).fingerprint()
+
+
+# ---------------------------------------------------------------------- packed files
+def test_a_zip_naming_one_file_twice_is_refused(good: Path, tmp_path: Path) -> None:
+    packed = tmp_path / "good.zip"
+    pack(good, packed)
+    evil = tmp_path / "twice.zip"
+    with zipfile.ZipFile(packed) as src, zipfile.ZipFile(evil, "w") as dst:
+        for info in src.infolist():
+            dst.writestr(info, src.read(info))
+        dst.writestr("./zarr.json", src.read("zarr.json"))
+    with pytest.raises(UnsafeStoreError, match="'./zarr.json' is not a plain relative path"):
+        open_store(evil)
+    code, out = _cli(cli.store_app, "unpack", str(evil), str(tmp_path / "out"))
+    _one_line_error(code, out, "'./zarr.json' is not a plain relative path")
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------- remote answers
+@pytest.mark.parametrize(
+    ("body", "headers", "phrase"),
+    [
+        (b"[]", {}, "zarr.json is not a JSON object"),
+        (b"[" * 100_000 + b"]" * 100_000, {}, "zarr.json is not a JSON document"),
+        (b'{"a":' * 40 + b"1" + b"}" * 40, {}, "nests deeper than 16 levels"),
+        (gzip.compress(b" " * (64 << 20)), {"Content-Encoding": "gzip"}, "larger than its key can hold"),
+    ],
+)  # fmt: skip
+def test_remote_root_documents_are_bounded_and_checked(
+    good: Path, tmp_path: Path, body: bytes, headers: dict[str, str], phrase: str
+) -> None:
+    copy_store(good, tmp_path / "www" / "s")
+    with serve(tmp_path / "www") as (base, faults):
+        faults.bodies["/s/zarr.json"] = (body, headers)
+        code, out = _cli(cli.store_app, "info", base + "/s")
+    _one_line_error(code, out, phrase)
+    assert faults.sent["/s/zarr.json"] == len(body)  # a 64 KB gzip answer inflating to 64 MB
