@@ -11,7 +11,9 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import click
 import typer
+from typer.core import TyperCommand, TyperGroup
 
 # torch's OpenMP threads sleep between parallel regions instead of spinning: on a busy machine
 # spinning threads made training several times slower (docs/performance.md). Read when torch loads.
@@ -19,6 +21,29 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # Help texts are plain text: rich markup would swallow defaults written as [runs/latest].
 PLAIN = dict(rich_markup_mode=None)
+
+
+class _ListsHeads:
+    """--help ends with the heads available here, read from package metadata when help is shown
+    (no head, plugin or torch is imported for it)."""
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        from heads import registry
+
+        super().format_epilog(ctx, formatter)  # type: ignore[misc]
+        rows = [(s.name, "built in" if s.builtin else s.describe()) for s in registry.sources()]
+        with formatter.section("Heads (fsar.heads entry points add more)"):
+            formatter.write_dl(rows + [("refused", line) for line in registry.problems()])
+
+
+class HeadsCommand(_ListsHeads, TyperCommand):
+    pass
+
+
+class HeadsGroup(_ListsHeads, TyperGroup):
+    pass
+
+
 app = typer.Typer(
     help="fsar: offline CLIP feature store for few-shot action recognition.",
     no_args_is_help=True,
@@ -36,6 +61,7 @@ synth_app = typer.Typer(
 study_app = typer.Typer(
     help="Studies: a plan of heads trained and tested on identical episodes, as Dask tasks.",
     no_args_is_help=True,
+    cls=HeadsGroup,
     **PLAIN,
 )
 app.add_typer(store_app, name="store")
@@ -111,12 +137,21 @@ def key_values(pairs: list[str]) -> dict:
 
 
 def heads_errors() -> tuple[type[Exception], ...]:
-    """What stage-2 commands report in one line: store, episodes, options, unknown heads."""
+    """What stage-2 commands report in one line: store, episodes, options, heads and plugins."""
     from heads.config import ConfigError
     from heads.episodes import EpisodeError
+    from heads.registry import HeadError
     from store import StoreError
 
-    return (StoreError, EpisodeError, ConfigError, FileNotFoundError, ValueError)
+    return (StoreError, EpisodeError, ConfigError, HeadError, FileNotFoundError, ValueError)
+
+
+def warn_refused_heads() -> None:
+    """One line on stderr per installed plugin head that fsar refuses (a clash over its name)."""
+    from heads.registry import problems
+
+    for line in problems():
+        typer.echo(f"warning: {line}", err=True)
 
 
 # ---------------------------------------------------------------- fsar-store
@@ -150,9 +185,12 @@ def store_info(
     import json
 
     from store import StoreError
+    from store.layout import recipe_sizes
+    from store.sizes import size_lines, taps_text
 
     with user_errors(StoreError):
         info = _open_for_cli(path, cache).info()
+    info["recipe_sizes"] = recipe_sizes(info["spec"])
     if json_out:
         typer.echo(json.dumps(info, indent=2, default=str))
         return
@@ -168,6 +206,8 @@ def store_info(
         f"recipe       {spec['recipe']}  layers={spec['layers']}  T={spec['frames']} V={spec['views']}  "
         f"L={spec['tokens']} D={spec['dim']}  {spec['dtype']}  codec={spec.get('codec')}"
     )
+    if spec.get("taps"):
+        typer.echo(f"taps         {taps_text(spec['taps'])}  W={spec['width']}  (resid/layerKK)")
     typer.echo(f"preprocess   {spec['preprocess'].get('name')}  image {spec['image_size']}")
     typer.echo(f"classes      {info['classes']}   rows {info['rows']}")
     for split, counts in info["counts"].items():
@@ -187,6 +227,9 @@ def store_info(
         )
     if info["weights"]:
         typer.echo("weights      " + ", ".join(info["weights"]))
+    typer.echo("per video, every recipe at this model, T and V:")
+    for line in size_lines(spec):
+        typer.echo(f"  {line}")
 
 
 @store_app.command("verify")
@@ -436,7 +479,7 @@ app.command("extract")(extract_command)
 
 
 # ---------------------------------------------------------------- fsar-train, fsar-eval
-@train_app.command("train")
+@train_app.command("train", cls=HeadsCommand)
 def train_command(
     store: str | None = typer.Option(None, help="Store path (stores/<dataset>)."),
     config: str | None = typer.Option(
@@ -445,7 +488,9 @@ def train_command(
     preset: str | None = typer.Option(
         None, help="hmdb51|ucf101|kinetics100|ssv2_small|ssv2_full: the released schedule."
     ),
-    head: str | None = typer.Option(None, help="Head to train (emp, lastlayer, probe)."),
+    head: str | None = typer.Option(
+        None, help="Head to train: a trainable one of those listed below [emp]."
+    ),
     way: int | None = typer.Option(None, help="Classes per episode [5]."),
     shot: int | None = typer.Option(None, help="Support videos per class [1]."),
     query: int | None = typer.Option(None, help="Query videos per class in training [5]."),
@@ -512,6 +557,7 @@ def train_command(
         keep_freed_memory()
     if resume and overwrite:
         fail("give --resume or --overwrite, not both")
+    warn_refused_heads()
     with user_errors(*heads_errors()):
         if resume:
             cfg = resume_config(Path(out or "runs/latest"), episodes, progress)
@@ -533,13 +579,13 @@ def train_command(
     typer.echo(f"run: {run_dir}")
 
 
-@eval_app.command("eval")
+@eval_app.command("eval", cls=HeadsCommand)
 def eval_command(
     store: str | None = typer.Option(None, help="Store path [the store the run's config names]."),
     checkpoint: str | None = typer.Option(None, help="Run directory [runs/latest]."),
     head: str | None = typer.Option(
         None,
-        help="A head instead of a run: zeroshot, proto, otam, or an untrained emp/probe.",
+        help="A head instead of a run: any listed below (a trainable one untrained).",
     ),
     episodes: int = typer.Option(10_000, help="Test episodes."),
     way: int = typer.Option(5, help="Classes per episode."),
@@ -559,6 +605,7 @@ def eval_command(
 ) -> None:
     """Evaluate a trained run or a training-free head on few-shot episodes."""
     import json
+    import warnings
     from pathlib import Path
 
     import torch
@@ -575,6 +622,7 @@ def eval_command(
     for option_name, path in (("--json", json_out), ("--per-episode", per_episode)):
         if path is not None:
             check_output_file(option_name, path)
+    warn_refused_heads()
     with user_errors(*heads_errors()):
         target = pick_device(device)
         keep_freed_memory()
@@ -590,7 +638,11 @@ def eval_command(
             fail("--store is required with --head")
         s = open_store(store_path)
         if run_dir is not None:
-            model = load_run(run_dir, s, target)
+            with warnings.catch_warnings(record=True) as caught:  # e.g. another plugin version
+                warnings.simplefilter("always")
+                model = load_run(run_dir, s, target)
+            for warning in caught:
+                typer.echo(f"warning: {warning.message}", err=True)
         else:  # untrained: built at the store's dim, the same weights every time
             torch.manual_seed(seed)
             model = build_head(head, key_values(option), s, target)
@@ -609,8 +661,8 @@ def eval_command(
             )
 
 
-app.command("train")(train_command)
-app.command("eval")(eval_command)
+app.command("train", cls=HeadsCommand)(train_command)
+app.command("eval", cls=HeadsCommand)(eval_command)
 
 
 # ---------------------------------------------------------------- fsar-study
@@ -662,6 +714,7 @@ def study_command(
         seed_list = [int(s) for s in comma_list(seeds)] if seeds is not None else None
     except ValueError:
         fail(f"--seeds {seeds!r}: give integers, e.g. 0,1,2")
+    warn_refused_heads()
     try:
         with user_errors(PlanError, StudyError, StoreError):
             chosen = load_plan(plan)
@@ -680,7 +733,7 @@ def study_command(
 
 
 study_app.callback(invoke_without_command=True)(study_command)
-study_app.command("run")(study_command)
+study_app.command("run", cls=HeadsCommand)(study_command)
 
 
 @study_app.command("compare")

@@ -26,19 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from store.sizes import VIT_B16  # re-exported: store/sizes.py owns the ViT-B/16 shapes
+
 SCHEMA = 1
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 
-# ViT-B/16 at 224 px: what the published methods cache. Cost does not depend on the weights.
-VIT_B16 = {
-    "model": "ViT-B-16",
-    "frames": 8,
-    "tokens": 197,
-    "dim": 512,
-    "width": 768,
-    "patches": 196,
-}
 TINY_MODEL = "fsar-tiny-vit"  # pipeline/model_configs: 12 layers, width 64, 16 patches (quick mode)
 
 

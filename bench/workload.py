@@ -18,13 +18,10 @@ WAY, SHOT, QUERY = 5, 1, 5  # the training episode of issue 6
 
 def token_shapes(spec: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """Per-row shapes of the tensors ChunkWriter takes (cls/ arrays are derived from tokens/)."""
-    from store.layout import cls_source
+    from store.layout import written_tensors
 
-    return {
-        e["name"]: tuple(e["shape_per_row"])
-        for e in spec["tensors"]
-        if cls_source(e["name"]) is None
-    }
+    written = set(written_tensors(spec))
+    return {e["name"]: tuple(e["shape_per_row"]) for e in spec["tensors"] if e["name"] in written}
 
 
 def random_pool(spec: dict[str, Any], n: int, seed: int = 0) -> list[dict[str, np.ndarray]]:

@@ -18,11 +18,38 @@ from typing import Any
 import numpy as np
 import torch
 
-from store.layout import row_bytes
+from store.layout import TEXT_DEFAULT, row_bytes, text_name
 
 from .episodes import Episode, EpisodeSampler
+from .registry import HeadError
 
 Inputs = dict[str, torch.Tensor]
+
+
+class MissingInputsError(HeadError):
+    """The store lacks arrays a head reads (one line naming them)."""
+
+
+def missing_inputs(head: Any, store: Any) -> list[str]:
+    """The arrays `head` reads (its `inputs(spec)`, and class texts if it uses them) that `store` lacks."""
+    missing = sorted(set(head.inputs(store.spec).values()) - set(store.tensors))
+    if head.uses_text and TEXT_DEFAULT not in store.text_names:
+        missing.append(text_name(TEXT_DEFAULT))
+    return missing
+
+
+def require_inputs(head: Any, store: Any) -> None:
+    """Refuse a store that lacks what `head` reads, before anything is trained or written."""
+    missing = missing_inputs(head, store)
+    if missing:
+        recipe = (
+            " (extract with --recipe emp+last: it writes them and weights/lastblock.safetensors)"
+        )
+        hint = recipe if any(m.endswith("_in") for m in missing) else ""
+        raise MissingInputsError(
+            f"head {head.name!r} reads {', '.join(missing)}, which the store lacks{hint}; "
+            f"it has {', '.join(store.tensors)}"
+        )
 
 
 def prefetch(items: Iterator[Any], depth: int = 2) -> Iterator[Any]:

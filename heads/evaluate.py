@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -292,8 +294,9 @@ def load_run(run_dir: str | Path, store: Any, device: str | torch.device = "cpu"
     """
     from store import SpecMismatchError, spec_differences
 
+    from . import registry
     from .checkpoint import CheckpointError, check_fits, load_model, read_metadata
-    from .registry import create
+    from .data import require_inputs
 
     run_dir = Path(run_dir)
     checkpoint = run_dir / "best.safetensors"
@@ -313,9 +316,11 @@ def load_run(run_dir: str | Path, store: Any, device: str | torch.device = "cpu"
             f"checkpoint {checkpoint} was trained on a store with another spec: "
             + "; ".join(differences)
         )
+    _check_head_installed(checkpoint, saved["head"], saved["meta"].get("head_source"))
     try:
+        registry.factory(saved["head"])  # a plugin's module is imported outside the meta device
         with torch.device("meta"):
-            probe = create(saved["head"], **saved["head_config"])
+            probe = registry.create(saved["head"], **saved["head_config"])
     except Exception as exc:  # unknown head, bad option values
         text = " ".join(str(exc).split())[:160]
         raise CheckpointError(
@@ -323,10 +328,42 @@ def load_run(run_dir: str | Path, store: Any, device: str | torch.device = "cpu"
             f"({type(exc).__name__}: {text})"
         ) from None
     check_fits(checkpoint, probe)
-    head = create(saved["head"], **saved["head_config"])
+    head = registry.create(saved["head"], **saved["head_config"])
+    require_inputs(head, store)
     head.prepare(store)
     load_model(checkpoint, head)
     return head.to(device)
+
+
+_PACKAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+def _check_head_installed(checkpoint: Path, name: str, recorded: Any) -> None:
+    """Refuse, naming the package to install, a checkpoint whose plugin head is not installed;
+    warn when the installed version differs from the one it was trained with."""
+    from . import registry
+    from .checkpoint import CheckpointError
+
+    recorded = recorded if isinstance(recorded, dict) else {}
+    package = str(recorded.get("distribution", ""))
+    version = str(recorded.get("version", ""))
+    plugin = bool(_PACKAGE_NAME.match(package)) and package != "fsar"
+    try:
+        here = registry.source(name)
+    except registry.HeadError as error:
+        if not plugin:
+            raise CheckpointError(f"checkpoint {checkpoint}: {error}") from None
+        pin = f"=={version}" if _PACKAGE_NAME.match(version) else ""
+        raise CheckpointError(
+            f"checkpoint {checkpoint}: head {name!r} comes from package {package}, which is not "
+            f"installed here: install it (pip install '{package}{pin}') and evaluate again"
+        ) from None
+    if plugin and (here.distribution, here.version) != (package, version):
+        warnings.warn(
+            f"checkpoint {checkpoint} was trained with head {name!r} of {package} {version[:40]}; "
+            f"here it comes from {here.distribution} {here.version}",
+            stacklevel=3,
+        )
 
 
 def store_of_run(run_dir: str | Path) -> str:

@@ -42,7 +42,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import ConfigError, TrainConfig
-from .data import SplitData
+from .data import SplitData, require_inputs
 from .episodes import EpisodeError, EpisodeSampler
 from .evaluate import evaluate
 from .threads import restores_threads, step_threads
@@ -275,7 +275,8 @@ def _prepare(cfg: TrainConfig, resume: bool, overwrite: bool) -> Run:
         cfg=cfg, dir=run_dir, store=store, device=device, head=head, optimizer=optimizer,
         sampler=sampler, train_data=SplitData(store, sampler.rows, roles, cfg.max_ram),
         val_data=SplitData(store, val_rows, roles, cfg.max_ram, views=1), autocast=autocast,
-        base_meta={"store_fingerprint": fingerprint, "store_spec": store.spec, "config": asdict(cfg)},
+        base_meta={"store_fingerprint": fingerprint, "store_spec": store.spec, "config": asdict(cfg),
+                   "head_source": registry.source(cfg.head).to_json()},
     )  # fmt: skip
 
 
@@ -318,7 +319,9 @@ def head_options(name: str, options: dict[str, Any], spec: dict[str, Any]) -> di
 
 
 def build_head(name: str, options: dict[str, Any], store: Any, device: torch.device) -> FewShotHead:
+    """Head `name` at the store's dim, refused (one line) when the store lacks what it reads."""
     head = registry.create(name, **head_options(name, options, store.spec))
+    require_inputs(head, store)
     head.prepare(store)
     return head.to(device)
 
@@ -340,6 +343,7 @@ def run_metadata(cfg: TrainConfig, store: Any) -> dict[str, Any]:
         "store": {"path": str(cfg.store), "fingerprint": store.fingerprint(), "spec": store.spec},
         "git_commit": commit,
         "versions": versions("python", "torch", "fsar"),
+        "head_source": registry.source(cfg.head).to_json(),
         "command_line": sys.argv,
     }
 

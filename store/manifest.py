@@ -125,14 +125,13 @@ def read_manifest(
     tensors: Sequence[str],
     *,
     indices_per_row: int,
-    finite_required: bool = True,
     max_rows: int = MAX_ROWS,
 ) -> pd.DataFrame:
     """Parse and check a manifest: its Parquet metadata first (rows, schema, the uncompressed size
     of every column chunk), then its values, before anything uses it.
 
-    `indices_per_row` (views x frames) bounds `frame_indices`. Stores of schema 1 predate the
-    `finite` column (`finite_required` False): it is read as unknown when absent.
+    `indices_per_row` (views x frames) bounds `frame_indices`. Manifests written before the
+    `finite` column existed are read with it unknown (their rows are checked on every read).
     """
     what = f"manifest of {where}"
     want = manifest_schema(tensors)
@@ -141,7 +140,7 @@ def read_manifest(
         parquet = pq.ParquetFile(
             io.BytesIO(data), page_checksum_verification=True, read_dictionary=strings
         )
-        if not finite_required and "finite" not in parquet.schema_arrow.names:
+        if "finite" not in parquet.schema_arrow.names:
             want = want.remove(want.get_field_index("finite"))
         _check_metadata(parquet.metadata, want, what, indices_per_row, max_rows)
         table = _decoded_strings(parquet.read(columns=want.names), strings, what)

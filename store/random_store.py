@@ -1,6 +1,8 @@
 """Stores filled with seeded random tokens of the right shapes, for tests and benchmarks.
 
-`write_random_store` is the one builder; `hidden_order_store` hides a signal only training finds.
+`write_random_store` is the one builder (any recipe: `random_spec(recipe="ts")` gives resid/ taps,
+`random_tsfsar_init` a side-network init of the right keys); `hidden_order_store` hides a signal
+only training finds.
 """
 
 from __future__ import annotations
@@ -14,7 +16,18 @@ import numpy as np
 import pandas as pd
 
 from .featurestore import FeatureStore, create_store
-from .layout import TEXT_DEFAULT, build_spec, cls_source, token_name
+from .lastblock_file import lastblock_to_bytes
+from .layout import (
+    TEXT_DEFAULT,
+    TEXT_DESCRIPTIONS,
+    TSFSAR_INIT_NAME,
+    TSFSAR_MLP_RATIO,
+    build_spec,
+    token_name,
+    tsfsar_init_shapes,
+    tsfsar_side_width,
+    written_tensors,
+)
 from .writing import ChunkWriter, done_update
 
 TokenFn = Callable[[int, np.random.Generator], dict[str, np.ndarray]]
@@ -30,7 +43,11 @@ def random_spec(
     recipe: str = "emp",
     layers: Sequence[int] = (4, 8, 12),
     codec: dict | None = None,
+    taps: Sequence[int] | None = None,
+    depth: int = 12,
 ) -> dict:
+    """A spec of `recipe` for a made-up ViT of `depth` blocks (`taps`: recipes with ts, default
+    all of 0..depth; `layers`: recipes with emp)."""
     side = int(round(patches**0.5))
     return build_spec(
         model="random-tokens",
@@ -46,8 +63,37 @@ def random_spec(
         dim=dim,
         width=width,
         patch_grid=[side, patches // side],
+        taps=taps,
+        depth=depth if "ts" in recipe.split("+") else None,
         codec=codec,
     )
+
+
+def random_tsfsar_init(
+    spec: Mapping[str, Any], seed: int = 0, side_width: int | None = None
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """A side-network init of a `ts` spec's keys and shapes, N(0, 0.02) weights and N(1, 0.02)
+    LayerNorm gains, with the config `fsar-extract` writes (method `random`)."""
+    width, dim, depth = int(spec["width"]), int(spec["dim"]), int(spec["depth"])
+    side = side_width or tsfsar_side_width(width)
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for key, shape in tsfsar_init_shapes(depth, side, dim).items():
+        value = 0.02 * rng.standard_normal(shape)
+        tensors[key] = (value + 1.0 if ".norm" in key and key.endswith("weight") else value).astype(
+            np.float32
+        )
+    config = {
+        "side_width": side,
+        "mlp_ratio": TSFSAR_MLP_RATIO,
+        "adapter_dim": dim,
+        "depth": depth,
+        "width": width,
+        "model": spec["model"],
+        "pretrained": spec["pretrained"],
+        "pca": {"method": "random"},
+    }
+    return tensors, config
 
 
 def write_random_store(
@@ -60,14 +106,18 @@ def write_random_store(
     tokens_fn: TokenFn | None = None,
     text: bool = True,
     lastblock: tuple[Mapping[str, Any], Mapping[str, Any]] | None = None,
+    tsfsar_init: tuple[Mapping[str, Any], Mapping[str, Any]] | None = None,
+    descriptions: bool = False,
     write_times: list[float] | None = None,
 ) -> FeatureStore:
     """Create a store with every row `ok`, open for writing; the one random-store builder.
 
     `classes_per_split[split]` is a number of classes (of `videos_per_class` videos each) or a pair
     (classes, videos per class). Each row holds N(0, 1) float16 tokens, unless `tokens_fn(row, rng)`
-    supplies its tensors. Adds `text/emp16` (`text`) and the last block's (tensors, config)
-    (`lastblock`). `write_times` receives each row's seconds in `ChunkWriter.write_row`.
+    supplies its tensors. Adds `text/emp16` (`text`), unit-norm `text/descriptions`
+    (`descriptions`), the last block's (tensors, config) (`lastblock`) and a side-network init
+    (`tsfsar_init`, e.g. `random_tsfsar_init(spec)`). `write_times` receives each row's seconds in
+    `ChunkWriter.write_row`.
     """
     classes: list[str] = []
     videos = []
@@ -88,16 +138,14 @@ def write_random_store(
     writer = ChunkWriter(path)
     rng = np.random.default_rng(seed)
     v, t, d = spec["views"], spec["frames"], spec["dim"]
-    written = [e for e in spec["tensors"] if cls_source(e["name"]) is None]  # cls/ is derived
+    shapes = {e["name"]: e["shape_per_row"] for e in spec["tensors"]}
+    written = written_tensors(spec)  # cls/ of a tokens/ array is derived by the writer
     updates = []
     for row in range(len(videos)):
         if tokens_fn is not None:
             tensors = tokens_fn(row, rng)
         else:
-            tensors = {
-                e["name"]: rng.standard_normal(e["shape_per_row"]).astype(np.float16)
-                for e in written
-            }
+            tensors = {n: rng.standard_normal(shapes[n]).astype(np.float16) for n in written}
         start = time.perf_counter()
         sums = writer.write_row(row, tensors)
         if write_times is not None:
@@ -113,8 +161,14 @@ def write_random_store(
             rng.standard_normal((len(classes), 16, d)).astype(np.float32),
             [f"template {i} {{}}" for i in range(16)],
         )
+    if descriptions:
+        emb = rng.standard_normal((len(classes), 1, d))
+        emb /= np.linalg.norm(emb, axis=-1, keepdims=True)
+        s.write_text(TEXT_DESCRIPTIONS, emb.astype(np.float32), ["random class descriptions"])
     if lastblock is not None:
         s.write_lastblock(*lastblock)
+    if tsfsar_init is not None:
+        s.write_weights_file(TSFSAR_INIT_NAME, lastblock_to_bytes(*tsfsar_init))
     return s
 
 

@@ -19,14 +19,17 @@ from .errors import CorruptStoreError, RemoteStoreError, StoreError, UnsafeStore
 from .form import ArrayForm, check_array_document, parse_json, row_forms, text_form
 from .lastblock_file import lastblock_from_bytes
 from .layout import (
-    LASTBLOCK_FILE,
     LASTBLOCK_NAME,
     MANIFEST_FILE,
     MAX_ROWS,
     TEXT_DEFAULT,
+    TSFSAR_INIT_FILE,
+    TSFSAR_INIT_NAME,
+    check_tsfsar_init,
     checksum_column,
     dimension_names,
     text_name,
+    weights_file,
 )
 from .location import Location, one_line
 from .lock import StoreLock
@@ -116,7 +119,6 @@ class StoreReader:
             self.location.describe(),
             self.row_tensors,
             indices_per_row=int(self.spec["views"]) * int(self.spec["frames"]),
-            finite_required=self.attrs["schema_version"] >= 2,
         )
         labels = manifest["label"].to_numpy()
         if len(labels) and (labels.min() < 0 or labels.max() >= len(self.classes)):
@@ -364,25 +366,43 @@ class StoreReader:
             )
         return data, templates
 
-    def read_lastblock(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        """Weights and config of the last ViT block (recipe `emp+last`), parsed without pickle."""
+    def read_weights(
+        self, name: str, hint: str = ""
+    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Tensors and config of `weights/<name>` (safetensors), checked against its recorded
+        sha256 and parsed without pickle; `hint` says how to get a missing file."""
+        path = weights_file(name)
+        want = self.attrs.get("weights", {}).get(name)
         try:
-            data = self.location.read_file(LASTBLOCK_FILE)
+            data = self.location.read_file(path) if want is not None else None
         except FileNotFoundError:
-            raise StoreError(
-                f"{self.location.describe()} has no {LASTBLOCK_FILE}: extract with --recipe emp+last"
-            ) from None
-        want = self.attrs.get("weights", {}).get(LASTBLOCK_NAME)
-        if want is None or hashlib.sha256(data).hexdigest() != want:
-            raise CorruptStoreError(
-                f"{self.location.describe()}: {LASTBLOCK_FILE} fails its checksum"
-            )
+            data = None
+        if data is None:
+            raise StoreError(f"{self.location.describe()} has no {path}{hint}")
+        if hashlib.sha256(data).hexdigest() != want:
+            raise CorruptStoreError(f"{self.location.describe()}: {path} fails its checksum")
         try:
             return lastblock_from_bytes(data)
         except ValueError as exc:
             raise CorruptStoreError(
-                f"{self.location.describe()}: {LASTBLOCK_FILE} is not a valid safetensors file"
+                f"{self.location.describe()}: {path} is not a valid safetensors file"
             ) from exc
+
+    def read_lastblock(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Weights and config of the last ViT block (recipe `emp+last`), parsed without pickle."""
+        return self.read_weights(LASTBLOCK_NAME, ": extract with --recipe emp+last")
+
+    def read_tsfsar_init(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """TS-FSAR's side-network init (recipes with `ts`): tensors of `tsfsar_init_shapes` and
+        the config they were computed with."""
+        tensors, config = self.read_weights(TSFSAR_INIT_NAME, ": extract with a recipe with ts")
+        try:
+            check_tsfsar_init(tensors, config)
+        except ValueError as exc:
+            raise CorruptStoreError(
+                f"{self.location.describe()}: {TSFSAR_INIT_FILE}: {exc}"
+            ) from None
+        return tensors, config
 
 
 def _chunk_keys(arr: zarr.Array, rows: np.ndarray) -> list[str]:

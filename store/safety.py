@@ -167,7 +167,7 @@ def _check_spec_bounds(spec: Mapping[str, Any], where: str) -> None:
     layers = spec.get("layers")
     if (
         not isinstance(layers, list)
-        or not 1 <= len(layers) <= MAX_LAYERS
+        or len(layers) > MAX_LAYERS  # empty for recipes without emp
         or any(type(k) is not int or not 1 <= k <= MAX_LAYERS for k in layers)
         or len(set(layers)) != len(layers)
     ):

@@ -16,8 +16,8 @@ import pandas as pd
 
 from .errors import RemoteStoreError, StoreError, UnsafeStoreError
 from .layout import (
-    LASTBLOCK_FILE,
     LASTBLOCK_NAME,
+    TSFSAR_INIT_NAME,
     checksum_column,
     row_bytes,
     text_name,
@@ -112,11 +112,12 @@ class StoreChecks(StoreReader):
             except Exception as exc:
                 reason = "checksum mismatch" if "checksum" in str(exc) else one_line(exc)
                 problems.append(Problem(None, None, text_name(name), reason))
-        if LASTBLOCK_NAME in self.attrs.get("weights", {}):
+        readers = {LASTBLOCK_NAME: self.read_lastblock, TSFSAR_INIT_NAME: self.read_tsfsar_init}
+        for name in self.attrs.get("weights", {}):
             try:
-                self.read_lastblock()
+                readers.get(name, lambda n=name: self.read_weights(n))()
             except StoreError as exc:
-                problems.append(Problem(None, None, LASTBLOCK_FILE, str(exc)))
+                problems.append(Problem(None, None, weights_file(name), str(exc)))
         return problems
 
     def fingerprint(self) -> str:

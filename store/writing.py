@@ -27,12 +27,12 @@ from .layout import (
     LASTBLOCK_NAME,
     LOCK_FILE,
     MANIFEST_FILE,
-    SCHEMA_VERSION,
     checksum_column,
     cls_source,
     dimension_names,
     manifest_columns,
     row_tensors,
+    schema_version_for,
     text_name,
     weights_file,
 )
@@ -102,7 +102,7 @@ def create_layout(
         group.attrs.update(
             {
                 **({"written_on": mark} if written_here else {}),
-                "schema_version": SCHEMA_VERSION,
+                "schema_version": schema_version_for(spec),
                 "spec": json.loads(json.dumps(spec)),
                 "classes": list(classes),
                 "tensors": names,
@@ -187,8 +187,6 @@ class StoreWriter(StoreReader):
                 )
         self._writer().write_file(MANIFEST_FILE, manifest_to_bytes(m, self.row_tensors))
         self.manifest = m
-        if self.attrs["schema_version"] < SCHEMA_VERSION:  # the manifest now has `finite`
-            self.set_attrs(schema_version=SCHEMA_VERSION)
 
     def _writer(self) -> DirLocation:
         if not isinstance(self.location, DirLocation):

@@ -114,7 +114,7 @@ def test_create_presizes_arrays_and_marks_rows_pending(store_path: Path, spec: d
     import zarr
 
     root = zarr.open_group(str(store_path), mode="r")
-    assert root.attrs["schema_version"] == 2 and root.attrs["classes"] == CLASSES
+    assert root.attrs["schema_version"] == 1 and root.attrs["classes"] == CLASSES
     assert root.attrs["spec"]["recipe"] == "emp+last"
     assert set(pq.read_table(store_path / "manifest.parquet").column_names) >= {
         "video_id",

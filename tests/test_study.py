@@ -216,7 +216,7 @@ def test_builtin_plans_and_config_hashes(store: Path) -> None:
         ({"id": "x", "head": "nope"}, "plan bad, row x: unknown head 'nope'"),
         (
             {"id": "x", "head": "emp", "options": {"levels": "patch"}},
-            "plan bad, row x: levels must be",
+            "plan bad, row x: head 'emp': levels must be",
         ),
         (
             {"id": "x", "head": "emp", "train": {"epochs": 3}},

@@ -126,10 +126,14 @@ class Cell:
     eval: EvalSettings
     store_fingerprint: str
     config_hash: str = ""
+    head_package: str = ""  # "distribution version" of a plugin head; "" for a built-in
 
     def identity(self) -> dict[str, Any]:
-        """Everything the cell's result depends on (hashed into config_hash)."""
+        """Everything the cell's result depends on (hashed into config_hash); a plugin head's
+        package version too, so upgrading the plugin reruns its cells."""
+        package = {"head_package": self.head_package} if self.head_package else {}
         return {
+            **package,
             "head": self.head,
             "head_options": self.head_options,
             "train": self.train,
@@ -343,6 +347,7 @@ def expand(
                 cell = Cell(
                     id=cell_id, row=row.id, head=row.head, head_options=head.config(), train=train,
                     shot=shot, seed=seed, eval=settings, store_fingerprint=store.fingerprint(),
+                    head_package=_package(row.head),
                 )  # fmt: skip
                 cells.append(replace(cell, config_hash=config_hash(cell.identity())))
     if plan.reference not in {r.id for r in rows}:
@@ -360,13 +365,20 @@ def _build(row: Row, store: Any, plan: Plan) -> Any:
         raise PlanError(f"plan {plan.name}, row {row.id}: {str(error).splitlines()[0]}") from None
 
 
+def _package(name: str) -> str:
+    from heads import registry
+
+    source = registry.source(name)
+    plugin = source.distribution and not source.builtin
+    return f"{source.distribution} {source.version}" if plugin else ""
+
+
 def _missing_inputs(head: Any, store: Any) -> str:
-    needed = sorted(set(head.inputs(store.spec).values()) - set(store.tensors))
-    if needed:
-        return ", ".join(needed) + (" (extract with --recipe emp+last)" if any(n.endswith("_in") for n in needed) else "")  # fmt: skip
-    if head.uses_text and "emp16" not in store.text_names:
-        return "text/emp16 (class text embeddings)"
-    return ""
+    from heads.data import missing_inputs
+
+    missing = missing_inputs(head, store)
+    hint = " (extract with --recipe emp+last)" if any(m.endswith("_in") for m in missing) else ""
+    return ", ".join(missing) + hint
 
 
 def _check_episodes(store: Any, split: str, way: int, shot: int, query: int) -> int:
