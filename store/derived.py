@@ -17,8 +17,8 @@ from runtime.progress import progress_bar
 
 from .errors import CorruptStoreError, NonFiniteError, StoreError
 from .featurestore import FeatureStore, create_store, open_store
+from .folders import building
 from .layout import checksum_column, row_bytes
-from .location import remove_partial
 from .writing import ChunkWriter
 
 SPLIT_ORDER = ("train", "val", "test")
@@ -118,33 +118,29 @@ def write_store(
     extra_attrs: dict[str, Any],
     progress: bool,
 ) -> FeatureStore:
-    """Create `out` holding `rows` (ok rows' chunks copied and re-hashed), texts and weights."""
+    """Create `out` holding `rows` (ok rows' chunks copied and re-hashed), texts and weights;
+    built under a temp name beside `out`, so a failure (a full disk too) leaves nothing."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise StoreError(f"{out} exists and is not empty: choose another --out")
-    created = not out.exists()
-    dest = create_store(
-        out,
-        spec,
-        classes,
-        _videos_table(rows),
-        dataset=first.dataset,
-        split_source=str(first.attrs.get("split_source", "")),
-        written_here=False,  # rows from elsewhere: reads keep checking checksums
-    )
-    try:
-        updates = _failed_updates(rows) + _copy_rows(dest, out, rows, progress)
-        dest.commit(sorted(updates, key=lambda u: u["row"]))
-        for name, (array, templates) in texts.items():
-            dest.write_text(name, array, templates)
-        for name, data_bytes in weights.items():
-            dest.write_weights_file(name, data_bytes)
-        if extra_attrs:
-            dest.set_attrs(**extra_attrs)
-        dest.close()
-    except BaseException:
-        dest.close()
-        remove_partial(out, created)
-        raise
+    with building(out, "writing the new store") as folder:
+        dest = create_store(
+            folder,
+            spec,
+            classes,
+            _videos_table(rows),
+            dataset=first.dataset,
+            split_source=str(first.attrs.get("split_source", "")),
+            written_here=False,  # rows from elsewhere: reads keep checking checksums
+        )
+        with dest:
+            updates = _failed_updates(rows) + _copy_rows(dest, folder, rows, progress)
+            dest.commit(sorted(updates, key=lambda u: u["row"]))
+            for name, (array, templates) in texts.items():
+                dest.write_text(name, array, templates)
+            for name, data_bytes in weights.items():
+                dest.write_weights_file(name, data_bytes)
+            if extra_attrs:
+                dest.set_attrs(**extra_attrs)
     return open_store(out)
 
 

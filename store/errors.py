@@ -41,3 +41,7 @@ class MissingChunkError(CorruptStoreError):
 
 class NonFiniteError(StoreError):
     """A row holds NaN or inf values: never written, never read into a result."""
+
+
+class DiskFullError(StoreError):
+    """The disk filled up while a store, packed file or manifest was written; nothing was kept."""

@@ -7,6 +7,7 @@ for a directory store written on this machine at its current path (`root.written
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -14,6 +15,7 @@ from typing import Any, Literal
 import pandas as pd
 
 from .errors import StoreError
+from .folders import building
 from .layout import LOCK_FILE
 from .location import resolve
 from .lock import StoreLock
@@ -43,16 +45,33 @@ def create_store(
     path in the root attributes, so that reads here skip checksums (merge and subset pass False:
     their rows come from elsewhere).
     """
-    location, group, lock = create_layout(
-        path,
-        spec,
-        classes,
-        videos,
-        dataset=dataset,
-        split_source=split_source,
-        written_here=written_here,
-    )
-    return FeatureStore(location, group, "a", lock)
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise StoreError(f"{path} is a file, not a store directory: choose another path")
+    if path.exists() and any(path.iterdir()):
+        raise StoreError(
+            f"{path} exists and is not empty: open it to resume, or choose another path"
+        )
+    if len(videos) == 0:
+        raise StoreError("no videos to store")
+    mark = os.path.realpath(path) if written_here else None
+    with building(path, "creating the store") as folder:  # nothing half-made on failure
+        lock = create_layout(
+            folder,
+            spec,
+            classes,
+            videos,
+            dataset=dataset,
+            split_source=split_source,
+            written_on=mark,
+        )
+    lock.path = path / LOCK_FILE  # the lock file moved with the folder
+    try:
+        location = resolve(path, mode="a")
+        return FeatureStore(location, open_group(location, "r+"), "a", lock)
+    except BaseException:
+        lock.release()
+        raise
 
 
 def open_store(

@@ -17,8 +17,9 @@ import zarr
 
 from .errors import CorruptStoreError, RemoteStoreError, StoreError, UnsafeStoreError
 from .form import ArrayForm, check_array_document, parse_json, row_forms, text_form
-from .lastblock_file import lastblock_from_bytes
+from .lastblock_file import check_lastblock, lastblock_from_bytes
 from .layout import (
+    LASTBLOCK_FILE,
     LASTBLOCK_NAME,
     MANIFEST_FILE,
     MAX_ROWS,
@@ -389,8 +390,16 @@ class StoreReader:
             ) from exc
 
     def read_lastblock(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        """Weights and config of the last ViT block (recipe `emp+last`), parsed without pickle."""
-        return self.read_weights(LASTBLOCK_NAME, ": extract with --recipe emp+last")
+        """Weights and config of the last ViT block (recipe `emp+last`), parsed without pickle,
+        refused unless they are the spec's block with every tensor its config implies."""
+        tensors, config = self.read_weights(LASTBLOCK_NAME, ": extract with --recipe emp+last")
+        try:
+            check_lastblock(tensors, config, self.spec)
+        except ValueError as exc:
+            raise CorruptStoreError(
+                f"{self.location.describe()}: {LASTBLOCK_FILE}: {exc}"
+            ) from None
+        return tensors, config
 
     def read_tsfsar_init(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """TS-FSAR's side-network init (recipes with `ts`): tensors of `tsfsar_init_shapes` and

@@ -71,8 +71,16 @@ class ChunkLimits:
         self._arrays[name] = (chunk_bytes, codec)
 
     def _array_of(self, key: str) -> str | None:
-        head, sep, _ = key.partition("/c/")
-        return head if sep and head in self._arrays else None
+        """The registered array whose chunk `key` is (any key under its folder but its zarr.json),
+        whatever the chunk key encoding."""
+        if key.endswith("zarr.json"):
+            return None
+        head = key
+        while "/" in head:
+            head = head.rsplit("/", 1)[0]
+            if head in self._arrays:
+                return head
+        return None
 
     def cap(self, key: str) -> int:
         """Most bytes a read of `key` may return (compression never grows data by more than this)."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import socket
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
@@ -67,30 +66,21 @@ def _now() -> pd.Timestamp:
 
 
 def create_layout(
-    path: str | Path,
+    folder: Path,
     spec: Mapping[str, Any],
     classes: Sequence[str],
     videos: pd.DataFrame,
     *,
     dataset: str,
     split_source: str,
-    written_here: bool,
-) -> tuple[DirLocation, zarr.Group, StoreLock]:
-    """Create the store's folder, arrays, manifest and root attributes; returns it locked."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise StoreError(f"{path} is a file, not a store directory: choose another path")
-    if path.exists() and any(path.iterdir()):
-        raise StoreError(
-            f"{path} exists and is not empty: open it to resume, or choose another path"
-        )
-    if len(videos) == 0:
-        raise StoreError("no videos to store")
+    written_on: str | None,
+) -> StoreLock:
+    """Write a new store's arrays, manifest and root attributes into the empty `folder`; returns
+    its lock, held. `written_on` is the store's final real path when it records this machine."""
     spec = _complete_spec(spec)
-    path.mkdir(parents=True, exist_ok=True)
-    location = resolve(path, mode="w")
+    location = resolve(folder, mode="w")
     assert isinstance(location, DirLocation)
-    lock = StoreLock(path / LOCK_FILE)
+    lock = StoreLock(folder / LOCK_FILE)
     lock.acquire()
     try:
         group = zarr.open_group(location.zarr_store, mode="a", zarr_format=3)  # only the lock
@@ -98,10 +88,10 @@ def create_layout(
         names = [t["name"] for t in spec["tensors"]]
         manifest = new_manifest(videos, classes, names)
         location.write_file(MANIFEST_FILE, manifest_to_bytes(manifest, names))
-        mark = {"host": socket.gethostname(), "path": os.path.realpath(path)}
+        mark = {"host": socket.gethostname(), "path": written_on}
         group.attrs.update(
             {
-                **({"written_on": mark} if written_here else {}),
+                **({"written_on": mark} if written_on is not None else {}),
                 "schema_version": schema_version_for(spec),
                 "spec": json.loads(json.dumps(spec)),
                 "classes": list(classes),
@@ -113,7 +103,7 @@ def create_layout(
                 "weights": {},
             }
         )
-        return location, group, lock
+        return lock
     except BaseException:
         lock.release()
         raise

@@ -280,3 +280,96 @@ def test_remote_root_documents_are_bounded_and_checked(
         code, out = _cli(cli.store_app, "info", base + "/s")
     _one_line_error(code, out, phrase)
     assert faults.sent["/s/zarr.json"] == len(body)  # a 64 KB gzip answer inflating to 64 MB
+
+
+# ---------------------------------------------------------------------- a full disk
+_SMALL_DISK = """
+import json, subprocess, sys
+mnt, out, commands = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32k", "tmpfs", mnt]).returncode:
+    sys.exit(77)
+def run_all():
+    results = []
+    for args in commands:
+        r = subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True)
+        results.append({"rc": r.returncode, "out": r.stdout + r.stderr,
+                        "left": sorted(p for p in __import__("os").listdir(mnt))})
+        subprocess.run(["rm", "-rf", *[f"{mnt}/{p}" for p in results[-1]["left"]]])
+    return results
+full = run_all()
+subprocess.run(["mount", "-o", "remount,size=16m", mnt], check=True)
+json.dump({"full": full, "rerun": run_all()}, open(out, "w"))
+"""
+
+
+@pytest.mark.slow
+def test_a_full_disk_is_one_line_leaves_nothing_and_the_rerun_works(
+    good: Path, tmp_path: Path
+) -> None:
+    """Each store command that builds something, on a 32 KB tmpfs (in a mount namespace of its
+    own), then again once the filesystem has room."""
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare: test_an_injected_full_disk covers this")
+    packed = tmp_path / "p.zip"
+    pack(good, packed)
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    commands = [
+        ["store", "unpack", str(packed), f"{mnt}/u"],
+        ["store", "subset", str(good), "--out", f"{mnt}/s", "--splits", "test"],
+        ["store", "merge", str(good), str(good), "--out", f"{mnt}/m"],
+        ["store", "pack", str(good), f"{mnt}/p.zip"],
+    ]
+    result = tmp_path / "result.json"
+    proc = subprocess.run(
+        ["unshare", "-Urm", sys.executable, "-c", _SMALL_DISK, str(mnt), str(result),
+         json.dumps(commands)],
+        capture_output=True, text=True, cwd=Path(cli.__file__).parent, timeout=600,
+    )  # fmt: skip
+    if proc.returncode == 77 or (proc.returncode and "unshare" in proc.stderr):
+        pytest.skip(f"cannot mount a small tmpfs here ({proc.stderr.strip()[:200]})")
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(result.read_text())
+    for args, full, rerun in zip(commands, got["full"], got["rerun"], strict=True):
+        _one_line_error(full["rc"], full["out"], "no space left on the device", "nothing was kept")
+        assert full["left"] == [], (args, full)  # not even a temp folder
+        built = {"unpack": "u", "subset": "s", "merge": "m", "pack": "p.zip"}[args[1]]
+        assert rerun["rc"] == 0 and rerun["left"] == [built], (args, rerun)
+
+
+def test_an_injected_full_disk_is_one_line_and_leaves_nothing(
+    good: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    import zarr.storage
+
+    packed = tmp_path / "p.zip"
+    pack(good, packed)
+    calls = {"n": 0}
+    real_set = zarr.storage.LocalStore.set
+
+    async def full_after_ten(self, key, value):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] > 10:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        await real_set(self, key, value)
+
+    monkeypatch.setattr(zarr.storage.LocalStore, "set", full_after_ten)
+    out = tmp_path / "out"
+    out.mkdir()
+    code, text = _cli(cli.store_app, "subset", str(good), "--out", str(out / "s"))
+    _one_line_error(code, text, "no space left on the device")
+    assert list(out.iterdir()) == []
+
+    def no_space(*_args: object, **_kw: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("store.pack.shutil.copyfileobj", no_space)
+    code, text = _cli(cli.store_app, "unpack", str(packed), str(out / "u"))
+    _one_line_error(code, text, "no space left on the device")
+    assert list(out.iterdir()) == []
