@@ -398,7 +398,25 @@ def extract_command(
         1,
         help="Views per video (V): centre frames, then seeded random frames (emp: train augmented).",
     ),
-    recipe: str = typer.Option("emp", help="emp (layers 4/8/12) or emp+last (+ last block input)."),
+    recipe: str = typer.Option(
+        "emp",
+        help="emp (layers 4/8/12), emp+last (+ last block input), ts (residual stream at --taps, "
+        "for tsfsar), emp+ts or emp+last+ts; sizes: fsar-store info, docs/extraction.md.",
+    ),
+    taps: str | None = typer.Option(
+        None, help="Recipes with ts: taps to cache, e.g. 0,4,8,12 (0 = ln_pre output) [all]."
+    ),
+    class_descriptions: list[str] = typer.Option(
+        [],
+        metavar="FILE",
+        help="TS-FSAR prompts/*.json files {class: [sentences]} -> text/descriptions (repeatable: "
+        "train and test files); undescribed classes use EMP-Net's 16 templates.",
+    ),
+    side_pca: str | None = typer.Option(
+        None,
+        help="Recipes with ts: PCA of the side-network init, released (the released run's "
+        "seeded randomized solver) or exact [released].",
+    ),
     preprocess: str = typer.Option("openclip", help="openclip (the model's) or emp (EMP-Net's)."),
     splits: str | None = typer.Option(None, help="Only these splits, e.g. train,val."),
     part: str | None = typer.Option(None, help="Only part I/N of the videos (by video_id hash)."),
@@ -416,7 +434,10 @@ def extract_command(
     ),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Retry failed rows too."),
     text_only: bool = typer.Option(
-        False, "--text-only", help="Only add text/<name> for --templates to an existing store."
+        False,
+        "--text-only",
+        help="Only add text to an existing store: text/<name> for --templates, text/descriptions "
+        "for --class-descriptions.",
     ),
     templates: str | None = typer.Option(None, help="Template file (one per line, with {})."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
@@ -428,6 +449,7 @@ def extract_command(
 ) -> None:
     """Extract CLIP features of a dataset's videos into a feature store (resumable)."""
     from pipeline.datasets import DatasetError
+    from pipeline.descriptions import add_descriptions
     from pipeline.errors import EncoderError, ExtractError
     from pipeline.extract import ExtractOptions, run_extraction
     from pipeline.text import add_text_embeddings
@@ -435,12 +457,18 @@ def extract_command(
 
     try:
         if text_only or templates:
-            if not (text_only and templates):
-                fail("--text-only and --templates FILE go together")
-            name, shape = add_text_embeddings(
-                store, templates, model, pretrained, device, allow_torchscript
-            )
-            typer.echo(f"{store}: wrote text/{name} {shape}")
+            if not text_only or not (templates or class_descriptions):
+                fail("--text-only goes with --templates FILE or --class-descriptions FILE")
+            if templates:
+                name, shape = add_text_embeddings(
+                    store, templates, model, pretrained, device, allow_torchscript
+                )
+                typer.echo(f"{store}: wrote text/{name} {shape}")
+            if class_descriptions:
+                for line in add_descriptions(
+                    store, class_descriptions, model, pretrained, device, allow_torchscript
+                ):
+                    typer.echo(line)
             return
         if dataset is None or data_root is None:
             fail("--dataset and --data-root are required (or --text-only --templates FILE)")
@@ -453,6 +481,9 @@ def extract_command(
             frames=frames,
             views=views,
             recipe=recipe,
+            taps=taps,
+            class_descriptions=tuple(class_descriptions),
+            side_pca=side_pca,
             preprocess=preprocess,
             splits=splits,
             part=part,

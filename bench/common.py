@@ -243,8 +243,11 @@ class Scratch:
             self._tmp.cleanup()
 
 
-def vit_b16_spec(recipe: str = "emp", codec: dict | None = None, frames: int = 8) -> dict:
-    """A store spec with ViT-B/16 shapes (T frames, 197 tokens, D 512, W 768) for random stores."""
+def vit_b16_spec(
+    recipe: str = "emp", codec: dict | None = None, frames: int = 8, taps: list | None = None
+) -> dict:
+    """A store spec with ViT-B/16 shapes (T frames, 197 tokens, D 512, W 768, 12 blocks; `taps`
+    for recipes with ts) for random stores."""
     from store.random_store import random_spec
 
     return random_spec(
@@ -255,6 +258,8 @@ def vit_b16_spec(recipe: str = "emp", codec: dict | None = None, frames: int = 8
         patches=VIT_B16["patches"],
         recipe=recipe,
         codec=codec,
+        taps=taps,
+        depth=VIT_B16["depth"],
     )
 
 

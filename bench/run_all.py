@@ -24,7 +24,16 @@ from pathlib import Path
 
 from bench.common import REPO_ROOT, RESULTS_DIR, format_value, markdown_table
 
-BENCHMARKS = ("extraction", "training", "evaluation", "store", "memory", "learning", "study")
+BENCHMARKS = (
+    "extraction",
+    "training",
+    "evaluation",
+    "store",
+    "memory",
+    "learning",
+    "study",
+    "side_init",
+)
 DOC = REPO_ROOT / "docs" / "performance.md"
 README = REPO_ROOT / "README.md"
 HEADLINE_BEGIN = "<!-- performance headline: written by python -m bench.run_all --report -->"

@@ -46,16 +46,19 @@ def build_store(
 
     `store.random_store.write_random_store` with rows from a small pool of random rows: creation
     stays fast, and every chunk is still compressed and written on its own, so sizes and read costs
-    are those of distinct rows. Adds `text/emp16` and, for `emp+last`, a random last block. Returns
+    are those of distinct rows. Adds `text/emp16`, for `last` a random last block, for `ts` a random
+    side-network init and `text/descriptions`. Returns
     (seconds spent in ChunkWriter.write_row, the store open read-only).
     """
     from store import open_store
-    from store.random_store import write_random_store
+    from store.layout import recipe_parts
+    from store.random_store import random_tsfsar_init, write_random_store
 
     pool = pool or random_pool(spec, 4)
     names = set(token_shapes(spec))
+    parts = recipe_parts(spec["recipe"])
     lastblock = None
-    if spec["recipe"] == "emp+last":
+    if "last" in parts:
         block = random_last_block(int(spec["width"]), int(spec["dim"]))
         lastblock = (block.state_tensors(), block.config)
     times: list[float] = []
@@ -65,6 +68,8 @@ def build_store(
         splits,
         tokens_fn=lambda row, _rng: {k: v for k, v in pool[row % len(pool)].items() if k in names},
         lastblock=lastblock,
+        tsfsar_init=random_tsfsar_init(spec) if "ts" in parts else None,
+        descriptions="ts" in parts,
         write_times=times,
     ).close()
     return sum(times), open_store(path)

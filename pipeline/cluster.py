@@ -182,6 +182,7 @@ def run_tasks(
             batch_frames=batch_frames,
             batch_across_videos=device != "cpu",
             allow_torchscript=options.allow_torchscript,
+            taps=tuple(spec.get("taps") or ()),
         )
         resources = {"encode": 1} if _has_encode_resource(client) else None
         n_workers = max(1, len(client.scheduler_info().get("workers", {})))

@@ -1,6 +1,7 @@
 """The recipe's ViT tensors: `FrameEncoder(clip, recipe)(frames)` -> {"tokens/layer04": (B, L, D), ...}.
 
-`export_last_block` exports the last block for `weights/lastblock.safetensors` (docs/design.md).
+One forward captures every component's tensors (`emp+last+ts` costs one pass). `export_last_block`
+exports the last block for `weights/lastblock.safetensors` (docs/design.md).
 """
 
 from __future__ import annotations
@@ -19,7 +20,13 @@ from pipeline.model import LoadedClip, default_layers, load_clip
 from store.layout import (
     LASTBLOCK_LAYER_SCALE_KEYS,
     LASTBLOCK_RESBLOCK_KEYS,
+    check_taps,
+    cls_name,
+    default_taps,
     encoded_names,
+    layer_in_name,
+    recipe_parts,
+    resid_name,
     token_name,
 )
 
@@ -27,12 +34,15 @@ from store.layout import (
 __all__ = ["FrameEncoder", "export_last_block", "load_clip", "tensor_names"]
 
 
-def tensor_names(recipe: str, layers: Sequence[int]) -> list[str]:
-    """Store array names for a recipe (docs/design.md): tokens/layerKK..., plus tokens/layerLL_in."""
+def tensor_names(
+    recipe: str, layers: Sequence[int], taps: Sequence[int] = (), depth: int | None = None
+) -> list[str]:
+    """Store array names for a recipe (docs/design.md): tokens/layerKK, tokens/layerLL_in,
+    resid/layerKK (and cls/layerDD for `ts` without `emp`)."""
     try:
-        return encoded_names(recipe, layers)
-    except ValueError:
-        raise EncoderError(f"unknown recipe '{recipe}' (expected emp or emp+last)") from None
+        return encoded_names(recipe, layers, taps, depth)
+    except ValueError as error:
+        raise EncoderError(str(error)) from None
 
 
 def _check_visual(visual: nn.Module) -> None:
@@ -52,8 +62,10 @@ class FrameEncoder:
 
     Input: preprocessed frames (B, 3, S, S) as a torch tensor or numpy array (any batch composition).
     Output: ``{name: (B, L, D) float16 numpy}`` for ``tokens/layerKK`` (ln_post + proj applied to all
-    tokens) and, for recipe ``emp+last``, ``tokens/layerLL_in`` (B, L, W): the raw residual stream
-    entering the last block. CPU runs in fp32; CUDA uses autocast (fp16 by default, or bf16).
+    tokens), with ``last`` ``tokens/layerLL_in`` (B, L, W): the raw residual stream entering the
+    last block, with ``ts`` ``resid/layerKK`` (B, L, W) for every tap (0: the ln_pre output, k: block
+    k's output, raw) and, without ``emp``, ``cls/layerDD`` (B, D): proj(ln_post(.)) of the last
+    block's CLS. CPU runs in fp32; CUDA uses autocast (fp16 by default, or bf16).
     """
 
     def __init__(
@@ -63,24 +75,24 @@ class FrameEncoder:
         layers: Sequence[int] | None = None,
         precision: str = "auto",
         device: str | torch.device | None = None,
+        taps: Sequence[int] | None = None,
     ) -> None:
         model = clip.model if isinstance(clip, LoadedClip) else clip
         self.visual: nn.Module = model.visual if hasattr(model, "visual") else model
         _check_visual(self.visual)
         self.depth = len(self.visual.transformer.resblocks)
-        self.layers = list(layers) if layers is not None else default_layers(self.depth)
-        if (
-            any(k < 1 or k > self.depth for k in self.layers)
-            or sorted(set(self.layers)) != self.layers
-        ):
-            raise EncoderError(f"layers {self.layers} must be increasing, within 1..{self.depth}")
         self.recipe = recipe
-        self.names = tensor_names(recipe, self.layers)
-        if recipe == "emp+last" and self.layers[-1] != self.depth:
+        self.parts = self._parts(recipe)
+        self.layers = self._layers(layers) if "emp" in self.parts else []
+        self.taps = self._taps(taps) if "ts" in self.parts else []
+        self.names = tensor_names(recipe, self.layers, self.taps, self.depth)
+        if "last" in self.parts and self.layers[-1] != self.depth:
             raise EncoderError(
-                f"recipe emp+last needs the last cached layer to be the last block ({self.depth}), "
+                f"recipe {recipe} needs the last cached layer to be the last block ({self.depth}), "
                 f"got layers {self.layers}"
             )
+        # blocks to run: up to the last layer, the last block's input, and every block with ts
+        self.stop = self.depth if "ts" in self.parts else max(self.layers)
         if device is None:
             device = clip.device if isinstance(clip, LoadedClip) else self.visual.proj.device
         self.device = torch.device(device)
@@ -92,6 +104,25 @@ class FrameEncoder:
         s = self.visual.image_size
         self.image_size = (int(s[0]), int(s[1])) if not isinstance(s, int) else (s, s)
         self.batch_first = bool(getattr(self.visual.transformer, "batch_first", True))
+
+    @staticmethod
+    def _parts(recipe: str) -> frozenset[str]:
+        try:
+            return recipe_parts(recipe)
+        except ValueError as error:
+            raise EncoderError(str(error)) from None
+
+    def _layers(self, layers: Sequence[int] | None) -> list[int]:
+        chosen = list(layers) if layers is not None else default_layers(self.depth)
+        if any(k < 1 or k > self.depth for k in chosen) or sorted(set(chosen)) != chosen:
+            raise EncoderError(f"layers {chosen} must be increasing, within 1..{self.depth}")
+        return chosen
+
+    def _taps(self, taps: Sequence[int] | None) -> list[int]:
+        try:
+            return check_taps(default_taps(self.depth) if taps is None else list(taps), self.depth)
+        except ValueError as error:
+            raise EncoderError(str(error)) from None
 
     @property
     def compute(self) -> dict[str, str]:
@@ -139,26 +170,32 @@ class FrameEncoder:
         Walks the resblocks itself (no hooks), so concurrent calls from several threads are safe.
         """
         x = self._to_device(frames)
-        blocks = self.visual.transformer.resblocks
-        last = self.layers[-1]
-        want = set(self.layers)
-        ln_post, proj = self.visual.ln_post, self.visual.proj
         result: dict[str, torch.Tensor] = {}
         with self._autocast():
             h = self._embed(x)
             if not self.batch_first:
                 h = h.transpose(0, 1)
-            for i, block in enumerate(blocks[:last], start=1):
-                if i == last and self.recipe == "emp+last":
-                    result["in"] = h
+            self._capture(result, 0, h)
+            for i, block in enumerate(self.visual.transformer.resblocks[: self.stop], start=1):
+                if i == self.depth and "last" in self.parts:
+                    result[layer_in_name(i)] = self._batch_first(h).float()
                 h = block(h)
-                if i in want:
-                    tokens = h if self.batch_first else h.transpose(0, 1)
-                    result[token_name(i)] = (ln_post(tokens) @ proj).float()
-        if self.recipe == "emp+last":
-            xin = result.pop("in")
-            result[self.names[-1]] = (xin if self.batch_first else xin.transpose(0, 1)).float()
+                self._capture(result, i, h)
         return {name: result[name] for name in self.names}
+
+    def _batch_first(self, h: torch.Tensor) -> torch.Tensor:
+        return h if self.batch_first else h.transpose(0, 1)
+
+    def _capture(self, result: dict[str, torch.Tensor], index: int, h: torch.Tensor) -> None:
+        """The tensors taken at one point of the residual stream (0: ln_pre output, k: block k)."""
+        tokens = self._batch_first(h)
+        ln_post, proj = self.visual.ln_post, self.visual.proj
+        if index in self.layers:
+            result[token_name(index)] = (ln_post(tokens) @ proj).float()
+        if index in self.taps:
+            result[resid_name(index)] = tokens.float()
+        if index == self.depth and cls_name(index) in self.names:
+            result[cls_name(index)] = (ln_post(tokens[:, 0]) @ proj).float()
 
     def __call__(self, frames: torch.Tensor | np.ndarray) -> dict[str, np.ndarray]:
         out = self.encode_torch(frames)

@@ -55,6 +55,9 @@ class ExtractOptions:
     decode: str = "seek"  # pipeline.decoding.DECODE_MODES
     retry_failed: bool = False
     progress: bool = True
+    taps: str | None = None  # --taps 0,4,8,12: recipes with ts (default: every tap)
+    class_descriptions: tuple[str, ...] = ()  # --class-descriptions FILE (repeatable)
+    side_pca: str | None = None  # --side-pca released|exact (default: the store's, else released)
     allow_torchscript: bool = (
         False  # --allow-torchscript: a TorchScript --pretrained file runs code
     )
@@ -115,11 +118,11 @@ def build_run_spec(clip: LoadedClip, options: ExtractOptions, device: str, preci
 
     if options.preprocess not in PREPROCESS_NAMES:
         raise ExtractError(f"--preprocess {options.preprocess!r}: use openclip or emp")
-    if options.recipe not in ("emp", "emp+last"):
-        raise ExtractError(f"--recipe {options.recipe!r}: use emp or emp+last")
+    parts = recipe_of(options)
     if options.frames < 1 or options.views < 1:
         raise ExtractError("--frames and --views must be at least 1")
     fields = clip.spec_fields()
+    taps = parse_taps(options.taps, clip.depth) if "ts" in parts else None
     return build_spec(
         model=fields["model"],
         pretrained=fields["pretrained"],
@@ -134,9 +137,64 @@ def build_run_spec(clip: LoadedClip, options: ExtractOptions, device: str, preci
         dim=fields["dim"],
         width=fields["width"],
         patch_grid=fields["patch_grid"],
+        taps=taps,
+        depth=clip.depth if "ts" in parts else None,
         device=device,
         precision=precision,
         versions=versions("torch", "open_clip", "fsar"),
+    )
+
+
+def recipe_of(options: ExtractOptions) -> frozenset[str]:
+    """The recipe's components; --taps and --side-pca only with ts (one-line errors)."""
+    from pipeline.side_init import PCA_METHODS
+    from store.layout import RECIPES, recipe_parts
+
+    try:
+        parts = recipe_parts(options.recipe)
+    except ValueError:
+        raise ExtractError(
+            f"--recipe {options.recipe!r}: use one of {', '.join(RECIPES)}"
+        ) from None
+    for flag, value in (("--taps", options.taps), ("--side-pca", options.side_pca)):
+        if value is not None and "ts" not in parts:
+            raise ExtractError(f"{flag} is for recipes with ts (e.g. --recipe emp+ts)")
+    if options.side_pca is not None and options.side_pca not in PCA_METHODS:
+        raise ExtractError(f"--side-pca {options.side_pca!r}: use {' or '.join(PCA_METHODS)}")
+    return parts
+
+
+def parse_taps(text: str | None, depth: int) -> list[int]:
+    """--taps `0,4,8,12` (default: every tap 0..depth), checked against the model's depth."""
+    from store.layout import check_taps, default_taps
+
+    if text is None:
+        return default_taps(depth)
+    try:
+        return check_taps([int(t) for t in text.split(",")], depth)
+    except ValueError:
+        raise ExtractError(
+            f"--taps {text}: give at least two increasing ints within 0..{depth} (0 = the ln_pre "
+            f"output, k = block k's output), e.g. --taps 0,{depth // 3},{2 * depth // 3},{depth}"
+        ) from None
+
+
+def write_side_init(store: FeatureStore, clip: LoadedClip, method: str | None) -> None:
+    """TS-FSAR's side-network init into the store, once (a different --side-pca is refused)."""
+    from pipeline.side_init import export_side_init
+    from store.layout import TSFSAR_INIT_NAME
+
+    if TSFSAR_INIT_NAME in store.attrs.get("weights", {}):
+        stored = store.read_tsfsar_init()[1]["pca"]["method"]
+        if method is not None and stored != method:
+            raise ExtractError(
+                f"{store.location.describe()} holds a side-network init made with --side-pca "
+                f"{stored}: leave --side-pca out, or extract into another --store"
+            )
+        return
+    print(f"{store.location.describe()}: computing the side-network init (PCA)", flush=True)
+    store.write_tsfsar_init(
+        *export_side_init(clip.model, clip.model_name, clip.pretrained, method or "released")
     )
 
 
@@ -202,6 +260,7 @@ def _open_existing(path: Path, spec: dict, listing: DatasetListing) -> FeatureSt
 def run_extraction(options: ExtractOptions) -> ExtractSummary:
     """Extract every selected, not-yet-ok video of the dataset into the store; return a summary."""
     from pipeline.cluster import run_tasks
+    from pipeline.descriptions import check_coverage, load_descriptions, write_descriptions
     from pipeline.encoder import FrameEncoder, export_last_block
     from pipeline.model import load_clip, resolve_device
     from pipeline.text import EMP16_TEMPLATES, encode_class_texts
@@ -217,9 +276,14 @@ def run_extraction(options: ExtractOptions) -> ExtractSummary:
         raise ExtractError(f"--timeout {options.timeout}: use a positive number of seconds")
     if options.decode not in DECODE_MODES:
         raise ExtractError(f"--decode {options.decode}: use one of {', '.join(DECODE_MODES)}")
+    parts = recipe_of(options)
     listing = list_dataset(options.dataset, options.data_root)
     for note in listing.notes:
         print(f"note: {note}", flush=True)
+    descriptions = None
+    if options.class_descriptions:
+        descriptions = load_descriptions(options.class_descriptions)
+        check_coverage(descriptions, listing.classes)
     device = resolve_device(options.device)
 
     existing = None
@@ -260,8 +324,13 @@ def run_extraction(options: ExtractOptions) -> ExtractSummary:
         if TEXT_DEFAULT not in store.text_names:
             embeddings = encode_class_texts(clip.model, clip.tokenizer(), store.classes)
             store.write_text(TEXT_DEFAULT, embeddings, EMP16_TEMPLATES)
-        if spec["recipe"] == "emp+last" and LASTBLOCK_NAME not in store.attrs.get("weights", {}):
+        if descriptions is not None:
+            for line in write_descriptions(store, clip, descriptions):
+                print(line, flush=True)
+        if "last" in parts and LASTBLOCK_NAME not in store.attrs.get("weights", {}):
             store.write_lastblock(*export_last_block(clip.model))
+        if "ts" in parts:
+            write_side_init(store, clip, options.side_pca)
         del clip
         print(
             f"{store_path}: {len(todo)} videos to extract ({summary.already_ok} already ok), "

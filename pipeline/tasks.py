@@ -35,6 +35,7 @@ class EncoderConfig:
     batch_frames: int
     batch_across_videos: bool  # CUDA: one forward over several videos' frames; CPU: one per video
     allow_torchscript: bool = False
+    taps: tuple[int, ...] = ()  # recipes with ts
 
 
 _encoders: dict[EncoderConfig, Any] = {}
@@ -63,7 +64,11 @@ def _worker_encoder(config: EncoderConfig) -> FrameEncoder:
                 f"store's ({config.weights_sha256[:12]})"
             )
         encoder = FrameEncoder(
-            clip, recipe=config.recipe, layers=list(config.layers), precision=config.precision
+            clip,
+            recipe=config.recipe,
+            layers=list(config.layers),
+            precision=config.precision,
+            taps=list(config.taps) or None,
         )
         _encoders[config] = encoder
     return encoder

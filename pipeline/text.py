@@ -9,13 +9,17 @@ import os
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from pipeline.errors import EncoderError, ExtractError
+
+if TYPE_CHECKING:
+    from pipeline.model import LoadedClip
+    from store import FeatureStore
 
 __all__ = [
     "EMP16_TEMPLATES",
@@ -25,6 +29,7 @@ __all__ = [
     "fill_template",
     "encode_class_texts",
     "add_text_embeddings",
+    "load_store_model",
 ]
 
 EMP16_TEMPLATES: tuple[str, ...] = (
@@ -142,6 +147,33 @@ def _templates_name(path: Path) -> str:
     return name
 
 
+def load_store_model(
+    store: FeatureStore,
+    model: str | None,
+    pretrained: str | None,
+    device: str,
+    allow_torchscript: bool = False,
+) -> LoadedClip:
+    """The store's own model (or --model/--pretrained, checked to be the same weights by sha256)."""
+    from pipeline.model import load_clip, resolve_device
+    from pipeline.weights import choose_weights
+    from store import SpecMismatchError
+
+    model_name, weights = choose_weights(model, pretrained, store.spec, str(store.location.local))
+    clip = load_clip(
+        model_name, weights, device=resolve_device(device), allow_torchscript=allow_torchscript
+    )
+    if clip.model_name != store.spec["model"] or clip.weights_sha256 != store.spec.get(
+        "weights_sha256"
+    ):
+        raise SpecMismatchError(
+            f"{store.location.describe()} was extracted with {store.spec['model']} "
+            f"({store.spec['pretrained']}); --model/--pretrained give {clip.model_name} "
+            f"({clip.pretrained}): text features must come from the same model"
+        )
+    return clip
+
+
 def add_text_embeddings(
     store_path: str,
     templates_file: str,
@@ -154,26 +186,12 @@ def add_text_embeddings(
 
     Writes `text/<file stem>`; the model must be the store's (its weights' sha256 is checked).
     """
-    from pipeline.model import load_clip, resolve_device
-    from pipeline.weights import choose_weights
-    from store import SpecMismatchError, open_store
+    from store import open_store
 
-    path = Path(store_path)
     templates = load_templates(templates_file)
     name = _templates_name(Path(templates_file))
-    with open_store(path, mode="a") as store:
-        model_name, weights = choose_weights(model, pretrained, store.spec, store_path)
-        clip = load_clip(
-            model_name, weights, device=resolve_device(device), allow_torchscript=allow_torchscript
-        )
-        if clip.model_name != store.spec["model"] or clip.weights_sha256 != store.spec.get(
-            "weights_sha256"
-        ):
-            raise SpecMismatchError(
-                f"{store_path} was extracted with {store.spec['model']} "
-                f"({store.spec['pretrained']}); --model/--pretrained give {clip.model_name} "
-                f"({clip.pretrained}): text features must come from the same model"
-            )
+    with open_store(Path(store_path), mode="a") as store:
+        clip = load_store_model(store, model, pretrained, device, allow_torchscript)
         embeddings = encode_class_texts(clip.model, clip.tokenizer(), store.classes, templates)
         store.write_text(name, embeddings, templates)
     return name, tuple(embeddings.shape)

@@ -16,11 +16,10 @@ import numpy as np
 import pandas as pd
 
 from .featurestore import FeatureStore, create_store
-from .lastblock_file import lastblock_shapes, lastblock_to_bytes
+from .lastblock_file import lastblock_shapes
 from .layout import (
     TEXT_DEFAULT,
     TEXT_DESCRIPTIONS,
-    TSFSAR_INIT_NAME,
     TSFSAR_MLP_RATIO,
     build_spec,
     token_name,
@@ -190,7 +189,7 @@ def write_random_store(
     if lastblock is not None:
         s.write_lastblock(*lastblock)
     if tsfsar_init is not None:
-        s.write_weights_file(TSFSAR_INIT_NAME, lastblock_to_bytes(*tsfsar_init))
+        s.write_tsfsar_init(*tsfsar_init)
     return s
 
 

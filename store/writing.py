@@ -26,6 +26,8 @@ from .layout import (
     LASTBLOCK_NAME,
     LOCK_FILE,
     MANIFEST_FILE,
+    TSFSAR_INIT_NAME,
+    check_tsfsar_init,
     checksum_column,
     cls_source,
     dimension_names,
@@ -220,6 +222,13 @@ class StoreWriter(StoreReader):
         """Save the last block's weights + config as `weights/lastblock.safetensors`."""
         self._require_writer()
         self.write_weights_file(LASTBLOCK_NAME, lastblock_to_bytes(tensors, config))
+
+    def write_tsfsar_init(self, tensors: Mapping[str, Any], config: Mapping[str, Any]) -> None:
+        """Save TS-FSAR's side-network init + config as `weights/tsfsar_init.safetensors`."""
+        self._require_writer()
+        arrays = {k: np.asarray(v) for k, v in tensors.items()}
+        check_tsfsar_init(arrays, config)
+        self.write_weights_file(TSFSAR_INIT_NAME, lastblock_to_bytes(arrays, config))
 
     def write_weights_file(self, name: str, data: bytes) -> None:
         """Store raw bytes as `weights/<name>` (temp file, rename) and record their sha256."""

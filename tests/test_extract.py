@@ -336,7 +336,7 @@ def test_missing_layout_and_flag_errors(tmp_path: Path) -> None:
     result = invoke(["--dataset", "hmdb51", "--data-root", str(tmp_path), "--store", "s", *TINY])
     assert result.exit_code == 2 and "no hmdb51 video found" in result.output
     result = invoke(["--store", "s", "--text-only"])
-    assert result.exit_code == 2 and "--text-only and --templates" in result.output
+    assert result.exit_code == 2 and "--text-only goes with --templates" in result.output
     result = invoke(["--store", "s"])
     assert result.exit_code == 2 and "--dataset and --data-root are required" in result.output
 

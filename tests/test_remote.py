@@ -228,7 +228,11 @@ def test_not_a_store_and_read_only(served: tuple[str, Faults, Path]) -> None:
 
 
 def test_cloud_urls_without_their_extra_name_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fsspec import registry
+
     monkeypatch.setitem(sys.modules, "s3fs", None)  # as if `fsar[s3]` were not installed
+    monkeypatch.delitem(sys.modules["fsspec.registry"]._registry, "s3", raising=False)
+    assert "s3" not in registry  # nor imported by an earlier test
     with pytest.raises(StoreError, match=r"pip install 'fsar\[s3\]'"):
         open_store("s3://bucket/stores/hmdb51")
 

@@ -155,3 +155,32 @@ def test_store_info_prints_sizes_per_recipe(ts_store: Path) -> None:
 def test_extraction_doc_holds_the_generated_size_table() -> None:
     doc = (Path(__file__).resolve().parent.parent / "docs" / "extraction.md").read_text()
     assert markdown_table(reference_spec()) in doc  # regenerate with python -m store.sizes
+
+
+def test_pack_unpack_and_merge_keep_taps_and_init(ts_store: Path, tmp_path: Path) -> None:
+    from store.pack import pack, unpack
+
+    pack(ts_store, tmp_path / "ts.fsar.zip")
+    names = ["resid/layer08", "cls/layer12"]
+    with open_store(ts_store) as src, open_store(tmp_path / "ts.fsar.zip") as packed:
+        for name in names:
+            np.testing.assert_array_equal(
+                packed.read([2], [name])[name], src.read([2], [name])[name]
+            )
+        assert packed.read_tsfsar_init()[1] == src.read_tsfsar_init()[1]
+        assert (
+            unpack(tmp_path / "ts.fsar.zip", tmp_path / "back").fingerprint() == src.fingerprint()
+        )
+    spec = random_spec(recipe="ts", taps=[0, 4, 8, 12], width=48, dim=32)
+    init = random_tsfsar_init(spec)
+    write_random_store(tmp_path / "a", spec, {"train": 2}, 2, tsfsar_init=init).close()
+    write_random_store(tmp_path / "b", spec, {"test": 2}, 2, seed=1, tsfsar_init=init).close()
+    merge(tmp_path / "a", tmp_path / "b", tmp_path / "ab")
+    with open_store(tmp_path / "ab") as ab, open_store(tmp_path / "b") as b:
+        assert ab.spec["taps"] == [0, 4, 8, 12] and ab.verify() == []
+        rows = ab.select(split="test")
+        np.testing.assert_array_equal(
+            ab.read(rows, ["resid/layer04"])["resid/layer04"],
+            b.read(b.select(split="test"), ["resid/layer04"])["resid/layer04"],
+        )
+        assert ab.read_tsfsar_init()[1] == b.read_tsfsar_init()[1]
