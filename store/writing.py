@@ -284,7 +284,8 @@ class ChunkWriter:
         entry = self._entries.get(name)
         if entry is None:
             raise ValueError(f"the store has no per-row tensor {name!r}")
-        value = np.ascontiguousarray(value, dtype=entry["dtype"])
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below
+            value = np.ascontiguousarray(value, dtype=entry["dtype"])
         if list(value.shape) != entry["shape_per_row"]:
             raise ValueError(f"{name}: shape {value.shape}, the spec says {entry['shape_per_row']}")
         bad = int(value.size - np.count_nonzero(np.isfinite(value)))

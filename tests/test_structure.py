@@ -20,12 +20,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from hypothesis import HealthCheck, example, given, settings
-from hypothesis import strategies as st
 
-from store import StoreError, open_store
-from store.pack import pack, unpack
-from tests.share_fixtures import copy_store, make_store
+pytest.importorskip("hypothesis")  # a dev requirement: make install brings it
+
+from hypothesis import HealthCheck, example, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from store import StoreError, open_store  # noqa: E402
+from store.pack import pack, unpack  # noqa: E402
+from tests.share_fixtures import copy_store, make_store  # noqa: E402
 
 PEAK_BYTES = 64 << 20  # Python-side allocations of one open and read of a tiny store
 SETTINGS = settings(
