@@ -417,7 +417,11 @@ def extract_command(
         help="Recipes with ts: PCA of the side-network init, released (the released run's "
         "seeded randomized solver) or exact [released].",
     ),
-    preprocess: str = typer.Option("openclip", help="openclip (the model's) or emp (EMP-Net's)."),
+    preprocess: str = typer.Option(
+        "openclip",
+        help="openclip (the model's), emp (EMP-Net's and TS-FSAR's) or emp-noflip (no training "
+        "flip: TS-FSAR's SSv2 recipe).",
+    ),
     splits: str | None = typer.Option(None, help="Only these splits, e.g. train,val."),
     part: str | None = typer.Option(None, help="Only part I/N of the videos (by video_id hash)."),
     workers: int | None = typer.Option(
@@ -517,7 +521,9 @@ def train_command(
         None, help="JSON file of training options (CLI options win)."
     ),
     preset: str | None = typer.Option(
-        None, help="hmdb51|ucf101|kinetics100|ssv2_small|ssv2_full: the released schedule."
+        None,
+        help="hmdb51|ucf101|kinetics100|ssv2_small|ssv2_full: the released recipe of --head "
+        "(tsfsar: TS-FSAR's, per --shot; other heads: EMP-Net's schedule).",
     ),
     head: str | None = typer.Option(
         None, help="Head to train: a trainable one of those listed below [emp]."
@@ -531,7 +537,9 @@ def train_command(
     ),
     lr: float | None = typer.Option(None, help="Peak learning rate [1e-3]."),
     decay_groups: str | None = typer.Option(
-        None, help="Weight decay on: matrices (not norms, biases, scalars) | released [matrices]."
+        None,
+        help="Weight decay on: matrices (not norms, biases, scalars) | released (EMP-Net's names) "
+        "| all [matrices].",
     ),
     val_every: int | None = typer.Option(None, help="Validate every N episodes [500]."),
     val_episodes: int | None = typer.Option(None, help="Validation episodes [1000]."),
@@ -631,7 +639,11 @@ def eval_command(
     max_ram: float = typer.Option(8.0, help="GB the split may take in RAM; larger splits stream."),
     json_out: str | None = typer.Option(None, "--json", help="Write the result as JSON."),
     per_episode: str | None = typer.Option(None, help="Write each episode's accuracy (parquet)."),
-    option: list[str] = typer.Option([], help="Head option KEY=VALUE for --head (repeatable)."),
+    option: list[str] = typer.Option(
+        [],
+        help="Head option KEY=VALUE (repeatable): for --head, or a run's test-time options "
+        "(e.g. tsfsar's fuse_vision, fuse_clip, fuse_side).",
+    ),
     progress: bool = typer.Option(True, help="Progress bar."),
 ) -> None:
     """Evaluate a trained run or a training-free head on few-shot episodes."""
@@ -671,7 +683,7 @@ def eval_command(
         if run_dir is not None:
             with warnings.catch_warnings(record=True) as caught:  # e.g. another plugin version
                 warnings.simplefilter("always")
-                model = load_run(run_dir, s, target)
+                model = load_run(run_dir, s, target, key_values(option))
             for warning in caught:
                 typer.echo(f"warning: {warning.message}", err=True)
         else:  # untrained: built at the store's dim, the same weights every time
@@ -703,7 +715,7 @@ def study_command(
         None, help="Store: directory, packed file or URL (workers read it too)."
     ),
     plan: str | None = typer.Option(
-        None, help="Built-in plan (ablation, baselines, shots) or a plan .json file."
+        None, help="Built-in plan (ablation, baselines, shots, tsfsar) or a plan .json file."
     ),
     out: str | None = typer.Option(None, help="Study folder [studies/<plan>]."),
     scheduler: str | None = typer.Option(

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU run: the figures that only a GPU settles, in one script, under 8 minutes on one
-# H100-class card. Installs nothing; uses the project's venv (make install) if there is one.
+# H100-class card before the tsfsar step was added (that step has not run on a GPU yet). Installs
+# nothing; uses the project's venv (make install) if there is one.
 #
 #   bash bench/gpu.sh                         # device cuda, results in bench/results/gpu/
 #   bash bench/gpu.sh --device cpu --quick    # the same steps on CPU at tiny sizes (CI)
@@ -11,6 +12,9 @@
 #   training    emp from the store vs fed by frozen CLIP online (episodes/s, speedup against its
 #               FLOP ceiling) and emp's loader stall share on a streamed split (target < 5%)
 #   evaluation  emp 1-shot and 5-shot, 10,000 episodes against one pass over the split
+#   tsfsar      TS-FSAR from the store at all 13 taps vs fed by frozen CLIP online (FLOPs, bytes and
+#               s/episode), the streamed loader's warm and cold MB/s against the break-even read
+#               rate, and its stall share
 # Then `python -m bench.run_all --report` puts them in docs/performance.md (section GPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -46,5 +50,10 @@ else
 fi
 step training --heads emp --no-small --stall
 step evaluation --heads emp
-"$py" -m bench.run_all --report --print-only --out "$out" --only extraction,training,evaluation
+if [ ${#quick[@]} -eq 0 ]; then
+    step tsfsar --taps all
+else
+    step tsfsar
+fi
+"$py" -m bench.run_all --report --print-only --out "$out" --only extraction,training,evaluation,tsfsar
 echo "done in $((SECONDS - start)) s; docs/performance.md: python -m bench.run_all --report" >&2

@@ -33,6 +33,7 @@ BENCHMARKS = (
     "learning",
     "study",
     "side_init",
+    "tsfsar",
 )
 DOC = REPO_ROOT / "docs" / "performance.md"
 README = REPO_ROOT / "README.md"
@@ -227,10 +228,12 @@ def performance_doc(out: Path, gpu_out: Path) -> str:
             lines += section(res)
     else:
         lines += [
-            "No GPU figures yet: `bash bench/gpu.sh` (under 8 minutes on one H100-class card)",
+            "No GPU figures yet: `bash bench/gpu.sh` (under 8 minutes on one H100-class card",
+            "before its tsfsar step was added; that step has not run on a GPU yet)",
             "measures extraction vs the bare encoder, emp training from the store vs frozen CLIP",
-            "online, emp 1-shot and 5-shot evaluation over 10,000 episodes and the loader stall",
-            "share; then rerun `python -m bench.run_all --report`.",
+            "online, emp 1-shot and 5-shot evaluation over 10,000 episodes, the loader stall",
+            "share, and TS-FSAR at 13 taps from the store vs online with its loader's read rates",
+            "against the break-even rate; then rerun `python -m bench.run_all --report`.",
             "",
         ]
     return "\n".join(lines).rstrip() + "\n"

@@ -7,9 +7,11 @@
    trains `emp` (`--no-text`: a random text tower gives meaningless class names), and `fsar-eval`
    scores every head on the same test episodes. Random ViT features carry little that a trained head
    can add to the training-free ones, so this table shows the pipeline end to end, not learning.
-2. Hidden order: `store.random_store.hidden_order_store` writes tokens whose classes differ only in
-   the order of a signal that a strong shared nuisance hides from every fixed metric. `probe` and
-   `emp` train with the README's short run; the table shows what training adds.
+2. Hidden order: `store.random_store.hidden_order_store` writes tokens (and, recipe `emp+ts`, taps 0,
+   4, 8, 12 of the residual stream) whose classes differ only in the order of a signal that a strong
+   shared nuisance hides from every fixed metric. `probe`, `emp` and `tsfsar` train with the README's
+   short run; the table shows what training adds (`tsfsar` also with its TS-DCM matcher alone: the
+   store's class texts name reversal pairs, never the order inside one).
 Each table has the untrained `emp` next to the trained one. Runs in a few minutes on 2 CPU cores.
 """
 
@@ -49,7 +51,13 @@ def train_and_evaluate(
                 "--seed", str(args.seed), "--no-progress", *options), env)  # fmt: skip
     targets = [(name, ["--head", name]) for name in ("zeroshot", "proto", "otam")]
     targets.append(("emp (untrained)", ["--head", "emp", *option_pairs(trained.get("emp", []))]))
+    if "tsfsar" in trained:
+        targets.append(("tsfsar (untrained)", ["--head", "tsfsar"]))
     targets += [(f"{h} (trained)", ["--checkpoint", str(out / "runs" / h)]) for h in trained]
+    if "tsfsar" in trained:  # the store's texts name pairs only: the matcher alone reads the order
+        only_matching = ["--option", "fuse_clip=0", "--option", "fuse_side=0"]
+        targets.append(("tsfsar (trained, TS-DCM only)",
+                        ["--checkpoint", str(out / "runs" / "tsfsar"), *only_matching]))  # fmt: skip
     rows = []
     for label, target in targets:
         result_file = out / f"eval_{len(rows)}.json"
@@ -102,9 +110,11 @@ def main() -> None:
     hidden = out / "hidden-order"
     print("$ hidden_order_store(...)  # tokens written through the store API", flush=True)
     subprocess.run([sys.executable, "-c", "import sys; from store.random_store import "
-                    "hidden_order_store as h; h(sys.argv[1], seed=int(sys.argv[2])).close()",
+                    "hidden_order_store as h; h(sys.argv[1], seed=int(sys.argv[2]), "
+                    "recipe='emp+ts', taps=(0, 4, 8, 12)).close()",
                     str(hidden / "store"), str(args.seed)], env=env, check=True)  # fmt: skip
-    rows = train_and_evaluate(hidden / "store", hidden, {"probe": [], "emp": []}, args, env)
+    trained = {"probe": [], "emp": [], "tsfsar": []}
+    rows = train_and_evaluate(hidden / "store", hidden, trained, args, env)
     tables.append(("2. hidden-order tokens: only a learned projection sees the classes", rows))
 
     print(f"\nfsar demo: trained heads ran {args.train_episodes} episodes at lr {args.lr:g}")

@@ -36,8 +36,9 @@ Features = dict[str, torch.Tensor]
 
 
 def last_layer(spec: dict[str, Any]) -> int:
-    """The deepest cached layer number (1-based), from the store spec."""
-    return int(spec["layers"][-1])
+    """The deepest cached layer number (1-based), from the store spec: a `ts` store without `emp`
+    caches `cls/layerDD` of its last block (DD = depth) and no `tokens/` layers."""
+    return int(spec["layers"][-1]) if spec.get("layers") else int(spec["depth"])
 
 
 def cosine_similarity(x: torch.Tensor, y: torch.Tensor, eps: float = 0.01) -> torch.Tensor:
@@ -154,6 +155,11 @@ class FewShotHead(nn.Module, ABC):
     def config(self) -> dict[str, Any]:
         """Constructor arguments that rebuild this head (saved in checkpoints)."""
         return dict(self._config)
+
+    def parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]] | None:
+        """Named optimiser groups of (name, parameter), each with its own learning rate
+        (`TrainConfig.group_lr`); None (default): one group of every parameter."""
+        return None
 
     # ---------------------------------------------------------------- per video
     @abstractmethod

@@ -12,6 +12,8 @@ from typing import Any
 
 from runtime.device import pick_device
 
+from .presets import BENCHMARKS, preset_options
+
 
 class ConfigError(ValueError):
     """A training option users can fix (one-line message)."""
@@ -25,38 +27,12 @@ _COUNTS = (
 )  # fmt: skip
 
 
-# The released schedules as they actually run (EMP-Net configs, read with the released config loader;
-# docs/reproducing.md lists every line). One iteration = 2 episodes (2 GPUs, gradients averaged), an
-# optimiser step every 4 iterations. The released epoch counter `cur_iter // STEPS_ITER + cur_iter /
-# STEPS_ITER` stays below 1 for the whole first STEPS_ITER and reaches the decay epochs 4 and 6 at
-# 2 and 3 x STEPS_ITER, so in iterations: linear warm-up from WARMUP_START_LR over STEPS_ITER, full
-# lr until 2 x STEPS_ITER, x0.1 until 3 x STEPS_ITER, x0.01 after. Weight decay is OPTIMIZER.WEIGHT_DECAY
-# (1e-3; the configs' SOLVER.WEIGHT_DECAY 5e-5 is never read) on every parameter whose name has no "norm".
-def _released(
-    lr: float, iterations: int, steps_iter: int, val_every_iter: int, warmup_start: float
-) -> dict[str, Any]:
-    return dict(
-        lr=lr, lr_start=warmup_start, episodes=2 * iterations, episodes_per_iteration=2,
-        episodes_per_step=8, warmup_episodes=2 * steps_iter, decay_episodes=[4 * steps_iter, 6 * steps_iter],
-        decay_factor=0.1, weight_decay=1e-3, decay_groups="released", query=5, val_query=1,
-        val_every=2 * val_every_iter,
-    )  # fmt: skip
-
-
-# The 1-shot and 5-shot configs of each benchmark differ only in SHOT, MERGE_BEFORE (what `emp` does
-# for K > 1 anyway) and the unused USE_CLASSIFICATION_VALUE: one preset per benchmark, --shot picks.
-PRESETS: dict[str, dict[str, Any]] = {
-    "hmdb51": _released(1e-4, 5_000, 1_000, 500, 1e-6),
-    "ucf101": _released(1e-4, 5_000, 1_000, 500, 1e-6),
-    "kinetics100": _released(1e-4, 5_000, 1_000, 500, 1e-6),
-    "ssv2_small": _released(1e-3, 10_000, 2_000, 1_000, 1e-5),
-    "ssv2_full": _released(1e-3, 40_000, 8_000, 1_000, 1e-5),
-}
-DECAY_GROUPS = ("matrices", "released")
-
-
-# A preset reproduces the released run, so its head options are the released ones too.
-PRESET_HEAD_OPTIONS: dict[str, dict[str, Any]] = {"emp": {"loss": "released"}}
+# Presets (`--preset NAME`): the released recipes, per head (heads/presets.py owns every number).
+PRESETS = BENCHMARKS
+DECAY_GROUPS = ("matrices", "released", "all")
+OPTIMIZERS = ("adam", "adamw")
+SCHEDULES = ("step", "cosine")
+PRECISIONS = ("bf16", "fp16", "fp32")  # autocast in training on CUDA; CPU always runs fp32
 
 
 @dataclass
@@ -77,7 +53,12 @@ class TrainConfig:
     decay_episodes: list[int] | None = None  # default: 70% and 90% of episodes
     decay_factor: float = 0.1
     weight_decay: float = 1e-3
-    decay_groups: str = "matrices"  # or "released": by name, as models/utils/optimizer.py
+    decay_groups: str = "matrices"  # "released": by name, as EMP-Net's optimizer.py; "all"
+    optimizer: str = "adam"  # adam (L2 decay, EMP-Net) or adamw (decoupled decay, TS-FSAR)
+    adam_eps: float = 1e-8
+    schedule: str = "step"  # step: warm-up then step decay; cosine: TS-FSAR's cosine_lr
+    group_lr: dict[str, float] = field(default_factory=dict)  # lr per head parameter group
+    precision: str = "bf16"  # autocast on CUDA: bf16, fp16 (with a gradient scaler) or fp32
     batch_size: int = 32  # lastlayer --strategy finetune: videos per step
     val_every: int = 500
     val_episodes: int = 1_000
@@ -99,7 +80,7 @@ class TrainConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < smallest:
                 what = "a positive whole number" if smallest else "a whole number >= 0"
                 raise ConfigError(f"--{name.replace('_', '-')} {value!r}: use {what}")
-        for name, low, strict in (("lr", 0.0, True), ("lr_start", 0.0, False),
+        for name, low, strict in (("lr", 0.0, True), ("lr_start", 0.0, False), ("adam_eps", 0.0, True),
                                   ("decay_factor", 0.0, True), ("weight_decay", 0.0, False),
                                   ("max_ram", 0.0, False)):  # fmt: skip
             value = getattr(self, name)
@@ -114,6 +95,17 @@ class TrainConfig:
             raise ConfigError(f"decay_episodes {self.decay_episodes!r}: use a list of episodes")
         if not isinstance(self.head_options, dict):
             raise ConfigError(f"head_options {self.head_options!r}: use a JSON object")
+        for name, allowed in (("decay_groups", DECAY_GROUPS), ("optimizer", OPTIMIZERS),
+                              ("schedule", SCHEDULES), ("precision", PRECISIONS)):  # fmt: skip
+            if getattr(self, name) not in allowed:
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} {getattr(self, name)!r}: use {' or '.join(allowed)}"
+                )
+        if not isinstance(self.group_lr, dict) or not all(
+            isinstance(k, str) and isinstance(v, int | float) and not isinstance(v, bool)
+            and math.isfinite(v) and v > 0 for k, v in self.group_lr.items()
+        ):  # fmt: skip
+            raise ConfigError(f"group_lr {self.group_lr!r}: use a JSON object of positive numbers")
         for name in ("store", "head", "val_split", "device"):
             if not isinstance(getattr(self, name), str):
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: use text")
@@ -126,20 +118,17 @@ class TrainConfig:
         if cfg.preset is not None:
             if cfg.preset not in PRESETS:
                 raise ConfigError(f"unknown preset {cfg.preset!r}; presets: {', '.join(PRESETS)}")
-            for key, value in PRESETS[cfg.preset].items():
+            training, head = preset_options(cfg.head, cfg.preset, cfg.shot)
+            for key, value in training.items():
                 if explicit is None or key not in explicit:
                     setattr(cfg, key, value)
             if isinstance(cfg.head_options, dict):  # (anything else: validate() says so)
-                for key, value in PRESET_HEAD_OPTIONS.get(cfg.head, {}).items():
+                for key, value in head.items():
                     cfg.head_options.setdefault(key, value)
         if cfg.warmup_episodes is None:
             cfg.warmup_episodes = cfg.episodes // 20
         if cfg.decay_episodes is None:
             cfg.decay_episodes = [cfg.episodes * 7 // 10, cfg.episodes * 9 // 10]
-        if cfg.decay_groups not in DECAY_GROUPS:
-            raise ConfigError(
-                f"--decay-groups {cfg.decay_groups!r}: use {' or '.join(DECAY_GROUPS)}"
-            )
         cfg.validate()
         if cfg.val_every % cfg.episodes_per_step:
             raise ConfigError(
@@ -150,7 +139,7 @@ class TrainConfig:
 
 _TYPES: dict[str, tuple[type, ...]] = {
     "str": (str,), "int": (int,), "float": (int, float), "bool": (bool,),
-    "dict[str, Any]": (dict,), "list[int]": (list,),
+    "dict[str, Any]": (dict,), "dict[str, float]": (dict,), "list[int]": (list,),
 }  # fmt: skip
 
 

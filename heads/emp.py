@@ -38,6 +38,7 @@ from torch import nn
 from store.layout import token_name
 
 from .base import Features, FewShotHead, class_means, cosine_similarity, frame_cosine
+from .config import ConfigError
 from .dropout import ParallelDropout
 from .episodes import draw_keys
 from .otam import DEFAULT_LAMBDA, otam_bidirectional
@@ -321,6 +322,10 @@ class EMPNet(FewShotHead):
     # ---------------------------------------------------------------- per video
     def inputs(self, spec: dict[str, Any]) -> dict[str, str]:
         layers = [int(k) for k in spec["layers"]]
+        if not layers:
+            raise ConfigError(
+                "head emp reads tokens/ layers: extract with --recipe emp (or emp+ts)"
+            )
         if not self.skip_fusion:
             return {"deep": token_name(layers[-1])}
         return {

@@ -286,11 +286,17 @@ def evaluate(
     )
 
 
-def load_run(run_dir: str | Path, store: Any, device: str | torch.device = "cpu") -> FewShotHead:
+def load_run(
+    run_dir: str | Path,
+    store: Any,
+    device: str | torch.device = "cpu",
+    options: dict[str, Any] | None = None,
+) -> FewShotHead:
     """The head of a training run (best.safetensors, else last), refusing a store with another spec.
 
-    The run's files are checked before a model is built: the head config must build (on the meta
-    device, allocating nothing) a head whose weight names and shapes are the checkpoint's.
+    The run's files are checked before a model is built: the head config, updated by `options`
+    (test-time options such as tsfsar's fusion exponents), must build (on the meta device,
+    allocating nothing) a head whose weight names and shapes are the checkpoint's.
     """
     from store import SpecMismatchError, spec_differences
 
@@ -316,11 +322,12 @@ def load_run(run_dir: str | Path, store: Any, device: str | torch.device = "cpu"
             f"checkpoint {checkpoint} was trained on a store with another spec: "
             + "; ".join(differences)
         )
+    config = {**saved["head_config"], **(options or {})}
     _check_head_installed(checkpoint, saved["head"], saved["meta"].get("head_source"))
     try:
         registry.factory(saved["head"])  # a plugin's module is imported outside the meta device
         with torch.device("meta"):
-            probe = registry.create(saved["head"], **saved["head_config"])
+            probe = registry.create(saved["head"], **config)
     except Exception as exc:  # unknown head, bad option values
         text = " ".join(str(exc).split())[:160]
         raise CheckpointError(
@@ -328,7 +335,7 @@ def load_run(run_dir: str | Path, store: Any, device: str | torch.device = "cpu"
             f"({type(exc).__name__}: {text})"
         ) from None
     check_fits(checkpoint, probe)
-    head = registry.create(saved["head"], **saved["head_config"])
+    head = registry.create(saved["head"], **config)
     require_inputs(head, store)
     head.prepare(store)
     load_model(checkpoint, head)

@@ -29,6 +29,7 @@ BUILTIN: dict[str, str] = {
     "otam": "heads.baselines:OTAM",
     "lastlayer": "heads.lastlayer:LastLayer",
     "probe": "heads.probe:LinearProbe",
+    "tsfsar": "heads.tsfsar:TSFSAR",
 }
 
 

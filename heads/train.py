@@ -4,13 +4,14 @@
     run_dir = train(cfg)
 
 Loop: sample episode -> `head.episode_loss` (per-video features, support set, query scores, loss)
--> backward; an Adam step every `episodes_per_step` episodes (gradient accumulation); validation on
+-> backward; an Adam or AdamW step (per head parameter group, its lr from the schedule) every
+`episodes_per_step` episodes (gradient accumulation; fp16 on CUDA through a gradient scaler); validation on
 the **val** split every `val_every` episodes; `best.safetensors` (best val accuracy) and
 `last.safetensors` (with optimizer and RNG state, for `--resume`; also written after the first
 optimiser steps, so an early kill loses little) in the run directory, next to `config.json`,
 `metrics.jsonl` and `curves.png`; `runs/latest` points to the newest run. Every option is checked,
 and the store and episodes are loaded, before the run directory is touched; an existing run is never
-overwritten unless asked. Options and presets: heads/config.py.
+overwritten unless asked. Options: heads/config.py; the released recipes (presets): heads/presets.py.
 """
 
 from __future__ import annotations
@@ -72,11 +73,11 @@ def train(
     for episode, inputs in episodes:
         lr = learning_rate(cfg, episode.index)
         for group in run.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = learning_rate(cfg, episode.index, group["base_lr"])
         inputs = {k: v.to(run.device, non_blocking=True) for k, v in inputs.items()}
         with run.autocast:
             loss = run.head.episode_loss(episode, inputs)
-        (loss.float() / cfg.episodes_per_iteration).backward()
+        run.scaler.scale(loss.float() / cfg.episodes_per_iteration).backward()
         run.losses.append(float(loss.detach()))
         run.step_losses.append(run.losses[-1])
         done = episode.index + 1
@@ -103,7 +104,8 @@ class Run:
     sampler: EpisodeSampler
     train_data: SplitData
     val_data: SplitData
-    autocast: Any  # bf16 autocast on CUDA, a no-op on CPU
+    autocast: Any  # bf16 or fp16 autocast on CUDA (cfg.precision), a no-op on CPU
+    scaler: torch.amp.GradScaler  # fp16 on CUDA: scales the loss; otherwise a pass-through
     base_meta: dict[str, Any]
     resumed_at: int = 0  # episodes trained before this process (resume)
     best: float = -1.0  # best validation accuracy so far
@@ -160,9 +162,10 @@ class Run:
 
     # ---------------------------------------------------------------- optimiser step and log
     def optimiser_step(self, done: int, lr: float) -> None:
-        """Adam step, then the training-loss record and an early checkpoint when they are due."""
+        """Optimiser step, then the training-loss record and an early checkpoint when they are due."""
         cfg = self.cfg
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)  # (fp16: skipped when a gradient is not finite)
+        self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.steps += 1
         if (done // cfg.episodes_per_step) % self.log_every == 0 or done == cfg.episodes:
@@ -247,7 +250,7 @@ def _prepare(cfg: TrainConfig, resume: bool, overwrite: bool) -> Run:
     else:
         _check_new_run_dir(run_dir, overwrite)
     torch.manual_seed(cfg.seed)
-    cfg.head_options = head_options(cfg.head, cfg.head_options, store.spec)
+    cfg.head_options = head_options(cfg.head, cfg.head_options, store.spec, store.manifest)
     head = build_head(cfg.head, cfg.head_options, store, device)
     if not head.trainable:
         raise ConfigError(
@@ -266,61 +269,104 @@ def _prepare(cfg: TrainConfig, resume: bool, overwrite: bool) -> Run:
     roles = head.inputs(store.spec)
     videos = sampler.way * (sampler.shot + sampler.query)
     torch.set_num_threads(step_threads(store.spec, list(roles.values()), videos))
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
     autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if device.type == "cuda"
-        else torch.autocast("cpu", enabled=False)
+        torch.autocast("cuda", dtype=half)
+        if device.type == "cuda" and half is not None
+        else torch.autocast(device.type, enabled=False)
     )
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.precision == "fp16")
     return Run(
         cfg=cfg, dir=run_dir, store=store, device=device, head=head, optimizer=optimizer,
         sampler=sampler, train_data=SplitData(store, sampler.rows, roles, cfg.max_ram),
         val_data=SplitData(store, val_rows, roles, cfg.max_ram, views=1), autocast=autocast,
+        scaler=scaler,
         base_meta={"store_fingerprint": fingerprint, "store_spec": store.spec, "config": asdict(cfg),
                    "head_source": registry.source(cfg.head).to_json()},
     )  # fmt: skip
 
 
-def learning_rate(cfg: TrainConfig, episode: int) -> float:
-    """Linear warm-up from lr_start, then step decay (the schedule is counted in iterations)."""
+def learning_rate(cfg: TrainConfig, episode: int, base: float | None = None) -> float:
+    """The lr of `episode` for a group whose full lr is `base` (default cfg.lr). `step`: linear
+    warm-up from lr_start, then step decay; `cosine`: TS-FSAR's cosine_lr. Counted in iterations."""
+    base = cfg.lr if base is None else base
     it = episode // cfg.episodes_per_iteration
     warmup = (cfg.warmup_episodes or 0) // cfg.episodes_per_iteration
+    if cfg.schedule == "cosine":
+        return cosine_lr(base, it, warmup, cfg.episodes // cfg.episodes_per_iteration)
     if it < warmup:  # the released arithmetic: epoch * (lr - lr_start) + lr_start
-        return it / warmup * (cfg.lr - cfg.lr_start) + cfg.lr_start
-    drops = sum(it >= d // cfg.episodes_per_iteration for d in cfg.decay_episodes or [])
-    return cfg.lr * cfg.decay_factor**drops
+        lr = it / warmup * (cfg.lr - cfg.lr_start) + cfg.lr_start
+    else:
+        drops = sum(it >= d // cfg.episodes_per_iteration for d in cfg.decay_episodes or [])
+        lr = cfg.lr * cfg.decay_factor**drops
+    return lr if base == cfg.lr else lr * base / cfg.lr
+
+
+def cosine_lr(base: float, iteration: int, warmup: int, iterations: int) -> float:
+    """TS-FSAR's schedule as its loop applies it (main.py:89, utils/functions.py:14-26): the lr is set
+    after each iteration, so iteration 0 trains at `base` and iteration i at cosine_lr's value for
+    step i - 1: `base * (step + 1) / warmup` during warm-up, then `base * (1 + cos(pi * e / es)) / 2`,
+    e = step - warmup, es = iterations - warmup. The last iteration trains at step iterations - 2."""
+    if iteration == 0:
+        return base
+    step = iteration - 1
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / (iterations - warmup))) * base
 
 
 def decays(name: str, parameter: torch.Tensor, groups: str) -> bool:
-    """Whether `parameter` gets weight decay: `released` by name, `matrices` by shape."""
+    """Whether `parameter` gets weight decay: `released` by name, `matrices` by shape, `all`."""
+    if groups == "all":
+        return True
     if groups == "released":
         return not any(part in name for part in RELEASED_NO_DECAY)
     return parameter.dim() >= 2
 
 
-def make_optimizer(head: FewShotHead, cfg: TrainConfig) -> torch.optim.Adam:
-    """Adam (L2 weight decay, as released); `cfg.decay_groups` picks the parameters decayed."""
-    named = [(n, p) for n, p in head.named_parameters() if p.requires_grad]
-    decay = [p for n, p in named if decays(n, p, cfg.decay_groups)]
-    no_decay = [p for n, p in named if not decays(n, p, cfg.decay_groups)]
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.Adam(groups, lr=cfg.lr, fused=True)  # one kernel for all parameters
+def make_optimizer(head: FewShotHead, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Adam (L2 weight decay, EMP-Net) or AdamW (TS-FSAR): one group per head parameter group
+    (`head.parameter_groups()`, lr from `cfg.group_lr`, else cfg.lr), split by `cfg.decay_groups`."""
+    grouping = getattr(head, "parameter_groups", None)
+    named_groups = (grouping and grouping()) or {"all": list(head.named_parameters())}
+    unknown = sorted(set(cfg.group_lr) - set(named_groups))
+    if unknown:
+        raise ConfigError(
+            f"group_lr names {', '.join(unknown)}; head {cfg.head!r} has groups "
+            f"{', '.join(named_groups)}"
+        )
+    groups = []
+    for group, named in named_groups.items():
+        lr = float(cfg.group_lr.get(group, cfg.lr))
+        named = [(n, p) for n, p in named if p.requires_grad]
+        for decayed in (True, False):
+            params = [p for n, p in named if decays(n, p, cfg.decay_groups) == decayed]
+            if params or group == "all":  # (one group: decayed and exempt, as before)
+                wd = cfg.weight_decay if decayed else 0.0
+                groups.append({"params": params, "weight_decay": wd, "lr": lr, "base_lr": lr})
+    kind = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return kind(groups, lr=cfg.lr, eps=cfg.adam_eps, fused=True)  # one kernel for all parameters
 
 
-def head_options(name: str, options: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
-    """Options with the store's dim filled in for heads that take one."""
+def head_options(
+    name: str, options: dict[str, Any], spec: dict[str, Any], manifest: Any = None
+) -> dict[str, Any]:
+    """Options with the store's shapes filled in: a head's own `store_options(spec, manifest)`, else
+    the store's dim for heads that take one. Options given win."""
     import inspect
 
-    if "dim" in inspect.signature(registry.factory(name)).parameters:
+    factory = registry.factory(name)
+    from_store = getattr(factory, "store_options", None)
+    if from_store is not None:
+        return {**from_store(spec, manifest), **options}
+    if "dim" in inspect.signature(factory).parameters:
         return {"dim": int(spec["dim"]), **options}
     return dict(options)
 
 
 def build_head(name: str, options: dict[str, Any], store: Any, device: torch.device) -> FewShotHead:
-    """Head `name` at the store's dim, refused (one line) when the store lacks what it reads."""
-    head = registry.create(name, **head_options(name, options, store.spec))
+    """Head `name` at the store's shapes, refused (one line) when the store lacks what it reads."""
+    head = registry.create(name, **head_options(name, options, store.spec, store.manifest))
     require_inputs(head, store)
     head.prepare(store)
     return head.to(device)

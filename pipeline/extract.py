@@ -117,7 +117,9 @@ def build_run_spec(clip: LoadedClip, options: ExtractOptions, device: str, preci
     from store.layout import build_spec
 
     if options.preprocess not in PREPROCESS_NAMES:
-        raise ExtractError(f"--preprocess {options.preprocess!r}: use openclip or emp")
+        raise ExtractError(
+            f"--preprocess {options.preprocess!r}: use {', '.join(PREPROCESS_NAMES)}"
+        )
     parts = recipe_of(options)
     if options.frames < 1 or options.views < 1:
         raise ExtractError("--frames and --views must be at least 1")

@@ -15,8 +15,10 @@ rebuild it without loading the model:
 video outside the train split, get the transform above; views 1..V-1 of a train video get the training
 augmentation the spec names (`train_augment`): `flip-crop` for `emp` (the released training transform:
 horizontal flip with probability 1/2, the same 256 x 256 resize, a random 224 crop at offsets drawn
-uniformly from 0..31), `none` for `openclip`. Flip and crop are drawn per view from a generator seeded
-by a stable hash of `video_id`, so they are the same on every machine.
+uniformly from 0..31), `crop` for `emp-noflip` (the same without the flip: TS-FSAR's SSv2 configs
+leave AUGMENTATION.RANDOM_FLIP unset), `none` for `openclip`. Flip and crop are drawn per view from a
+generator seeded by a stable hash of `video_id`, so they are the same on every machine (a `crop`
+view has the crop of the `flip-crop` view it would be).
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ import numpy as np
 
 from pipeline.hashing import stable_hash
 
-PREPROCESS_NAMES = ("openclip", "emp")
+PREPROCESS_NAMES = ("openclip", "emp", "emp-noflip")
+TRAIN_AUGMENTS = {"emp": "flip-crop", "emp-noflip": "crop"}  # views 1.. of train videos
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 EMP_TEST_SCALE = 256  # DATA.TEST_SCALE and TRAIN_JITTER_SCALES [256, 256]
@@ -78,7 +81,7 @@ def preprocess_spec(name: str, openclip_cfg: dict[str, Any]) -> dict[str, Any]:
             "resize_mode": str(openclip_cfg.get("resize_mode", "shortest")),
             "fill_color": int(openclip_cfg.get("fill_color", 0)),
         }
-    if name == "emp":
+    if name in TRAIN_AUGMENTS:
         return {
             "name": "emp",
             "mean": list(CLIP_MEAN),
@@ -87,7 +90,7 @@ def preprocess_spec(name: str, openclip_cfg: dict[str, Any]) -> dict[str, Any]:
             "crop": crop,
             "interpolation": "bilinear",
             "resize_mode": "squash",
-            "train_augment": "flip-crop",
+            "train_augment": TRAIN_AUGMENTS[name],
         }
     raise ValueError(f"unknown preprocessing {name!r}; choose one of {', '.join(PREPROCESS_NAMES)}")
 
@@ -152,7 +155,7 @@ def build_transform(spec: dict[str, Any]) -> Callable[[np.ndarray], np.ndarray]:
 def augment_params(spec: dict[str, Any], video_id: str, view: int) -> Augment:
     """The training flip and crop of `view` of `video_id` (seeded, the same on every machine)."""
     rng = np.random.default_rng([stable_hash(video_id), view, 1])
-    flip = bool(rng.random() < FLIP_PROBABILITY)
+    flip = bool(rng.random() < FLIP_PROBABILITY) and spec.get("train_augment") == "flip-crop"
     margin = int(spec["resize"]) - int(spec["crop"])  # released: int(random.uniform(0, x_max))
     x = int(rng.uniform(0, margin))
     y = int(rng.uniform(0, margin))
@@ -171,7 +174,7 @@ def transform_video(
 
     Each view is transformed on its own, as the released code transforms one clip of T frames: the
     interpolation's float rounding depends on how many frames go through it together."""
-    augmented = train and spec.get("train_augment", "none") == "flip-crop"
+    augmented = train and spec.get("train_augment", "none") in ("flip-crop", "crop")
     outs = [
         transform(frames, augment_params(spec, video_id, v))
         if augmented and v > 0

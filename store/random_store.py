@@ -22,7 +22,6 @@ from .layout import (
     TEXT_DESCRIPTIONS,
     TSFSAR_MLP_RATIO,
     build_spec,
-    token_name,
     tsfsar_init_shapes,
     tsfsar_side_width,
     written_tensors,
@@ -204,6 +203,10 @@ def hidden_order_store(
     seed: int = 0,
     signal: float = 4.0,
     nuisance: float = 2.0,
+    recipe: str = "emp",
+    layers: Sequence[int] = (4, 8, 12),
+    depth: int = 12,
+    taps: Sequence[int] | None = None,
 ) -> FeatureStore:
     """A store whose classes differ only in the temporal order of a signal no fixed metric sees.
 
@@ -214,12 +217,14 @@ def hidden_order_store(
     isotropic noise. Cosine on raw tokens is dominated by the nuisance, so training-free heads sit
     at chance, while a learned projection onto the signal subspace separates every class. Class
     texts name the pair (its time-mean path) in a 4-dim text subspace of their own: they tell
-    pairs apart once a head learns to align them, never the order inside a pair.
+    pairs apart once a head learns to align them, never the order inside a pair. With `recipe`
+    `emp+ts` every tap (`resid/`, width = dim) carries the same kind of tokens as every layer.
     """
     classes = classes or {"train": 16, "val": 8, "test": 8}
     if any(n % 2 for n in classes.values()):
         raise ValueError("every split needs an even number of classes (reversal pairs)")
-    spec = random_spec(frames=frames, dim=dim, width=dim, patches=patches)
+    spec = random_spec(frames=frames, dim=dim, width=dim, patches=patches, recipe=recipe,
+                       layers=layers, depth=depth, taps=taps)  # fmt: skip
     basis = np.linalg.qr(np.random.default_rng(seed + 1).standard_normal((dim, dim)))[0]
     signal_basis, nuisance_basis, text_basis = basis[:, :4], basis[:, 4:12], basis[:, 12:16]
     rng = np.random.default_rng(seed + 2)
@@ -227,7 +232,7 @@ def hidden_order_store(
     paths = rng.standard_normal((n_classes // 2, frames, 4))
     paths /= np.linalg.norm(paths, axis=-1, keepdims=True)
     carriers = 1 + rng.choice(patches, 4, replace=False)  # token positions of the signal patches
-    names = [token_name(k) for k in spec["layers"]]
+    names = written_tensors(spec)
 
     def tokens(row: int, row_rng: np.random.Generator) -> dict[str, np.ndarray]:
         label = row // videos_per_class

@@ -74,7 +74,8 @@ def test_table_formats_every_figure() -> None:
 @pytest.mark.slow
 def test_gpu_script_runs_every_step_on_cpu(tmp_path: Path) -> None:
     """bench/gpu.sh --device cpu --quick: extraction, emp training with the loader stall, emp
-    1-shot and 5-shot evaluation, each writing its figures, then the table (no GPU here)."""
+    1-shot and 5-shot evaluation, TS-FSAR from the store vs online with its loader rates, each
+    writing its figures, then the table (no GPU here)."""
     import subprocess
 
     root = Path(__file__).resolve().parents[1]
@@ -84,7 +85,7 @@ def test_gpu_script_runs_every_step_on_cpu(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     figures = {}
-    for name in ("extraction", "training", "evaluation"):
+    for name in ("extraction", "training", "evaluation", "tsfsar"):
         data = json.loads((tmp_path / f"{name}.json").read_text())
         assert data["quick"] is True and data["machine"]["device"] == "cpu"
         figures[name] = {f["key"] for f in data["figures"]}
@@ -94,6 +95,12 @@ def test_gpu_script_runs_every_step_on_cpu(tmp_path: Path) -> None:
     )
     assert "loader_stall_pct.emp" in figures["training"]
     assert {"ratio.emp.1shot", "ratio.emp.5shot", "flop_floor.emp.5shot"} <= figures["evaluation"]
+    assert {"bytes.taps13", "ceiling.taps13", "speedup.taps4", "break_even_mbps.taps4"} <= (
+        figures["tsfsar"]
+    )
+    assert {"loader_mbps.cold.taps4", "overtake_tflops.ram.taps4", "loader_stall_pct.taps4"} <= (
+        figures["tsfsar"]
+    )
     assert "| evaluation | emp 5-shot: ratio eval / pass |" in proc.stdout
     rc = subprocess.run([*cmd, "--bogus"], capture_output=True, text=True).returncode
     assert rc == 2
@@ -138,3 +145,17 @@ def test_report_writes_the_performance_doc_and_the_readme_headline(tmp_path: Pat
         in new
     )
     assert "| Extraction: pipeline / bare encoder, steady state | not measured |" in new
+
+
+def test_tsfsar_episode_bytes_follow_the_store_layout() -> None:
+    """A 5-way 1-shot 5-query ViT-B/16 episode at T = 8 reads 30 videos x (13 taps of 197 x 768
+    float16 per frame + the projected CLS): 0.94 GB; 4 taps read under a third of it."""
+    from bench.common import vit_b16_spec
+    from bench.tsfsar import episode_bytes, tap_choices
+
+    spec = vit_b16_spec("ts")
+    every, six, three = tap_choices(12)
+    assert (len(every), six, three) == (13, [0, 2, 4, 6, 8, 10, 12], [0, 4, 8, 12])
+    assert episode_bytes(spec, every) == 30 * (13 * 197 * 768 + 512) * 8 * 2
+    assert round(episode_bytes(spec, every) / 1e9, 2) == 0.94
+    assert episode_bytes(spec, three) < episode_bytes(spec, every) / 3

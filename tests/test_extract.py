@@ -27,6 +27,9 @@ from tests.bad_videos import EXPECTED_ERRORS, write_bad_videos
 
 TINY = ["--model", "fsar-tiny-vit", "--pretrained", "none"]
 HANG = "hang_here"
+# Decode timeout of the runs that must finish: the hanging video costs it once per run, and a busy
+# CI machine (load 10+ on 2 cores) takes several seconds for a clip that decodes in 0.2 s when idle.
+TIMEOUT_S = "15"
 pytestmark = pytest.mark.slow
 
 
@@ -93,9 +96,9 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def reference_store(data_root: Path) -> tuple[Path, subprocess.CompletedProcess[str]]:
-    """One uninterrupted run with a 3 s decode timeout (the hanging video times out)."""
+    """One uninterrupted run with a 15 s decode timeout (the hanging video times out)."""
     store = data_root.parent / "reference"
-    result = run_extract(data_root, store, "--timeout", "3")
+    result = run_extract(data_root, store, "--timeout", TIMEOUT_S)
     return store, result
 
 
@@ -178,7 +181,7 @@ def test_splits_part_sigkill_and_resume_equal_an_uninterrupted_run(
 
     # 1. only part 1 of 2 of the train split, decoded sequentially (the reference used seeking)
     first = run_extract(
-        data_root, store, "--splits", "train", "--part", "1/2", "--timeout", "3", "--decode",
+        data_root, store, "--splits", "train", "--part", "1/2", "--timeout", TIMEOUT_S, "--decode",
         "sequential",
     )  # fmt: skip
     assert first.returncode == 0, first.stderr[-3000:]
@@ -225,7 +228,7 @@ def test_splits_part_sigkill_and_resume_equal_an_uninterrupted_run(
         pytest.fail("processes of the killed run survive")
 
     # 3. rerun: the stale lock is taken over, pending rows are done, ok rows are not redone
-    again = run_extract(data_root, store, "--timeout", "3")
+    again = run_extract(data_root, store, "--timeout", TIMEOUT_S)
     assert again.returncode == 0, again.stderr[-3000:]
     n_pending_after_kill = int((killed["status"] == "pending").sum())
     assert f"{n_pending_after_kill} videos to extract" in again.stdout

@@ -12,6 +12,7 @@ import torch
 import heads
 from heads.evaluate import evaluate, load_run
 from heads.train import TrainConfig, head_options, train
+from heads.tsfsar import TSFSARNotice
 from store import open_store
 from store.random_store import hidden_order_store
 
@@ -25,10 +26,10 @@ def hidden_store(tmp_path_factory) -> Path:
     return path
 
 
-def short_run(store: Path, out: Path, head: str) -> Path:
+def short_run(store: Path, out: Path, head: str, episodes: int = 300) -> Path:
     """The README's short run: `fsar-train --store S --head H --episodes 300 --lr 3e-3`."""
-    explicit = dict(store=str(store), head=head, episodes=300, lr=3e-3)
-    quiet = dict(out=str(out), progress=False, val_every=150, val_episodes=200)
+    explicit = dict(store=str(store), head=head, episodes=episodes, lr=3e-3)
+    quiet = dict(out=str(out), progress=False, val_every=episodes // 2, val_episodes=200)
     return train(TrainConfig(**explicit, **quiet).resolved(explicit=set(explicit)))
 
 
@@ -36,9 +37,9 @@ def accuracy(head: heads.FewShotHead, store) -> float:
     return evaluate(head, store, **HELD_OUT).accuracy
 
 
-def untrained(name: str, store) -> heads.FewShotHead:
+def untrained(name: str, store, **options) -> heads.FewShotHead:
     torch.manual_seed(0)
-    head = heads.create(name, **head_options(name, {}, store.spec))
+    head = heads.create(name, **head_options(name, options, store.spec, store.manifest))
     head.prepare(store)
     return head
 
@@ -60,6 +61,42 @@ def test_trained_emp_beats_untrained_and_training_free_heads(
     validations = [r for r in records if "val_accuracy" in r]
     assert [r["episode"] for r in validations] == [150, 300]
     assert all(0 <= r["val_accuracy"] <= 100 and r["loss"] > 0 for r in validations)
+
+
+@pytest.fixture(scope="module")
+def hidden_ts_store(tmp_path_factory) -> Path:
+    """The hidden order in every layer and every tap of an `emp+ts` store: T 4, 8 patches, D = W = 32,
+    taps 0, 2, 4 of a 4-block ViT (two side blocks), no side-network initialisation; 16 train, 6 val
+    and 8 test classes of 8 videos."""
+    path = tmp_path_factory.mktemp("learning-ts") / "store"
+    classes = {"train": 16, "val": 6, "test": 8}
+    hidden_order_store(path, recipe="emp+ts", classes=classes, videos_per_class=8, frames=4,
+                       patches=8, dim=32, depth=4, layers=(2, 3, 4), taps=(0, 2, 4)).close()  # fmt: skip
+    return path
+
+
+def test_trained_tsfsar_beats_untrained_and_training_free_heads(
+    hidden_ts_store: Path, tmp_path: Path
+) -> None:
+    """200 episodes of the short run. The fixture's texts name pairs, never the order inside one, so
+    besides the released fused prediction the TS-DCM branch alone (fuse_clip = fuse_side = 0,
+    test-time options of the run) must read the order."""
+    store = open_store(hidden_ts_store)
+    free = {name: accuracy(untrained(name, store), store) for name in ("zeroshot", "proto", "otam")}
+    vision = {"fuse_clip": 0.0, "fuse_side": 0.0}
+    with pytest.warns(TSFSARNotice, match="no weights/tsfsar_init.safetensors"):
+        before = accuracy(untrained("tsfsar", store), store)
+    before_vision = accuracy(untrained("tsfsar", store, **vision), store)
+    run = short_run(hidden_ts_store, tmp_path / "tsfsar", "tsfsar", episodes=200)
+    after = accuracy(load_run(run, store), store)
+    after_vision = accuracy(load_run(run, store, options=vision), store)
+    assert max(free.values()) < 30 and max(before, before_vision) < 30, (
+        free,
+        before,
+        before_vision,
+    )
+    assert after_vision >= max(free.values()) + 50, (free, after_vision)  # ~95 after 200 episodes
+    assert after >= max(free.values()) + 15, (free, after)  # ~50: the pair-only texts weigh 0.85
 
 
 def test_every_head_evaluates_untrained_at_the_store_dim(hidden_store: Path) -> None:

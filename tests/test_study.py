@@ -181,7 +181,7 @@ def test_compare_command(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------------------------- plans
 def test_builtin_plans_and_config_hashes(store: Path) -> None:
-    assert builtin_plans() == ["ablation", "baselines", "shots"]
+    assert builtin_plans() == ["ablation", "baselines", "shots", "tsfsar"]
     s = open_store(store)
     ablation = expand(load_plan("ablation"), s, str(store), episodes=EPISODES)
     assert [c.id for c in ablation.cells][:3] == [

@@ -273,3 +273,24 @@ def test_description_file_errors_exit_2_before_any_store(
     result = extract(dataset[0], tmp_path / "s", "--class-descriptions", str(other))
     assert result.exit_code == 2 and "describes none of the 6 classes" in result.output
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.slow
+def test_text_only_adds_descriptions_to_an_existing_store(
+    emp_ts_store: tuple[Path, object], tmp_path: Path
+) -> None:
+    import shutil
+
+    source, _ = emp_ts_store
+    copy = tmp_path / "copy"
+    shutil.copytree(source, copy)
+    with open_store(copy) as store:
+        classes = store.classes
+    every = write_json(tmp_path / "all.json", {c: [f"shapes {c}"] for c in classes})
+    result = invoke("--store", str(copy), "--text-only", "--class-descriptions", str(every), *TINY)
+    assert result.exit_code == 0, result.output
+    assert "wrote text/descriptions (6 classes)" in result.output and "note:" not in result.output
+    with open_store(copy) as store:
+        text, provenance = store.text("descriptions")
+        assert "all.json" in provenance[0] and "templates for" not in provenance[0]
+        assert store.verify() == []

@@ -315,9 +315,8 @@ def expand(
     rows: list[Row] = []
     for row in plan.rows:
         head = _build(row, store, plan)
-        missing = _missing_inputs(head, store)
-        if missing:
-            message = f"the store has no {missing}"
+        message = _missing_inputs(head, store)
+        if message:
             if row.optional:
                 notes.append(f"row {row.id} left out: {message}")
                 continue
@@ -344,8 +343,9 @@ def expand(
                 for w in caught:
                     if str(w.message) not in notes:
                         notes.append(str(w.message))
+                options = head.config() if train is None else _trained_config(row, train)
                 cell = Cell(
-                    id=cell_id, row=row.id, head=row.head, head_options=head.config(), train=train,
+                    id=cell_id, row=row.id, head=row.head, head_options=options, train=train,
                     shot=shot, seed=seed, eval=settings, store_fingerprint=store.fingerprint(),
                     head_package=_package(row.head),
                 )  # fmt: skip
@@ -360,7 +360,9 @@ def _build(row: Row, store: Any, plan: Plan) -> Any:
     from heads.train import head_options
 
     try:
-        return registry.create(row.head, **head_options(row.head, row.options, store.spec))
+        return registry.create(
+            row.head, **head_options(row.head, row.options, store.spec, store.manifest)
+        )
     except ValueError as error:
         raise PlanError(f"plan {plan.name}, row {row.id}: {str(error).splitlines()[0]}") from None
 
@@ -373,12 +375,25 @@ def _package(name: str) -> str:
     return f"{source.distribution} {source.version}" if plugin else ""
 
 
+def _trained_config(row: Row, train: dict[str, Any]) -> dict[str, Any]:
+    """The full config of the head a trained cell trains (its row's options over its preset's)."""
+    from heads import registry
+
+    return registry.create(row.head, **train["head_options"]).config()
+
+
 def _missing_inputs(head: Any, store: Any) -> str:
+    """Why the store cannot serve this head ("" when it can)."""
     from heads.data import missing_inputs
 
-    missing = missing_inputs(head, store)
+    try:
+        missing = missing_inputs(head, store)
+    except (
+        ValueError
+    ) as error:  # a head that says what the store lacks (tsfsar's taps, emp's layers)
+        return str(error).splitlines()[0]
     hint = " (extract with --recipe emp+last)" if any(m.endswith("_in") for m in missing) else ""
-    return ", ".join(missing) + hint
+    return f"the store has no {', '.join(missing)}{hint}" if missing else ""
 
 
 def _check_episodes(store: Any, split: str, way: int, shot: int, query: int) -> int:
@@ -402,6 +417,7 @@ def _train_config(
 ) -> dict[str, Any]:
     """The resolved TrainConfig of a trained cell, minus the fields set when it runs."""
     from heads.config import PRESETS, ConfigError, TrainConfig
+    from heads.train import head_options
 
     values = {**plan.train, **row.train, **overrides}
     preset = values.pop("preset", None)
@@ -409,8 +425,10 @@ def _train_config(
         preset = store.dataset if store.dataset in PRESETS else None
     explicit = set(values)
     try:
+        # the store's shapes and the row's options; the preset fills the head options they leave
+        options = head_options(row.head, row.options, store.spec, store.manifest)
         cfg = TrainConfig(
-            store=store_path, head=row.head, head_options=head.config(), shot=shot, seed=seed,
+            store=store_path, head=row.head, head_options=options, shot=shot, seed=seed,
             preset=preset, progress=False, **values,
         ).resolved(explicit=explicit)  # fmt: skip
     except (TypeError, ConfigError) as error:
