@@ -13,9 +13,11 @@ from typing import Any
 
 import numpy as np
 
+from .form import json_depth
 from .layout import LASTBLOCK_KEYS, LASTBLOCK_LAYER_SCALE_KEYS
 
 MAX_MLP_RATIO = 16.0
+MAX_CONFIG_DEPTH = 4  # fsar writes numbers, flags, names and one level of groups
 
 
 def lastblock_to_bytes(tensors: Mapping[str, Any], config: Mapping[str, Any]) -> bytes:
@@ -45,10 +47,10 @@ def lastblock_from_bytes(data: bytes) -> tuple[dict[str, np.ndarray], dict[str, 
         raise ValueError("last-block safetensors lacks the 'config' metadata")
     try:
         config = json.loads(meta["config"])
-    except ValueError:
+    except (ValueError, RecursionError):
         raise ValueError("last-block safetensors has a config that is not JSON") from None
-    if not isinstance(config, dict):
-        raise ValueError("last-block safetensors has a config that is not a JSON object")
+    if not isinstance(config, dict) or json_depth(config) > MAX_CONFIG_DEPTH:
+        raise ValueError("last-block safetensors has a config that is not a flat JSON object")
     return arrays, config
 
 

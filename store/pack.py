@@ -39,7 +39,11 @@ def pack(src: str | Path, out: str | Path) -> int:
     root = location.local
     StoreLock(root / LOCK_FILE).check_free()  # a lock left by a killed run does not count
     with open_store(root) as s:  # validates the store before anything is written
-        s.verify([])  # text and weights checksums only; rows are checked by `fsar-store verify`
+        problems = s.verify([])  # text and weights only; rows are checked by `fsar-store verify`
+    if problems:
+        raise CorruptStoreError(
+            f"{location.describe()}: {problems[0]}; nothing was packed (run fsar-store verify)"
+        )
     out = Path(out)
     if out.exists():
         raise StoreError(f"{out} exists: remove it or choose another name")

@@ -68,24 +68,45 @@ def _forge_row(path: Path, tensor: str, row: int, change) -> None:  # type: igno
 
 
 # ---------------------------------------------------------------------- one fingerprint
-def test_relabelling_test_videos_changes_the_fingerprint(good: Path, tmp_path: Path) -> None:
-    evil = copy_store(good, tmp_path / "relabelled")
-    s = open_store(evil)
+def _relabel_test_videos(path: Path) -> None:
+    """Swap two test classes' labels and class names together, as a sender could."""
+    s = open_store(path)
     test = s.select(split="test")
     names = sorted(set(s.manifest["class_name"].iloc[test]))
     swap = {names[0]: names[1], names[1]: names[0]}
-    with open_store(evil, mode="a") as w:  # label and class name changed together
+    with open_store(path, mode="a") as w:
         w.commit(
             [
                 {"row": int(r), "class_name": swap[c], "label": w.classes.index(swap[c])}
                 for r, c in zip(test, s.manifest["class_name"].iloc[test], strict=True)
+                if c in swap
             ]
         )
+
+
+def test_relabelling_test_videos_changes_the_fingerprint(good: Path, tmp_path: Path) -> None:
+    evil = copy_store(good, tmp_path / "relabelled")
+    _relabel_test_videos(evil)
     code, out = _cli(cli.store_app, "verify", str(evil))
     assert code == 0, out  # every checksum still matches: only the fingerprint tells
     before, after = open_store(good).fingerprint(), open_store(evil).fingerprint()
     assert before != after
     assert f"fingerprint  {after}" in _cli(cli.store_app, "info", str(evil))[1]
+
+
+def test_resume_refuses_a_relabelled_store(pair_store: Path, tmp_path: Path) -> None:
+    from heads.train import TrainConfig, train
+
+    store = copy_store(pair_store, tmp_path / "store")
+    config = TrainConfig(store=str(store), head="emp", episodes=8, episodes_per_step=2,
+                         val_every=4, val_episodes=10, query=1, out=str(tmp_path / "run"),
+                         progress=False, lr=1e-3)  # fmt: skip
+    run = train(config.resolved(), stop_at=4)
+    before = {p.name: p.read_bytes() for p in Path(run).iterdir() if p.is_file()}
+    _relabel_test_videos(store)  # checksums, ids and statuses unchanged
+    code, out = _cli(cli.train_app, "--resume", "--out", str(run))
+    _one_line_error(code, out, "has changed since", "fingerprint")
+    assert {p.name: p.read_bytes() for p in Path(run).iterdir() if p.is_file()} == before
 
 
 # ---------------------------------------------------------------------- the form of arrays
@@ -243,6 +264,75 @@ def test_merge_conflicts_need_a_choice_and_nan_is_never_copied(good: Path, tmp_p
     )
     assert code == 0, out
     assert open_store(tmp_path / "c").fingerprint() == open_store(scaled).fingerprint()
+
+
+# ---------------------------------------------------------------------- the last block
+def _plant_lastblock(path: Path, config: str) -> None:
+    """A last-block file of a few hundred bytes (plus its config) with `config` as its metadata,
+    its sha256 recorded as a sender could."""
+    from safetensors.numpy import save
+
+    from store.layout import LASTBLOCK_NAME
+
+    data = save({"proj": np.zeros(1, np.float32)}, metadata={"config": config})
+    assert len(data) < 300 + 2 * len(config)  # the config, JSON-escaped
+    with open_store(path, mode="a") as s:
+        s.write_weights_file(LASTBLOCK_NAME, data)
+
+
+@pytest.mark.parametrize(
+    ("config", "phrase"),
+    [
+        ('{"width": 8192, "heads": 64, "mlp_ratio": 4.0, "dim": 8}', "its config says width 8192"),
+        ('{"a":' * 50_000 + "1" + "}" * 50_000, "is not a valid safetensors file"),
+        ('{"width": [[[[[[1]]]]]]}', "is not a valid safetensors file"),
+    ],
+)
+def test_a_last_block_is_checked_against_its_spec_before_anything_is_built(
+    good: Path, tmp_path: Path, config: str, phrase: str
+) -> None:
+    evil = copy_store(good, tmp_path / "block")
+    _plant_lastblock(evil, config)
+    code, out = _cli(cli.store_app, "verify", str(evil))
+    assert code == 1 and "BAD store weights/lastblock.safetensors" in out and phrase in out, out
+    code, out = _cli(cli.store_app, "pack", str(evil), str(tmp_path / "p.zip"))
+    _one_line_error(code, out, phrase, "nothing was packed")
+    assert not (tmp_path / "p.zip").exists()
+    code, out = _cli(
+        cli.eval_app, "--store", str(evil), "--head", "lastlayer", "--episodes", "2",
+        "--way", "2", "--no-progress",
+    )  # fmt: skip
+    _one_line_error(code, out, "lastblock.safetensors", phrase)
+
+
+def test_a_lock_file_of_any_form_is_one_line_or_ignored(good: Path, tmp_path: Path) -> None:
+    """`pack` reads a teammate's lock file: garbage counts as a dead writer's, a FIFO is refused
+    (never opened: it would block), a live writer's lock is respected."""
+    import os
+
+    from store.layout import LOCK_FILE
+
+    evil = copy_store(good, tmp_path / "locked")
+    lock = evil / LOCK_FILE
+    for n, body in enumerate(
+        [
+            b"[" * 100_000,
+            b'{"pid": "x", "host": "%s"}' % os.uname().nodename.encode(),
+            b"\0" * 10**6,
+        ]
+    ):
+        lock.write_bytes(body)
+        os.utime(lock, (0, 0))  # older than a writer between create and write
+        code, out = _cli(cli.store_app, "pack", str(evil), str(tmp_path / f"p{n}.zip"))
+        assert code == 0, out
+    lock.unlink()
+    os.mkfifo(lock)
+    code, out = _cli(cli.store_app, "pack", str(evil), str(tmp_path / "fifo.zip"))
+    _one_line_error(code, out, "is not a regular file")
+    lock.unlink()
+    with open_store(evil, mode="a"):  # a live writer
+        code, out = _cli(cli.store_app, "pack", str(evil), str(tmp_path / "live.zip"))
+    _one_line_error(code, out, f"store is being written by pid {os.getpid()}")
 
 
 # ---------------------------------------------------------------------- packed files
