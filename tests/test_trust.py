@@ -109,6 +109,21 @@ def test_resume_refuses_a_relabelled_store(pair_store: Path, tmp_path: Path) -> 
     assert {p.name: p.read_bytes() for p in Path(run).iterdir() if p.is_file()} == before
 
 
+def test_a_study_cell_refuses_a_store_relabelled_since_it_was_planned(
+    pair_store: Path, tmp_path: Path
+) -> None:
+    from heads.study.cell import CellTask, run_cell
+    from heads.study.plans import expand, parse_plan
+
+    store = copy_store(pair_store, tmp_path / "store")
+    rows = [{"id": "proto", "label": "prototypes", "head": "proto"}]
+    plan = parse_plan({"name": "t", "reference": "proto", "eval": {"episodes": 10}, "rows": rows})
+    cell = expand(plan, open_store(store), str(store)).cells[0]
+    _relabel_test_videos(store)
+    with pytest.raises(RuntimeError, match="the study was planned on"):
+        run_cell(CellTask(cell, str(store), str(tmp_path / "runs")))
+
+
 # ---------------------------------------------------------------------- the form of arrays
 def test_a_dot_chunk_key_separator_is_refused(good: Path, tmp_path: Path) -> None:
     evil = copy_store(good, tmp_path / "dots")
