@@ -1,4 +1,4 @@
-# fsar: make install, make test, make extract DATASET=..., make demo, make bench
+# fsar: make install, make test (test-fast: without the slow end-to-end tests), make extract DATASET=..., make demo, make bench
 PY ?= .venv/bin/python
 VENV_BIN := .venv/bin
 DATASET ?= hmdb51
@@ -8,7 +8,7 @@ ARGS ?=
 
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test lint format extract demo bench bench-quick clean
+.PHONY: install test test-fast lint format extract demo bench bench-quick clean
 
 install:
 	test -x $(PY) || python3 -m venv .venv
@@ -17,6 +17,9 @@ install:
 
 test:
 	HF_HUB_OFFLINE=1 $(VENV_BIN)/pytest -q -x --durations=15
+
+test-fast:
+	HF_HUB_OFFLINE=1 $(VENV_BIN)/pytest -q -x --durations=15 -m "not slow"
 
 lint:
 	$(VENV_BIN)/ruff check .

@@ -4,10 +4,13 @@
     python -m bench.run_all --quick         # make bench-quick: tiny sizes, for CI (figures meaningless)
     python -m bench.run_all --device cuda   # the same on a GPU
     python -m bench.run_all --report        # write docs/performance.md from bench/results/*.json
+    python -m bench.run_all --report --only tsfsar --update   # replace only that section
 
 Results: bench/results/<name>.json (schema in bench/common.py) and bench/results/summary.md.
 `--report` also reads bench/results/gpu/*.json (written by `bash bench/gpu.sh`) when present, and
-rewrites the headline block of README.md ("Performance") from the same figures.
+rewrites the headline block of README.md ("Performance") from the same figures. A CPU benchmark
+without a result file keeps its section and headline rows as they were, so `--only NAME` followed
+by `--report` updates that benchmark's figures alone.
 """
 
 from __future__ import annotations
@@ -153,16 +156,43 @@ WHY_MISSED = {
 }
 
 
-def missed_lines(results: list[dict], headlines: list | None = None) -> list[str]:
-    """One line per headline whose target is missed in `results`, saying why it can be."""
+def missed_lines(
+    results: list[dict], headlines: list | None = None, previous: str = ""
+) -> list[str]:
+    """One line per headline whose target is missed in `results` (or, not measured now, in the
+    `previous` doc), saying why it can be."""
     lines = []
+    kept = {row.split(" | ")[0][2:]: row for row in _measured_rows(previous)}
     for what, bench, pick, _ in headlines or HEADLINES:
         fig = _figure(results, bench, pick)
-        if fig is None or fig.get("met") is not False:
+        missed = fig.get("met") is False if fig else kept.get(what, "").endswith("| no |")
+        if not missed:
             continue
         key = "small" if "Small head" in what else bench.split("|")[0]
         lines.append(f"- {what}: {WHY_MISSED.get(key, 'see its section below.')}")
     return ["Missed here, and why:", "", *lines, ""] if lines else []
+
+
+def _measured_rows(previous: str) -> list[str]:
+    return [
+        r for r in previous.splitlines() if r.startswith("| ") and " | not measured | " not in r
+    ]
+
+
+def keep_measured(rows: list[str], previous: str) -> list[str]:
+    """Headline rows not measured now take their row from `previous` (an earlier table, from the
+    same benchmarks' last run) where it was measured there."""
+    old = {row.split(" | ")[0]: row for row in _measured_rows(previous)}
+    return [old.get(r.split(" | ")[0], r) if " | not measured | " in r else r for r in rows]
+
+
+def previous_sections(text: str) -> dict[str, str]:
+    """The `### name` sections of the CPU part of an earlier docs/performance.md, by benchmark."""
+    if "\n## CPU\n" not in text:
+        return {}
+    cpu = text.split("\n## CPU\n", 1)[1].split("\n## GPU\n", 1)[0]
+    parts = re.split(r"^### ", cpu, flags=re.M)[1:]
+    return {part.split("\n", 1)[0].strip(): f"### {part.strip()}" for part in parts}
 
 
 def headline_rows(results: list[dict], headlines: list | None = None) -> list[str]:
@@ -197,9 +227,25 @@ def section(res: dict) -> list[str]:
     return lines + [""]
 
 
-def performance_doc(out: Path, gpu_out: Path) -> str:
+GPU_PLACEHOLDER = [
+    "No GPU figures yet: `bash bench/gpu.sh` (under 8 minutes on one H100-class card",
+    "before its tsfsar step was added; that step has not run on a GPU yet)",
+    "measures extraction vs the bare encoder, emp training from the store vs frozen CLIP",
+    "online, emp 1-shot and 5-shot evaluation over 10,000 episodes, the loader stall",
+    "share, and TS-FSAR at 13 taps from the store vs online with its loader's read rates",
+    "against the break-even rate; then rerun `python -m bench.run_all --report`.",
+    "",
+]
+
+
+def performance_doc(out: Path, gpu_out: Path, previous: str = "") -> str:
+    """The doc from the results in `out` and `gpu_out`; a CPU benchmark without results keeps its
+    section, and its headline rows, from `previous` (the doc as it was), so rerunning one
+    benchmark updates its own figures only."""
     cpu = load(out, BENCHMARKS)
     gpu = load(gpu_out, BENCHMARKS)
+    headline = previous.split("## Headline figures", 1)[-1].split("## CPU", 1)[0]
+    kept = previous_sections(previous)
     lines = [
         "# Performance",
         "",
@@ -210,15 +256,19 @@ def performance_doc(out: Path, gpu_out: Path) -> str:
         "",
         "## Headline figures",
         "",
-        *headline_rows(cpu),
+        *keep_measured(headline_rows(cpu), headline),
         "",
-        *missed_lines(cpu),
+        *missed_lines(cpu, previous=headline),
         "## CPU",
         "",
     ]
-    for res in cpu:
-        lines += section(res)
-    if not cpu:
+    measured = {res["name"]: res for res in cpu}
+    for name in BENCHMARKS:
+        if name in measured:
+            lines += section(measured[name])
+        elif name in kept:
+            lines += [kept[name], ""]
+    if not cpu and not kept:
         lines += ["No CPU results yet: run `make bench`.", ""]
     lines += ["## GPU", ""]
     if gpu:
@@ -227,20 +277,12 @@ def performance_doc(out: Path, gpu_out: Path) -> str:
         for res in gpu:
             lines += section(res)
     else:
-        lines += [
-            "No GPU figures yet: `bash bench/gpu.sh` (under 8 minutes on one H100-class card",
-            "before its tsfsar step was added; that step has not run on a GPU yet)",
-            "measures extraction vs the bare encoder, emp training from the store vs frozen CLIP",
-            "online, emp 1-shot and 5-shot evaluation over 10,000 episodes, the loader stall",
-            "share, and TS-FSAR at 13 taps from the store vs online with its loader's read rates",
-            "against the break-even rate; then rerun `python -m bench.run_all --report`.",
-            "",
-        ]
+        lines += GPU_PLACEHOLDER
     return "\n".join(lines).rstrip() + "\n"
 
 
-def readme_headline(out: Path) -> str:
-    rows = headline_rows(load(out, BENCHMARKS))
+def readme_headline(out: Path, previous: str = "") -> str:
+    rows = keep_measured(headline_rows(load(out, BENCHMARKS)), previous)
     return "\n".join(
         [HEADLINE_BEGIN, *rows, "", "Every figure, how to read it, and the GPU run: "
          "[docs/performance.md](docs/performance.md).", HEADLINE_END]
@@ -248,12 +290,31 @@ def readme_headline(out: Path) -> str:
 
 
 def write_docs(out: Path, gpu_out: Path, doc: Path = DOC, readme: Path | None = README) -> None:
-    doc.write_text(performance_doc(out, gpu_out))
+    doc.write_text(performance_doc(out, gpu_out, doc.read_text() if doc.exists() else ""))
     if readme is not None and readme.exists():
         text = readme.read_text()
         pattern = re.compile(re.escape(HEADLINE_BEGIN) + ".*?" + re.escape(HEADLINE_END), re.S)
-        if pattern.search(text):
-            readme.write_text(pattern.sub(lambda _: readme_headline(out), text))
+        found = pattern.search(text)
+        if found:
+            block = readme_headline(out, found.group(0))
+            readme.write_text(pattern.sub(lambda _: block, text))
+
+
+def update_doc(text: str, results: list[dict], gpu_part: list[str] | None = None) -> str:
+    """The doc with each result's CPU section replaced, or added at the end of the CPU part; every
+    other section and the headline kept (a partial rerun updates its own sections only).
+    `gpu_part` replaces the GPU part's lines (the placeholder while there are no GPU results)."""
+    cpu, gpu = text.split("\n## GPU", 1) if "\n## GPU" in text else (text, None)
+    if gpu_part is not None:
+        gpu = "\n\n" + "\n".join(gpu_part).rstrip() + "\n"
+    for res in results:
+        block = "\n".join(section(res))
+        pattern = re.compile(rf"^### {re.escape(res['name'])}\n.*?(?=^### |\Z)", re.S | re.M)
+        if pattern.search(cpu):
+            cpu = pattern.sub(lambda _, block=block: block + "\n", cpu, count=1)
+        else:
+            cpu = cpu.rstrip("\n") + "\n\n" + block + "\n"
+    return cpu if gpu is None else cpu.rstrip("\n") + "\n\n## GPU" + gpu
 
 
 def run_benchmark(name: str, device: str, out: Path, quick: bool) -> int:
@@ -289,6 +350,11 @@ def main(argv: list[str] | None = None) -> int:
         help="no runs: print the table of existing results and write docs/performance.md",
     )
     p.add_argument("--print-only", action="store_true", help="with --report: write no file")
+    p.add_argument(
+        "--update",
+        action="store_true",
+        help="with --report: replace only the --only benchmarks' sections of docs/performance.md",
+    )
     args = p.parse_args(argv)
     out = Path(args.out)
     names = [n for n in args.only.split(",") if n]
@@ -304,6 +370,10 @@ def main(argv: list[str] | None = None) -> int:
     elif not args.print_only:
         if any(r["quick"] for r in load(out, BENCHMARKS)):
             print("quick results: docs/performance.md not written (it holds full runs only)")
+        elif args.update:
+            placeholder = None if load(out / "gpu", BENCHMARKS) else GPU_PLACEHOLDER
+            DOC.write_text(update_doc(DOC.read_text(), load(out, names), placeholder))
+            print(f"updated the {', '.join(names)} sections of {DOC.relative_to(REPO_ROOT)}")
         else:
             write_docs(out, out / "gpu")
             print(f"wrote {DOC.relative_to(REPO_ROOT)} and the headline block of README.md")

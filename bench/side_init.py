@@ -25,6 +25,15 @@ import numpy as np
 
 from bench.common import TINY_MODEL, VIT_B16, Result, parser
 
+# `python -m bench.run_all --report` puts this above the figures in docs/performance.md
+HOW_TO_READ = """
+Deterministic figures (no timing but the last two rows): how far `--side-pca released`, the released
+run's seeded randomized PCA, lands from the exact PCA (`--side-pca exact`) on ViT-B/16 random weights,
+and from itself under another seed. Large relative differences with small ones on the leading
+components mean the released init's trailing components and signs are products of the solver and
+its seed, not of the weights. Real CLIP weights were not available here.
+"""
+
 
 def relative_differences(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> list[float]:
     """||a - b|| / ||b|| of every matrix the two inits share."""

@@ -26,8 +26,8 @@ Achieved GFLOP/s are set against the matmul peak measured in the same run (a 204
 on all threads, median of 5): what a side loses to that peak is work the FLOP count ignores
 (elementwise ops, copies, small matmuls).
 Small head: `emp` at store dim 64 (8 frames, 17 tokens; the hidden-order store's shapes), 5-way
-1-shot 5-query episodes as `fsar-train` steps them (its thread choice, heads.threads), median over
-20 episodes after 5 warm-up ones; next to it the same episode's FLOPs at the one-thread matmul peak.
+1-shot 5-query episodes as `fsar-train` steps them, median over 20 episodes after 5 warm-up ones;
+next to it the same episode's FLOPs at the matmul peak on as many threads.
 Target: under 50 ms per episode.
 """
 
@@ -75,7 +75,7 @@ share of the matmul peak shows what it loses to work the FLOP count ignores (ele
 copies, small matmuls); the peak is one square 2048 matmul measured in the same run, a yardstick
 rather than a bound, so a model whose larger matmuls run faster shows over 100%. On a busy machine (load average in the machine line) trust the CPU-seconds
 speedup over the wall-time one. The small-head rows put one emp episode at store dim 64 next to its
-FLOP time at the one-thread peak: the difference is per-op overhead.
+FLOP time at the matmul peak: the difference is per-op overhead.
 """
 
 
@@ -194,7 +194,6 @@ def small_head_figures(res: Result, work: Path, device: str, quick: bool) -> Non
     import time
 
     from heads.data import SplitData
-    from heads.threads import restores_threads, step_threads
     from store.random_store import random_spec
 
     spec = random_spec(frames=8, views=1, dim=64, width=64, patches=16, recipe="emp")
@@ -206,13 +205,11 @@ def small_head_figures(res: Result, work: Path, device: str, quick: bool) -> Non
     data = SplitData(store, store.select(split="train"), roles, max_ram_gb=64.0)
     opt = optimizer_for(head)
     n_videos = WAY * (SHOT + QUERY)
-    threads = step_threads(store.spec, list(roles.values()), n_videos)
+    threads = torch.get_num_threads()
     warm, n = (1, 3) if quick else (5, 20)
     episodes = [episode_rows(store, "train", seed=i) for i in range(warm + n)]
 
-    @restores_threads
     def run() -> tuple[list[float], list[float], float]:
-        torch.set_num_threads(threads)
         walls, cpus = [], []
         for i, rows in enumerate(episodes):
             inputs = {k: v.to(device) for k, v in data.get(rows, 0).items()}
@@ -256,28 +253,6 @@ def small_head_figures(res: Result, work: Path, device: str, quick: bool) -> Non
         "ms",
         note=f"peak {peak:.0f} GFLOP/s",
     )
-
-
-def dropout_figures(res: Result, spec: dict[str, Any], n_videos: int, device: str) -> None:
-    """Forward time of torch's dropout and heads.dropout.ParallelDropout (what emp uses) on the
-    largest tensor emp drops in an episode: every patch token of every frame, at the store's dim."""
-    from heads.dropout import ParallelDropout
-
-    shape = (n_videos * spec["frames"] * (spec["tokens"] - 1), spec["dim"])
-    x = torch.randn(shape, device=device)
-    times = {}
-    for label, layer in (("torch", torch.nn.Dropout(0.2)), ("parallel", ParallelDropout(0.2))):
-        layer(x)  # warm-up (the thread pool starts)
-        times[label] = median_of(lambda layer=layer: layer(x), 5, device)
-    res.config["dropout_tensor"] = list(shape)
-    res.add("dropout_ms.torch", "dropout p=0.2, torch (nn.Dropout)", times["torch"] * 1e3, "ms")
-    res.add(
-        "dropout_ms.parallel",
-        "dropout p=0.2, heads.dropout (as emp trains)",
-        times["parallel"] * 1e3,
-        "ms",
-    )
-    res.add("dropout_speedup", "dropout speedup", times["torch"] / times["parallel"], "x")
 
 
 def stall_figure(
@@ -358,7 +333,6 @@ def main(argv: list[str] | None = None) -> Path:
         peak,
         "GFLOP/s",
     )
-    dropout_figures(res, spec, n_videos, device)
     res.config["trunk_gflop_per_frame"] = trunk_flops / 1e9
 
     # warm-up: first calls allocate and pick kernels

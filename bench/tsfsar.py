@@ -56,12 +56,13 @@ from bench.workload import QUERY, SHOT, WAY, build_store, episode_rows, head_ste
 
 # `python -m bench.run_all --report` puts this above the figures in docs/performance.md
 HOW_TO_READ = """
-TS-FSAR reads the raw residual stream at every tap (2.4 MB per tap per ViT-B/16 video at T = 8), so
-a training episode reads about a gigabyte at 13 taps, while its side network costs a fraction of the
-CLIP forward it replaces: the FLOP ceiling of caching is about 3x, and the store pays only when it
-is read faster than the break-even rate. Compare the loader's warm (page cache) and cold (disk)
-rates with it: below it, cache fewer taps (`--taps`), keep the split in RAM (`--max-ram`) or give
-the machine more page cache.
+TS-FSAR reads the raw residual stream at every tap (2.4 MB per tap per ViT-B/16 video at T = 8), so a
+training episode reads about a gigabyte at 13 taps, while its side network costs a fraction of the
+CLIP forward it replaces: the FLOP ceiling of caching is about 3x with every tap. On a CPU the
+backbone is slow and any read path beats the break-even rate. For a GPU read the "CLIP speed above
+which online beats reading" rows: a GPU that runs the ViT-B/16 forward faster than that makes the
+store slower than running CLIP online on that read path. Then cache fewer taps (`--taps`), keep the
+split in RAM (`--max-ram`), or give the machine more page cache.
 """
 
 N_VIDEOS = WAY * (SHOT + QUERY)

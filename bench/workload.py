@@ -76,7 +76,7 @@ def build_store(
 
 
 def random_last_block(width: int, dim: int) -> Any:
-    from heads.lastblock import LastBlock
+    from heads.clip_block import LastBlock
 
     torch.manual_seed(0)
     return LastBlock(width=width, heads=max(1, width // 64), act="quick_gelu", dim=dim)

@@ -16,8 +16,8 @@ scores times a learnable scale per score (init 1/temperature); `loss="released"`
 the probabilities (the released double softmax, whose gradients are too small to escape the
 plateau a strong shared component puts it on: docs/reproducing.md).
 
-Dropout (attention outputs 0.2, FFN 0.05, as released) is `heads.dropout.ParallelDropout`: the same
-rates, its masks drawn on every core.
+Dropout as released (nn.Dropout, 0.2 after attention, 0.05 in the FFN); attention is
+F.scaled_dot_product_attention, the released softmax(q k^T / sqrt(d)) v.
 
 Paper-text options (off by default, the released code has neither): `layer_weights` learns the
 weights of the skip-fusion sums, `score_weights` learns the weights that combine the scores.
@@ -39,7 +39,6 @@ from store.layout import token_name
 
 from .base import Features, FewShotHead, class_means, cosine_similarity, frame_cosine
 from .config import ConfigError
-from .dropout import ParallelDropout
 from .episodes import draw_keys
 from .otam import DEFAULT_LAMBDA, otam_bidirectional
 
@@ -70,43 +69,6 @@ def released_text_ids(
     return torch.where(present, class_ids, fallback.unsqueeze(1))
 
 
-SHORT_SEQUENCE = 64  # keys up to this many: plain softmax attention beats SDPA's kernel on CPU
-SHORT_ROW = 16  # torch's CPU softmax is vectorised along rows of 16 and up; shorter ones crawl
-
-
-class _ShortSoftmax(torch.autograd.Function):
-    """Softmax over the last axis as five vectorised ops, for rows shorter than SHORT_ROW."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-        e = (x - x.amax(-1, keepdim=True)).exp_()
-        y = e.div_(e.sum(-1, keepdim=True))
-        ctx.save_for_backward(y)
-        return y
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        (y,) = ctx.saved_tensors
-        return y * (grad - (grad * y).sum(-1, keepdim=True))
-
-
-def softmax(x: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last axis; on CPU rows shorter than SHORT_ROW take a path about 4x faster
-    (EMP-Net attends over 8 frames and the few-shot scores over 5 classes)."""
-    if x.device.type == "cpu" and x.shape[-1] < SHORT_ROW and x.dtype == torch.float32:
-        return _ShortSoftmax.apply(x)
-    return torch.softmax(x, dim=-1)
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v over (B, h, n, d). On CPU, short sequences (EMP-Net's temporal
-    and fusion attention, patch attention at small stores) run as two batched matmuls: SDPA's
-    flash kernel for CPU is tiled for long sequences and takes about twice as long there."""
-    if q.device.type != "cpu" or k.shape[-2] > SHORT_SEQUENCE:
-        return F.scaled_dot_product_attention(q, k, v)
-    return softmax((q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)) @ v
-
-
 class Attention(nn.Module):
     """Multi-head attention with bias-free q/k/v projections and a dropout-ed output projection."""
 
@@ -117,7 +79,7 @@ class Attention(nn.Module):
         self.to_q = nn.Linear(dim, inner, bias=False)
         self.to_k = nn.Linear(dim, inner, bias=False)
         self.to_v = nn.Linear(dim, inner, bias=False)
-        self.to_out = nn.Sequential(nn.Linear(inner, dim), ParallelDropout(dropout))
+        self.to_out = nn.Sequential(nn.Linear(inner, dim), nn.Dropout(dropout))
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if q is k and k is v:  # self-attention: one product with the three weights stacked
@@ -131,7 +93,7 @@ class Attention(nn.Module):
         def split(x: torch.Tensor) -> torch.Tensor:  # (B, n, h*d) -> (B, h, n, d)
             return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)
 
-        out = attention(split(q), split(k), split(v))
+        out = F.scaled_dot_product_attention(split(q), split(k), split(v))
         return self.to_out(out.transpose(1, 2).flatten(2))
 
 
@@ -142,9 +104,9 @@ class FeedForward(nn.Sequential):
         super().__init__(
             nn.Linear(dim, hidden),
             nn.GELU(),
-            ParallelDropout(dropout),
+            nn.Dropout(dropout),
             nn.Linear(hidden, dim),
-            ParallelDropout(dropout),
+            nn.Dropout(dropout),
         )
 
 

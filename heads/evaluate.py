@@ -13,7 +13,6 @@ random views approximate.
 from __future__ import annotations
 
 import json
-import math
 import re
 import time
 import warnings
@@ -29,16 +28,12 @@ from runtime.progress import progress_bar
 from .base import FewShotHead, table_class_means
 from .data import SplitData
 from .episodes import EpisodeBatch, EpisodeSampler, draw_keys
-
-Z_95 = 1.959963984540054
+from .stats import ci95_half_width
 
 
 def confidence_interval(correct_fraction: np.ndarray) -> float:
-    """95% half-width (percent) of the mean episode accuracy: 1.96 * sample std / sqrt(episodes)."""
-    values = np.asarray(correct_fraction, dtype=np.float64) * 100.0
-    if len(values) < 2:
-        return float("nan")
-    return float(Z_95 * values.std(ddof=1) / math.sqrt(len(values)))
+    """95% half-width (percent) of the mean episode accuracy: fsar's one rule (heads.stats)."""
+    return ci95_half_width(np.asarray(correct_fraction, dtype=np.float64) * 100.0)
 
 
 @dataclass

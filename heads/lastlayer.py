@@ -1,6 +1,8 @@
 """`lastlayer` (Cao et al. 2024): fine-tune only the last CLIP block + ln_post + proj.
 
-The block is rebuilt from the store's `weights/lastblock.safetensors` (heads/lastblock.py) and runs
+Three names, three things: `lastlayer` is this head (its `--head` name); `heads/clip_block.py` is
+CLIP's last block as a torch module; `store/weights_format.py` reads and writes the file the store
+keeps it in, `weights/lastblock.safetensors`. The block is rebuilt from that file and runs
 on the cached residual stream `tokens/layer{last}_in`; only the CLS output is computed. A video's
 feature is the time mean of the L2-normalised projected CLS; scores are cosines times a learnable
 scale. Strategies:
@@ -26,8 +28,8 @@ from torch import nn
 from store.layout import layer_in_name
 
 from .base import Features, FewShotHead, class_means, last_layer
+from .clip_block import LastBlock, load_last_block
 from .episodes import Episode, EpisodeSampler
-from .lastblock import LastBlock, load_last_block
 
 if TYPE_CHECKING:
     import pandas as pd

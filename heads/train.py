@@ -46,7 +46,6 @@ from .config import ConfigError, TrainConfig
 from .data import SplitData, require_inputs
 from .episodes import EpisodeError, EpisodeSampler
 from .evaluate import evaluate
-from .threads import restores_threads, step_threads
 
 LOSS_POINTS = 100  # training-loss records per run in metrics.jsonl (at most one per optimiser step)
 RUN_FILES = ("config.json", "metrics.jsonl", "best.safetensors", "last.safetensors", "curves.png")
@@ -55,7 +54,6 @@ CHECKPOINT_EVERY_S = 600.0  # between validations, last.safetensors at least thi
 RELEASED_NO_DECAY = ("embd", "cls_token", "bn", "norm")
 
 
-@restores_threads
 def train(
     cfg: TrainConfig, resume: bool = False, stop_at: int | None = None, overwrite: bool = False
 ) -> Path:
@@ -267,8 +265,6 @@ def _prepare(cfg: TrainConfig, resume: bool, overwrite: bool) -> Run:
     except EpisodeError as error:
         raise ConfigError(f"{error}: validate with fewer classes (--val-way N)") from None
     roles = head.inputs(store.spec)
-    videos = sampler.way * (sampler.shot + sampler.query)
-    torch.set_num_threads(step_threads(store.spec, list(roles.values()), videos))
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
     autocast = (
         torch.autocast("cuda", dtype=half)

@@ -14,8 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .emp import attention  # SDPA, or two matmuls for short sequences on CPU (one owner)
-
 # Released LSN.TEMP_LAYERS [6, 8, 10]: 0-based side blocks of a 12-block ViT, i.e. the side blocks
 # mixed with the outputs of CLIP blocks 7, 9 and 11.
 RELEASED_TEMPORAL_BLOCKS = (7, 9, 11)
@@ -41,7 +39,9 @@ class Attention(nn.Module):
         weight = torch.cat([self.q.weight, self.k.weight, self.v.weight])  # one product, not three
         bias = None if self.q.bias is None else torch.cat([self.q.bias, self.k.bias, self.v.bias])
         q, k, v = F.linear(x, weight, bias).view(b, n, 3, self.heads, c // self.heads).unbind(2)
-        out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        )
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
 
 

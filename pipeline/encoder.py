@@ -205,7 +205,7 @@ class FrameEncoder:
 def export_last_block(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The last visual resblock + ``ln_post`` + ``proj`` as float32 CPU tensors and their config.
 
-    Keys and config follow docs/design.md; ``heads.lastblock.load_last_block`` rebuilds the block in
+    Keys and config follow docs/design.md; ``heads.clip_block.load_last_block`` rebuilds the block in
     plain torch. Refuses blocks with features the plain rebuild does not implement (qk-norm, scaled
     cosine attention, extra norms, tanh GELU).
     """

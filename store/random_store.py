@@ -16,7 +16,6 @@ import numpy as np
 import pandas as pd
 
 from .featurestore import FeatureStore, create_store
-from .lastblock_file import lastblock_shapes
 from .layout import (
     TEXT_DEFAULT,
     TEXT_DESCRIPTIONS,
@@ -26,6 +25,7 @@ from .layout import (
     tsfsar_side_width,
     written_tensors,
 )
+from .weights_format import lastblock_shapes
 from .writing import ChunkWriter, done_update
 
 TokenFn = Callable[[int, np.random.Generator], dict[str, np.ndarray]]

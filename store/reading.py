@@ -17,7 +17,6 @@ import zarr
 
 from .errors import CorruptStoreError, RemoteStoreError, StoreError, UnsafeStoreError
 from .form import ArrayForm, check_array_document, parse_json, row_forms, text_form
-from .lastblock_file import check_lastblock, lastblock_from_bytes
 from .layout import (
     LASTBLOCK_FILE,
     LASTBLOCK_NAME,
@@ -37,6 +36,7 @@ from .lock import StoreLock
 from .manifest import read_manifest
 from .root import validate_attrs, verify_by_default
 from .safety import check_spec
+from .weights_format import check_lastblock, weights_from_bytes
 
 
 def checksum(array: np.ndarray) -> str:
@@ -383,7 +383,7 @@ class StoreReader:
         if hashlib.sha256(data).hexdigest() != want:
             raise CorruptStoreError(f"{self.location.describe()}: {path} fails its checksum")
         try:
-            return lastblock_from_bytes(data)
+            return weights_from_bytes(data)
         except ValueError as exc:
             raise CorruptStoreError(
                 f"{self.location.describe()}: {path} is not a valid safetensors file"

@@ -20,7 +20,6 @@ import zarr
 import zarr.codecs
 
 from .errors import NonFiniteError, StoreError
-from .lastblock_file import lastblock_to_bytes
 from .layout import (
     CHECKSUM_ALGORITHM,
     LASTBLOCK_NAME,
@@ -42,6 +41,7 @@ from .lock import StoreLock
 from .manifest import manifest_to_bytes, new_manifest
 from .reading import StoreReader, checksum
 from .root import open_group, validate_attrs
+from .weights_format import weights_to_bytes
 
 DEFAULT_CODEC: dict[str, Any] = {"name": "zstd", "level": 3}
 WRITE_CONFIG = {"write_empty_chunks": True}  # a row of zeros is still a chunk: missing means lost
@@ -221,14 +221,14 @@ class StoreWriter(StoreReader):
     def write_lastblock(self, tensors: Mapping[str, Any], config: Mapping[str, Any]) -> None:
         """Save the last block's weights + config as `weights/lastblock.safetensors`."""
         self._require_writer()
-        self.write_weights_file(LASTBLOCK_NAME, lastblock_to_bytes(tensors, config))
+        self.write_weights_file(LASTBLOCK_NAME, weights_to_bytes(tensors, config))
 
     def write_tsfsar_init(self, tensors: Mapping[str, Any], config: Mapping[str, Any]) -> None:
         """Save TS-FSAR's side-network init + config as `weights/tsfsar_init.safetensors`."""
         self._require_writer()
         arrays = {k: np.asarray(v) for k, v in tensors.items()}
         check_tsfsar_init(arrays, config)
-        self.write_weights_file(TSFSAR_INIT_NAME, lastblock_to_bytes(arrays, config))
+        self.write_weights_file(TSFSAR_INIT_NAME, weights_to_bytes(arrays, config))
 
     def write_weights_file(self, name: str, data: bytes) -> None:
         """Store raw bytes as `weights/<name>` (temp file, rename) and record their sha256."""

@@ -50,7 +50,7 @@ def last_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An `emp+last` pair store (8/6/6 classes of 6 videos, T=4, 1 view) with a random last block."""
     import torch
 
-    from heads.lastblock import LastBlock
+    from heads.clip_block import LastBlock
     from tests.heads_fixtures import reversal_pair_store
 
     path = tmp_path_factory.mktemp("last") / "store"

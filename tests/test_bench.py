@@ -20,10 +20,17 @@ MACHINE_KEYS = {"cores", "cpu_model", "torch", "torch_threads", "device", "memor
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> Path:
-    """Every benchmark's quick run, in this process (what `run_all --quick` runs one per process)."""
+    """Every benchmark's quick run, in this process (what `run_all --quick` runs one per process),
+    leaving the process's allocator alone: a benchmark applies fsar's malloc policy for the rest of
+    its process, which here is every later test's."""
     out = tmp_path_factory.mktemp("bench")
-    for name in BENCHMARKS:
-        importlib.import_module(f"bench.{name}").main(["--quick", "--out", str(out)])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("runtime.memory.keep_freed_memory", lambda: False)
+        for name in BENCHMARKS:
+            module = importlib.import_module(f"bench.{name}")
+            if hasattr(module, "keep_freed_memory"):
+                patch.setattr(module, "keep_freed_memory", lambda: False)
+            module.main(["--quick", "--out", str(out)])
     return out
 
 
@@ -145,6 +152,23 @@ def test_report_writes_the_performance_doc_and_the_readme_headline(tmp_path: Pat
         in new
     )
     assert "| Extraction: pipeline / bare encoder, steady state | not measured |" in new
+    # rerunning one other benchmark: its section joins, evaluation's section and headline stay
+    again = tmp_path / "again"
+    again.mkdir()
+    training = {**evaluation, "name": "training", "command": "python -m bench.training"}
+    training["figures"] = [
+        {**fig, "key": "episode_s.store.emp", "label": "emp: s/episode", "value": 8.5, "unit": "s"}
+    ]
+    (again / "training.json").write_text(json.dumps(training))
+    write_docs(again, again / "gpu", doc, readme)
+    text = doc.read_text()
+    assert text.index("### training") < text.index("### evaluation")
+    assert "| evaluation | emp 5-shot: ratio | 7.25 | x | <= 2 ✗ |" in text
+    assert "| training | emp: s/episode | 8.50 | s |  |" in text
+    assert "emp 5-shot fuses" in text  # the kept headline's reason stays
+    assert "| worst head and shot | 7.25x |" in readme.read_text().replace(
+        "Evaluation: 10,000 episodes / one pass over the split, ", ""
+    )
 
 
 def test_tsfsar_episode_bytes_follow_the_store_layout() -> None:
@@ -159,3 +183,22 @@ def test_tsfsar_episode_bytes_follow_the_store_layout() -> None:
     assert episode_bytes(spec, every) == 30 * (13 * 197 * 768 + 512) * 8 * 2
     assert round(episode_bytes(spec, every) / 1e9, 2) == 0.94
     assert episode_bytes(spec, three) < episode_bytes(spec, every) / 3
+
+
+def test_update_replaces_only_the_rerun_sections() -> None:
+    """--report --update: a rerun benchmark's CPU section is replaced (or added), every other
+    section, the headline and the GPU part stay as they were."""
+    from bench.run_all import update_doc
+
+    doc = "# P\n\n## Headline\n\nrow\n\n## CPU\n\n### training\n\nold t\n\n### store\n\nold s\n\n## GPU\n\n### training\n\ngpu t\n"
+    res = {"name": "training", "quick": False, "command": "python -m bench.training",
+           "seconds": 60, "machine": {"cores": 2, "cpu_model": "x", "memory_gib": 8,
+           "torch": "2", "torch_threads": 2, "device": "cpu", "load_average_at_start": [1.0]},
+           "figures": [], "notes": ["new t"]}  # fmt: skip
+    new = update_doc(doc, [res, {**res, "name": "tsfsar", "notes": ["new ts"]}])
+    cpu, gpu = new.split("## GPU")
+    assert "old t" not in cpu and "- new t" in cpu and "old s" in cpu and "row" in cpu
+    assert cpu.index("### store") < cpu.index("### tsfsar") and "- new ts" in cpu
+    assert gpu == "\n\n### training\n\ngpu t\n"
+    placeholder = update_doc("# P\n\n## CPU\n\n## GPU\n\nold words\n", [res], ["new words", ""])
+    assert placeholder.endswith("## GPU\n\nnew words\n") and "old words" not in placeholder

@@ -194,28 +194,29 @@ def test_ce_loss_scales_each_score_by_its_learnable_temperature() -> None:
         heads.create("emp", dim=DIM, loss="focal")
 
 
-def test_short_row_softmax_and_attention_equal_torch() -> None:
-    """The CPU paths for short rows (frames, classes) equal torch's softmax and SDPA, gradients too."""
-    import torch.nn.functional as F
-
-    from heads.emp import attention, softmax
+def test_attention_equals_the_released_formula() -> None:
+    """Released `Attention_qkv.forward` (models/base/few_shot.py:926-944): bias-free q/k/v, heads
+    split, softmax(q k^T * dim_head^-0.5) v, heads joined, to_out; values and gradients, for the
+    8-frame temporal, 9-token fusion and 197-token spatial sequences."""
+    from heads.emp import Attention
 
     torch.manual_seed(0)
-    for shape in [(7, 3, 5), (4, 9), (2, 4, 8, 8), (3, 20)]:
-        x = (torch.randn(*shape) * 3).requires_grad_(True)
-        ours, want = softmax(x), torch.softmax(x, dim=-1)
-        torch.testing.assert_close(ours, want)
-        g = torch.randn(*shape)
-        (ga,) = torch.autograd.grad(ours, x, g)
-        (gb,) = torch.autograd.grad(want, x, g)
-        torch.testing.assert_close(ga, gb)
-    for n in (8, 17, 80):  # 80: longer than SHORT_SEQUENCE, SDPA itself
-        q, k, v = (torch.randn(6, 4, n, 8, requires_grad=True) for _ in range(3))
-        ours, want = attention(q, k, v), F.scaled_dot_product_attention(q, k, v)
-        torch.testing.assert_close(ours, want, atol=1e-6, rtol=1e-5)
-        grads = torch.autograd.grad(ours.sum(), (q, k, v))
-        for a, b in zip(grads, torch.autograd.grad(want.sum(), (q, k, v)), strict=True):
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    attn = Attention(DIM, 4, DIM // 8, 0.0)
+    for n, m in ((8, 8), (8, 9), (197, 197)):
+        q, kv = torch.randn(3, n, DIM, requires_grad=True), torch.randn(3, m, DIM)
+
+        def split(x: torch.Tensor) -> torch.Tensor:
+            return x.reshape(x.shape[0], x.shape[1], 4, -1).transpose(1, 2)
+
+        qh, kh, vh = split(attn.to_q(q)), split(attn.to_k(kv)), split(attn.to_v(kv))
+        dots = torch.einsum("bhid,bhjd->bhij", qh, kh) * (DIM // 8) ** -0.5
+        out = torch.einsum("bhij,bhjd->bhid", dots.softmax(dim=-1), vh)
+        want = attn.to_out(out.transpose(1, 2).reshape(3, n, -1))
+        ours = attn(q, kv, kv)
+        torch.testing.assert_close(ours, want, atol=1e-5, rtol=1e-5)
+        (g_ours,) = torch.autograd.grad(ours.sum(), q)
+        (g_want,) = torch.autograd.grad(want.sum(), q)
+        torch.testing.assert_close(g_ours, g_want, atol=1e-5, rtol=1e-4)
 
 
 def test_text_fusion_per_text_equals_the_layer_on_the_concatenated_tokens() -> None:

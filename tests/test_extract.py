@@ -30,7 +30,6 @@ HANG = "hang_here"
 # Decode timeout of the runs that must finish: the hanging video costs it once per run, and a busy
 # CI machine (load 10+ on 2 cores) takes several seconds for a clip that decodes in 0.2 s when idle.
 TIMEOUT_S = "15"
-pytestmark = pytest.mark.slow
 
 
 def fsar_extract_command() -> list[str]:
@@ -109,6 +108,7 @@ def expected_error(relpath: str) -> str | None:
     return EXPECTED_ERRORS.get(stem)
 
 
+@pytest.mark.slow
 def test_end_to_end_bad_inputs_and_timeout(
     reference_store: tuple[Path, subprocess.CompletedProcess[str]],
 ) -> None:
@@ -138,6 +138,7 @@ def test_end_to_end_bad_inputs_and_timeout(
         assert store.spec["preprocess"]["name"] == "openclip"
 
 
+@pytest.mark.slow
 def test_cached_tokens_equal_a_direct_forward(
     reference_store: tuple[Path, subprocess.CompletedProcess[str]], data_root: Path
 ) -> None:
@@ -171,6 +172,7 @@ def test_cached_tokens_equal_a_direct_forward(
     )
 
 
+@pytest.mark.slow
 def test_splits_part_sigkill_and_resume_equal_an_uninterrupted_run(
     reference_store: tuple[Path, subprocess.CompletedProcess[str]], data_root: Path
 ) -> None:
@@ -256,6 +258,7 @@ def invoke(args: list[str]) -> object:
     return CliRunner().invoke(extract_app, args)
 
 
+@pytest.mark.slow
 def test_rerun_of_a_complete_store_does_nothing(
     reference_store: tuple[Path, subprocess.CompletedProcess[str]], data_root: Path
 ) -> None:
@@ -268,6 +271,7 @@ def test_rerun_of_a_complete_store_does_nothing(
     assert (store_path / "manifest.parquet").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_different_spec_is_refused_naming_the_fields(
     reference_store: tuple[Path, subprocess.CompletedProcess[str]], data_root: Path
 ) -> None:
@@ -278,6 +282,7 @@ def test_different_spec_is_refused_naming_the_fields(
     assert "preprocess:" in result.output and "Traceback" not in result.output
 
 
+@pytest.mark.slow
 def test_text_only_adds_a_template_set(
     reference_store: tuple[Path, subprocess.CompletedProcess[str]], tmp_path: Path
 ) -> None:
@@ -344,6 +349,7 @@ def test_missing_layout_and_flag_errors(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "--dataset and --data-root are required" in result.output
 
 
+@pytest.mark.slow
 def test_batching_frames_across_videos_matches_one_forward_per_video(
     reference_store: tuple[Path, subprocess.CompletedProcess[str]], data_root: Path, tmp_path: Path
 ) -> None:
@@ -466,6 +472,7 @@ def _reallocation_faults() -> dict[str, object]:
     }
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
 def test_local_cluster_workers_reuse_freed_memory_and_skip_the_profiler(tmp_path: Path) -> None:
     # Dask's default worker environment makes every large block a fresh mmap: each 16 MiB round is

@@ -171,6 +171,7 @@ def cases(sandbox: dict[str, Path]) -> list[tuple[str, Path, Mutation]]:
     return plan
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_damaged_inputs_never_give_a_traceback_or_a_result(sandbox: dict[str, Path]) -> None:
     root, store, run, packed = sandbox["root"], sandbox["store"], sandbox["run"], sandbox["zip"]

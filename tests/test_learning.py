@@ -44,6 +44,7 @@ def untrained(name: str, store, **options) -> heads.FewShotHead:
     return head
 
 
+@pytest.mark.slow
 def test_trained_emp_beats_untrained_and_training_free_heads(
     hidden_store: Path, tmp_path: Path
 ) -> None:

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from heads.otam import OTAMDistance, otam_bidirectional, otam_distance, otam_distance_loop
+from heads.otam import otam_bidirectional, otam_distance, otam_distance_loop
 
 
 def path_costs(d: torch.Tensor) -> list[float]:
@@ -33,38 +33,29 @@ def path_costs(d: torch.Tensor) -> list[float]:
 SHAPES = [(1, 1), (1, 4), (3, 1), (2, 2), (3, 4), (4, 3), (4, 4)]
 
 
-@pytest.mark.parametrize("space", ["linear", "log"])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_soft_otam_equals_logsumexp_over_paths(shape: tuple[int, int], space: str) -> None:
+def test_soft_otam_equals_logsumexp_over_paths(shape: tuple[int, int]) -> None:
     torch.manual_seed(sum(shape))
     d = torch.rand(*shape, dtype=torch.float64) * 2
-    for lbda in (0.5, 0.1, 2.0):
+    for smoothing in (0.5, 0.1, 2.0):
         costs = torch.tensor(path_costs(d), dtype=torch.float64)
-        want = -lbda * torch.logsumexp(-costs / lbda, dim=0)
-        assert otam_distance(d, lbda, space).item() == pytest.approx(want.item(), abs=1e-9)
-        assert otam_distance_loop(d, lbda).item() == pytest.approx(want.item(), abs=1e-9)
+        want = -smoothing * torch.logsumexp(-costs / smoothing, dim=0)
+        assert otam_distance(d, smoothing).item() == pytest.approx(want.item(), abs=1e-9)
+        assert otam_distance_loop(d, smoothing).item() == pytest.approx(want.item(), abs=1e-9)
 
 
-def test_linear_and_log_space_agree_and_auto_picks_a_safe_one() -> None:
+def test_float32_follows_float64_and_long_sequences_stay_finite() -> None:
     torch.manual_seed(5)
     d = torch.rand(4, 5, 3, 8, 8) * 2  # 1 - cosine range, evaluation shapes, float32
-    exact = otam_bidirectional(d.double(), space="log")
-    for space in ("linear", "log", "auto"):
-        got = otam_bidirectional(d, space=space)
-        assert got.dtype == torch.float32
-        torch.testing.assert_close(got.double(), exact, atol=1e-5, rtol=1e-6)
-    # long sequences and a small lambda would underflow exp(-cost / lambda) in float32:
-    # auto falls back to log space and stays finite and exact
+    got = otam_bidirectional(d)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), otam_bidirectional(d.double()), atol=1e-5, rtol=1e-6)
+    # long sequences and a small lambda: exp(-cost / lambda) would underflow float32, the
+    # log-space recursion does not
     long = 1.5 + torch.rand(2, 64, 64) * 0.5
-    assert torch.isinf(otam_distance(long, 0.5, "linear")).any()
     torch.testing.assert_close(
-        otam_distance(long, 0.5).double(),
-        otam_distance(long.double(), 0.5, "log"),
-        rtol=1e-5,
-        atol=1e-3,
+        otam_distance(long, 0.5).double(), otam_distance(long.double(), 0.5), rtol=1e-5, atol=1e-3
     )
-    with pytest.raises(ValueError, match="space must be"):
-        otam_distance(d, 0.5, "exp")
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -88,7 +79,6 @@ def test_batched_and_bidirectional() -> None:
             assert batched[i, j].item() == pytest.approx(otam_distance(d[i, j]).item(), abs=1e-5)
     both = otam_bidirectional(d)
     assert torch.allclose(both, otam_distance(d) + otam_distance(d.transpose(-1, -2)))
-    assert torch.allclose(OTAMDistance()(d), both)
 
 
 def test_gradients_are_finite_and_order_matters() -> None:
@@ -118,12 +108,12 @@ def test_frame_cosine_equals_the_broadcast_cosine() -> None:
 
 
 @pytest.mark.parametrize("shape", [(1, 3), (3, 1), (4, 4), (8, 8), (5, 7)])
-def test_linear_recursion_gradient_equals_autograd_through_the_loop(shape) -> None:
-    """The linear recursion's hand-written backward gives the released loop's gradients."""
+def test_gradient_equals_autograd_through_the_released_loop(shape) -> None:
+    """The recursion gives the released loop's gradients."""
     torch.manual_seed(sum(shape))
     d = (torch.rand(2, 3, *shape, dtype=torch.float64) * 2).requires_grad_(True)
-    (ours,) = torch.autograd.grad(otam_bidirectional(d, space="linear").sum(), d)
+    (ours,) = torch.autograd.grad(otam_bidirectional(d).sum(), d)
     loop = otam_distance_loop(d) + otam_distance_loop(d.transpose(-1, -2))
     (want,) = torch.autograd.grad(loop.sum(), d)
     torch.testing.assert_close(ours, want, atol=1e-10, rtol=1e-8)
-    assert torch.autograd.gradcheck(lambda x: otam_distance(x, space="linear"), (d[0, 0],))
+    assert torch.autograd.gradcheck(otam_distance, (d[0, 0],))

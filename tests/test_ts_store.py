@@ -12,7 +12,6 @@ from typer.testing import CliRunner
 import cli
 from bench.common import vit_b16_spec
 from store import CorruptStoreError, SpecMismatchError, open_store, spec_differences
-from store.lastblock_file import lastblock_to_bytes
 from store.layout import (
     TSFSAR_INIT_NAME,
     build_spec,
@@ -24,6 +23,7 @@ from store.layout import (
 from store.merge import merge, subset
 from store.random_store import random_spec, random_tsfsar_init, write_random_store
 from store.sizes import markdown_table, reference_spec
+from store.weights_format import weights_to_bytes
 
 runner = CliRunner()
 SPLITS = {"train": 2, "val": 1, "test": 1}
@@ -89,7 +89,7 @@ def test_damaged_side_init_is_reported(ts_store: Path, tmp_path: Path) -> None:
     tensors, config = random_tsfsar_init(spec)
     tensors["block03.attn.q.weight"] = np.zeros((3, 3), np.float32)
     s = write_random_store(tmp_path / "s", spec, SPLITS, 1)
-    s.write_weights_file(TSFSAR_INIT_NAME, lastblock_to_bytes(tensors, config))
+    s.write_weights_file(TSFSAR_INIT_NAME, weights_to_bytes(tensors, config))
     s.close()
     with open_store(tmp_path / "s") as s:
         with pytest.raises(CorruptStoreError, match=r"block03.attn.q.weight has shape \(3, 3\)"):
@@ -184,3 +184,19 @@ def test_pack_unpack_and_merge_keep_taps_and_init(ts_store: Path, tmp_path: Path
             b.read(b.select(split="test"), ["resid/layer04"])["resid/layer04"],
         )
         assert ab.read_tsfsar_init()[1] == b.read_tsfsar_init()[1]
+
+
+def test_ts_store_reads_over_http_like_the_local_one(ts_store: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from tests.store_http import serve
+
+    shutil.copytree(ts_store, tmp_path / "www" / "ts")
+    with serve(tmp_path / "www") as (url, _), open_store(url + "/ts") as remote:
+        with open_store(ts_store) as local:
+            names = ["resid/layer00", "resid/layer12", "cls/layer12"]
+            got, want = remote.read([3, 1], names, verify=True), local.read([3, 1], names)
+            for name in names:
+                np.testing.assert_array_equal(got[name], want[name])
+            assert remote.read_tsfsar_init()[1] == local.read_tsfsar_init()[1]
+            assert remote.fingerprint() == local.fingerprint() and remote.verify() == []

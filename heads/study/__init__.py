@@ -5,10 +5,10 @@ episodes as Dask tasks, reported as the paper's table with paired statistics and
     summary = run_study(load_plan("ablation"), StudyOptions(store="stores/hmdb51", out="studies/ablation"))
 """
 
+from ..stats import paired_comparison
 from .folder import StudyError, read_per_episode
 from .plans import Plan, PlanError, builtin_plans, load_plan
 from .runner import StudyInterrupted, StudyOptions, run_study
-from .stats import paired_comparison
 
 __all__ = [
     "Plan",

@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..stats import Paired, SeedMean, format_p, mean_over_seeds, paired_comparison
 from .folder import StudyFolder, write_atomic
 from .plans import Cell, Expansion, Row
-from .stats import Paired, SeedMean, format_p, mean_over_seeds, paired_comparison
 
 
 @dataclass

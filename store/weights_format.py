@@ -1,7 +1,8 @@
-"""The last-block weights file: safetensors bytes with the block's config as JSON in its metadata.
+"""The format of a store's weights files: float32 safetensors with a config as JSON in its metadata.
 
-Tensors travel as float32 and nothing is ever unpickled; `lastblock_from_bytes` refuses anything
-else with a ValueError. Stores keep the bytes at `weights/lastblock.safetensors` (docs/design.md).
+`weights/lastblock.safetensors` (CLIP's last block) and `weights/tsfsar_init.safetensors` (the side
+network's initial weights) use it. Nothing is ever unpickled; `weights_from_bytes` refuses anything
+else with a ValueError (docs/design.md).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ POST_KEYS = ("ln_post.weight", "ln_post.bias", "proj")  # after the resblock
 MAX_CONFIG_DEPTH = 4  # fsar writes numbers, flags, names and one level of groups
 
 
-def lastblock_to_bytes(tensors: Mapping[str, Any], config: Mapping[str, Any]) -> bytes:
+def weights_to_bytes(tensors: Mapping[str, Any], config: Mapping[str, Any]) -> bytes:
     """Serialise tensors (numpy or torch) as float32 safetensors, `config` under the `config` key."""
     from safetensors.numpy import save
 
@@ -33,8 +34,8 @@ def lastblock_to_bytes(tensors: Mapping[str, Any], config: Mapping[str, Any]) ->
     return save(arrays, metadata={"config": json.dumps(dict(config), sort_keys=True)})
 
 
-def lastblock_from_bytes(data: bytes) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Inverse of `lastblock_to_bytes`: (numpy tensors, config); ValueError for anything else."""
+def weights_from_bytes(data: bytes) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Inverse of `weights_to_bytes`: (numpy tensors, config); ValueError for anything else."""
     from safetensors.numpy import load
 
     try:
@@ -45,13 +46,15 @@ def lastblock_from_bytes(data: bytes) -> tuple[dict[str, np.ndarray], dict[str, 
     except Exception as exc:
         raise ValueError(f"not a valid safetensors file ({type(exc).__name__})") from None
     if "config" not in meta:
-        raise ValueError("last-block safetensors lacks the 'config' metadata")
+        raise ValueError("weights file lacks the 'config' metadata")
     try:
         config = json.loads(meta["config"])
     except (ValueError, RecursionError):
-        raise ValueError("last-block safetensors has a config that is not JSON") from None
+        raise ValueError("weights file has a config that is not JSON") from None
     if not isinstance(config, dict) or json_depth(config) > MAX_CONFIG_DEPTH:
-        raise ValueError("last-block safetensors has a config that is not a flat JSON object")
+        raise ValueError(
+            f"weights file has a config that is not a JSON object nested at most {MAX_CONFIG_DEPTH} deep"
+        )
     return arrays, config
 
 

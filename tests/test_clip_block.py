@@ -1,4 +1,4 @@
-"""heads.lastblock: the plain-torch rebuild of CLIP's last block reproduces the cached tokens."""
+"""heads.clip_block: the plain-torch rebuild of CLIP's last block reproduces the cached tokens."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import open_clip
 import pytest
 import torch
 
-from heads.lastblock import LastBlock, load_last_block
+from heads.clip_block import LastBlock, load_last_block
 from pipeline.encoder import FrameEncoder, export_last_block
 from pipeline.errors import UnsupportedModel
 from pipeline.model import TINY_MODEL, load_clip
-from store.lastblock_file import lastblock_from_bytes, lastblock_to_bytes
+from store.weights_format import weights_from_bytes, weights_to_bytes
 
 torch.set_num_threads(1)
 
@@ -119,8 +119,8 @@ def test_parameters_are_trainable(case):
 
 def test_bytes_roundtrip(case):
     _, _, _, tensors, config = case
-    data = lastblock_to_bytes(tensors, config)
-    arrays, cfg = lastblock_from_bytes(data)
+    data = weights_to_bytes(tensors, config)
+    arrays, cfg = weights_from_bytes(data)
     assert cfg == config
     assert set(arrays) == set(tensors)
     for k, v in tensors.items():
@@ -144,7 +144,7 @@ def test_bad_state_and_config_are_refused(case):
     from safetensors.numpy import save
 
     with pytest.raises(ValueError, match="lacks the 'config' metadata"):
-        lastblock_from_bytes(save({"proj": np.zeros((2, 2), np.float32)}))
+        weights_from_bytes(save({"proj": np.zeros((2, 2), np.float32)}))
 
 
 def test_blocks_with_unsupported_features_are_refused():
@@ -158,7 +158,7 @@ def test_blocks_with_unsupported_features_are_refused():
 def test_module_does_not_import_open_clip():
     code = (
         "import sys; sys.modules['open_clip'] = None\n"
-        "import heads.lastblock as lb\n"
+        "import heads.clip_block as lb\n"
         "b = lb.LastBlock(width=8, heads=2, dim=4)\n"
         "import torch; print(tuple(b(torch.zeros(1, 3, 8)).shape))\n"
         "assert 'open_clip' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
