@@ -141,9 +141,18 @@ def heads_errors() -> tuple[type[Exception], ...]:
     from heads.config import ConfigError
     from heads.episodes import EpisodeError
     from heads.registry import HeadError
+    from runtime.errors import FsarError
     from store import StoreError
 
-    return (StoreError, EpisodeError, ConfigError, HeadError, FileNotFoundError, ValueError)
+    return (
+        StoreError,
+        EpisodeError,
+        ConfigError,
+        HeadError,
+        FileNotFoundError,
+        ValueError,
+        FsarError,
+    )
 
 
 def warn_refused_heads() -> None:

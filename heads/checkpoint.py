@@ -11,17 +11,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
+
+from runtime import files
 
 from .base import FewShotHead
 
 DIGEST_KEY = "sha256"
+# Bytes of a checkpoint file at most (a ViT-bigG last block with its Adam state: 0.4 GB).
+CHECKPOINT_CAP = 4 << 30
 
 
 class CheckpointError(ValueError):
@@ -46,7 +49,7 @@ def save_checkpoint(
     meta: dict[str, Any],
     optimizer: torch.optim.Optimizer | None = None,
 ) -> None:
-    """Write atomically (temp file, then rename)."""
+    """Write atomically (runtime.files: temp file, fsync, rename; never through a link)."""
     tensors = {f"model/{k}": v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
     metadata = {
         "meta": json.dumps(meta, sort_keys=True),
@@ -65,16 +68,18 @@ def save_checkpoint(
             for i, s in enumerate(torch.cuda.get_rng_state_all()):
                 tensors[f"rng/cuda{i}"] = s
     metadata[DIGEST_KEY] = _digest(tensors, metadata)
-    path = Path(path)
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    files.write_file(path, save(tensors, metadata=metadata))
 
 
 def _raw_metadata(path: Path) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
-    """The file's metadata strings and tensor shapes, from its header only (no tensor is read)."""
-    if not path.is_file():
+    """The file's metadata strings and tensor shapes, from its header only (no tensor is read);
+    a regular file only (not a link) of at most CHECKPOINT_CAP bytes."""
+    if not path.exists() and not path.is_symlink():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        files.regular_file(path, CHECKPOINT_CAP, "checkpoint")
+    except files.FileRefused as error:
+        raise CheckpointError(str(error)) from None
     try:
         with safe_open(str(path), framework="pt") as f:
             raw = dict(f.metadata() or {})
@@ -92,11 +97,13 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     raw, _ = _raw_metadata(path)
     try:
         out = {
-            "meta": json.loads(raw.get("meta", "{}")),
+            "meta": files.parse_json(raw.get("meta", "{}"), "meta"),
             "head": raw["head"],
-            "head_config": json.loads(raw.get("head_config", "{}")),
+            "head_config": files.parse_json(raw.get("head_config", "{}"), "head_config"),
         }
-    except (KeyError, ValueError):
+    except files.FileRefused as error:
+        raise CheckpointError(f"checkpoint {path}: {error}") from None
+    except KeyError:
         raise CheckpointError(f"checkpoint {path} has damaged or missing metadata") from None
     if not (
         isinstance(out["meta"], dict)
@@ -167,7 +174,7 @@ def load_training_state(path: str | Path, optimizer: torch.optim.Optimizer) -> N
     """Restore Adam's state and the RNG states saved by `save_checkpoint(..., optimizer)`."""
     tensors, raw = load_tensors(path)
     try:
-        groups = json.loads(raw["optimizer_param_groups"])
+        groups = files.parse_json(raw["optimizer_param_groups"], "optimizer_param_groups")
         state: dict[int, dict[str, torch.Tensor]] = {}
         for key, value in tensors.items():
             if key.startswith("optimizer/"):
@@ -175,7 +182,7 @@ def load_training_state(path: str | Path, optimizer: torch.optim.Optimizer) -> N
                 state.setdefault(int(index), {})[name] = value
         optimizer.load_state_dict({"state": state, "param_groups": groups})
         torch.set_rng_state(tensors["rng/torch"])
-    except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+    except (KeyError, ValueError, TypeError, RuntimeError, files.FileRefused) as exc:
         raise CheckpointError(
             f"checkpoint {path} holds no usable training state ({type(exc).__name__})"
         ) from None

@@ -27,6 +27,8 @@ from torch import nn
 __all__ = ["LastBlock", "load_last_block", "validate_config", "CONFIG_KEYS"]
 
 CONFIG_KEYS = ("width", "heads", "mlp_ratio", "act", "ln_eps", "layer_scale", "dim")
+MAX_WIDTH = 8192  # of a block's width and output dim (CLIP's largest, ViT-bigG, is 1664 wide)
+MAX_MLP_RATIO = 16.0
 
 
 def validate_config(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -51,6 +53,11 @@ def validate_config(config: Mapping[str, Any]) -> dict[str, Any]:
         )
     if cfg["dim"] <= 0 or cfg["mlp_ratio"] <= 0 or cfg["ln_eps"] <= 0:
         raise ValueError("last-block dim, mlp_ratio and ln_eps must be positive")
+    if max(cfg["width"], cfg["dim"]) > MAX_WIDTH or cfg["mlp_ratio"] > MAX_MLP_RATIO:
+        raise ValueError(
+            f"last-block width {cfg['width']}, dim {cfg['dim']} or mlp_ratio {cfg['mlp_ratio']} is "
+            f"beyond any CLIP's (at most {MAX_WIDTH}, {MAX_WIDTH} and {MAX_MLP_RATIO:g})"
+        )
     return cfg
 
 
@@ -147,10 +154,12 @@ class LastBlock(nn.Module):
     def from_state(
         cls, tensors: Mapping[str, torch.Tensor | np.ndarray], config: Mapping[str, Any]
     ) -> LastBlock:
-        """Build from exported tensors + config; every key must be present with the right shape."""
+        """Build from exported tensors + config; every key must be present with the right shape,
+        checked against a block on the meta device before the real one is allocated (a config that
+        claims a huge block beside small tensors is refused without building it)."""
         cfg = validate_config(config)
-        block = cls(**cfg)
-        own = block.state_dict()
+        with torch.device("meta"):
+            own = cls(**cfg).state_dict()
         missing = sorted(set(own) - set(tensors))
         extra = sorted(set(tensors) - set(own))
         if missing or extra:
@@ -165,6 +174,7 @@ class LastBlock(nn.Module):
                     f"last-block tensor {k} has shape {list(t.shape)}, expected {list(own[k].shape)}"
                 )
             state[k] = t.to(torch.float32)
+        block = cls(**cfg)
         block.load_state_dict(state, strict=True)
         return block
 

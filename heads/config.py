@@ -178,14 +178,18 @@ def config_values(path: str | Path) -> dict[str, Any]:
 
 def config_from_run(run_dir: Path) -> TrainConfig:
     """The resolved TrainConfig a run was started with (ConfigError naming the file if unusable)."""
+    from runtime import files
+
     path = run_dir / "config.json"
+    if not path.exists() and not path.is_symlink():
+        raise ConfigError(f"nothing to resume: {path} does not exist")
     try:
-        saved = json.loads(path.read_text())["config"]
+        saved = files.read_json(path, "run config")["config"]
         names = {f.name for f in fields(TrainConfig)}
         cfg = TrainConfig(**{k: v for k, v in saved.items() if k in names})
-    except FileNotFoundError:
-        raise ConfigError(f"nothing to resume: {path} does not exist") from None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except files.FileRefused as error:
+        raise ConfigError(str(error)) from None
+    except (ValueError, KeyError, TypeError, AttributeError):
         raise ConfigError(f"{path} is not a run's config: cannot resume it") from None
     try:
         cfg.validate()
@@ -219,8 +223,6 @@ def config_from_options(
 
 def resume_config(run_dir: Path, episodes: int | None, progress: bool) -> TrainConfig:
     """The config of the run in `run_dir`, to continue it (`episodes` may lengthen it)."""
-    if not (run_dir / "config.json").exists():
-        raise ConfigError(f"nothing to resume: {run_dir}/config.json does not exist")
     cfg = config_from_run(run_dir.resolve())
     cfg.out = str(run_dir.resolve())
     if episodes is not None:

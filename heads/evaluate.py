@@ -12,7 +12,6 @@ random views approximate.
 
 from __future__ import annotations
 
-import json
 import re
 import time
 import warnings
@@ -370,14 +369,18 @@ def _check_head_installed(checkpoint: Path, name: str, recorded: Any) -> None:
 
 def store_of_run(run_dir: str | Path) -> str:
     """The store path a run's config.json names."""
+    from runtime import files
+
     from .checkpoint import CheckpointError
 
     path = Path(run_dir) / "config.json"
+    if not path.exists() and not path.is_symlink():
+        raise CheckpointError(f"no run at {run_dir}: {path} does not exist")
     try:
-        path_in_config = json.loads(path.read_text())["store"]["path"]
-    except FileNotFoundError:
-        raise CheckpointError(f"no run at {run_dir}: {path} does not exist") from None
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        path_in_config = files.read_json(path, "run config")["store"]["path"]
+    except files.FileRefused as error:
+        raise CheckpointError(str(error)) from None
+    except (ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(
             f"{path} is not a run's config ({type(exc).__name__}): pass --store"
         ) from None

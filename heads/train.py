@@ -11,7 +11,9 @@ the **val** split every `val_every` episodes; `best.safetensors` (best val accur
 optimiser steps, so an early kill loses little) in the run directory, next to `config.json`,
 `metrics.jsonl` and `curves.png`; `runs/latest` points to the newest run. Every option is checked,
 and the store and episodes are loaded, before the run directory is touched; an existing run is never
-overwritten unless asked. Options: heads/config.py; the released recipes (presets): heads/presets.py.
+overwritten unless asked. A new run is built under a temp name and takes its name at its first
+checkpoint (a run that fails before then leaves nothing); its files go through runtime/files.py.
+Options: heads/config.py; the released recipes (presets): heads/presets.py.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from runtime import files
 from runtime.device import pick_device
 from runtime.progress import progress_bar
 from runtime.versions import versions
@@ -43,6 +46,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import ConfigError, TrainConfig
+from .curves import plot_curves
 from .data import SplitData, require_inputs
 from .episodes import EpisodeError, EpisodeSampler
 from .evaluate import evaluate
@@ -52,6 +56,9 @@ RUN_FILES = ("config.json", "metrics.jsonl", "best.safetensors", "last.safetenso
 CHECKPOINT_EVERY_S = 600.0  # between validations, last.safetensors at least this often
 # models/utils/optimizer.py: names with these substrings get weight decay 0 (BN.WEIGHT_DECAY is 0.0)
 RELEASED_NO_DECAY = ("embd", "cls_token", "bn", "norm")
+# A head's weights at most (emp at ViT-L/14 shapes: 0.03 GB; lastlayer's block at ViT-bigG's:
+# 0.13 GB): a store whose spec asks for more is refused before the head is allocated.
+MAX_HEAD_BYTES = 2 << 30
 
 
 def train(
@@ -64,6 +71,17 @@ def train(
     unless `overwrite`; `resume` refuses a store whose fingerprint changed.
     """
     run = Run.start(cfg, resume, overwrite)
+    try:
+        _loop(run, stop_at)
+    except BaseException:
+        run.discard_unpublished()
+        raise
+    run.publish()
+    return run.dir
+
+
+def _loop(run: Run, stop_at: int | None) -> None:
+    cfg = run.cfg
     end = cfg.episodes if stop_at is None else min(cfg.episodes, stop_at)
     episodes = run.train_data.episodes(
         run.sampler, range(run.resumed_at, end), cfg.seed, random_view=True
@@ -86,7 +104,6 @@ def train(
             run.validate_and_checkpoint(done, lr)
     if run.bar is not None:
         run.bar.close()
-    return run.dir
 
 
 @dataclass
@@ -114,6 +131,7 @@ class Run:
     bar: Any = None
     tic: float = 0.0
     log_every: int = 1  # optimiser steps between training-loss records
+    unpublished: Path | None = None  # a new run's folder (--out), while `dir` is its temp name
 
     # ---------------------------------------------------------------- set up or resume
     @classmethod
@@ -122,9 +140,9 @@ class Run:
         run = _prepare(cfg, resume, overwrite)
         if resume:
             run.restore()
+            _point_latest(run.dir)
         else:
             run.create_dir(overwrite)
-        _point_latest(run.dir)
         run.last_saved = time.monotonic()
         run.head.train()
         run.bar = _progress(cfg, run.resumed_at)
@@ -134,6 +152,8 @@ class Run:
 
     def restore(self) -> None:
         """Weights, optimiser state, position and pending losses from last.safetensors."""
+        if (self.dir / "metrics.jsonl").exists():
+            files.drop_cut_line(self.dir / "metrics.jsonl", "metrics log")  # a kill mid-record
         last = self.dir / "last.safetensors"
         if not last.exists():  # killed before its first optimiser step, nothing to restore
             return
@@ -148,15 +168,28 @@ class Run:
             raise CheckpointError(f"checkpoint {last} holds no training position") from None
 
     def create_dir(self, overwrite: bool) -> None:
-        """A new run: config.json and an empty metrics.jsonl (`overwrite`: the old run's files go)."""
-        if overwrite:
-            for name in RUN_FILES:
-                (self.dir / name).unlink(missing_ok=True)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "config.json").write_text(
-            json.dumps(run_metadata(self.cfg, self.store), indent=2, default=str)
-        )
-        (self.dir / "metrics.jsonl").write_text("")
+        """A new run: config.json and an empty metrics.jsonl in a temp folder beside --out, which
+        takes its name at the first checkpoint (`publish`); `overwrite`: the old run's files go
+        then, and only then."""
+        self.unpublished, self.dir = self.dir, files.new_folder(self.dir, keep_files=overwrite)
+        metadata = json.dumps(run_metadata(self.cfg, self.store), indent=2, default=str)
+        files.write_file(self.dir / "config.json", metadata)
+        files.write_file(self.dir / "metrics.jsonl", b"")
+
+    def publish(self) -> None:
+        """A new run takes its name (--out) and runs/latest points to it; once, at its first
+        checkpoint or its end."""
+        if self.unpublished is not None:
+            for name in RUN_FILES:  # (an --overwrite: the old run's files)
+                (self.unpublished / name).unlink(missing_ok=True)
+            files.publish_folder(self.dir, self.unpublished)
+            self.dir, self.unpublished = self.unpublished, None
+            _point_latest(self.dir)
+
+    def discard_unpublished(self) -> None:
+        """A new run that failed before its first checkpoint leaves nothing behind."""
+        if self.unpublished is not None:
+            files.remove_folder(self.dir)
 
     # ---------------------------------------------------------------- optimiser step and log
     def optimiser_step(self, done: int, lr: float) -> None:
@@ -179,10 +212,10 @@ class Run:
                 self.dir / "last.safetensors", self.head, {**meta, **pending}, self.optimizer
             )
             self.last_saved = time.monotonic()
+            self.publish()
 
     def log(self, record: dict[str, Any]) -> None:
-        with open(self.dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        files.append_line(self.dir / "metrics.jsonl", json.dumps(record))
 
     def show_progress(self, done: int) -> None:
         if self.bar is not None:
@@ -223,6 +256,7 @@ class Run:
         )
         self.last_saved = time.monotonic()
         plot_curves(self.dir)
+        self.publish()
         if self.bar is not None:
             self.bar.set_postfix(
                 loss=f"{record['loss']:.3f}", val=f"{result.accuracy:.1f}", best=f"{self.best:.1f}"
@@ -361,8 +395,20 @@ def head_options(
 
 
 def build_head(name: str, options: dict[str, Any], store: Any, device: torch.device) -> FewShotHead:
-    """Head `name` at the store's shapes, refused (one line) when the store lacks what it reads."""
-    head = registry.create(name, **head_options(name, options, store.spec, store.manifest))
+    """Head `name` at the store's shapes, refused (one line) when the store lacks what it reads or
+    its weights at those shapes would exceed MAX_HEAD_BYTES (checked on the meta device first)."""
+    options = head_options(name, options, store.spec, store.manifest)
+    registry.factory(name)  # (a plugin's module is imported outside the meta device)
+    with torch.device("meta"):
+        probe = registry.create(name, **options)
+    size = sum(t.numel() * t.element_size() for t in (*probe.parameters(), *probe.buffers()))
+    if size > MAX_HEAD_BYTES:
+        raise ConfigError(
+            f"head {name!r} at the store's shapes (dim {store.spec.get('dim')}) would hold "
+            f"{size / 1e9:.1f} GB of weights, more than {MAX_HEAD_BYTES / 1e9:.1f} GB: the store's "
+            "spec is not one a CLIP model gives (check its dims)"
+        )
+    head = registry.create(name, **options)
     require_inputs(head, store)
     head.prepare(store)
     return head.to(device)
@@ -404,14 +450,18 @@ def _check_new_run_dir(run_dir: Path, overwrite: bool) -> None:
 
 
 def _check_resumable(run_dir: Path, cfg: TrainConfig, fingerprint: str) -> None:
-    """The run's config.json must name this store with the fingerprint it had when the run began."""
+    """The run's config.json must name this store with the fingerprint it had when the run began;
+    its files are regular files (a link to a file outside the run is refused, never written)."""
     path = run_dir / "config.json"
+    if not path.exists() and not path.is_symlink():
+        raise ConfigError(f"nothing to resume: {path} does not exist")
     try:
-        started_on = json.loads(path.read_text())["store"]["fingerprint"]
-    except FileNotFoundError:
-        raise ConfigError(f"nothing to resume: {path} does not exist") from None
-    except (OSError, ValueError, KeyError, TypeError):
+        started_on = files.read_json(path, "run config")["store"]["fingerprint"]
+    except (KeyError, TypeError):
         raise ConfigError(f"{path} is not a run's config: cannot resume it") from None
+    for name in RUN_FILES[1:]:
+        if (run_dir / name).is_symlink() or (run_dir / name).exists():
+            files.regular_file(run_dir / name, None, "run file")
     if started_on != fingerprint:
         raise ConfigError(
             f"--resume: {cfg.store} has changed since {run_dir} began (fingerprint {fingerprint}, "
@@ -439,42 +489,3 @@ def _progress(cfg: TrainConfig, start: int):
         desc=f"train {cfg.head}",
         dynamic_ncols=True,
     )
-
-
-def plot_curves(run_dir: Path) -> None:
-    """curves.png: training loss, validation accuracy with its 95% CI, and the learning rate."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = [
-        json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line
-    ]
-    val = [r for r in records if "val_accuracy" in r]
-    trained = [r for r in records if r.get("kind") == "train"] or val  # older runs: loss at val
-    if not records:
-        return
-    fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(1, 3, figsize=(13, 3.6))
-    marker = "o" if len(trained) <= 30 else None
-    ax_loss.plot([r["episode"] for r in trained], [r["loss"] for r in trained], marker=marker, lw=1)
-    ax_loss.set(xlabel="training episode", ylabel="training loss", title="training loss")
-    x = np.array([r["episode"] for r in val], dtype=float)
-    acc = np.array([r["val_accuracy"] for r in val], dtype=float)
-    ci = np.array([r.get("val_ci95", math.nan) for r in val], dtype=float)
-    ax_acc.plot(x, acc, marker="o", color="tab:green", label="val accuracy")
-    ax_acc.fill_between(x, acc - ci, acc + ci, color="tab:green", alpha=0.2, lw=0, label="95% CI")
-    if len(val):
-        best = int(np.argmax(acc))
-        ax_acc.plot(x[best], acc[best], "*", color="black", ms=10, label="best (best.safetensors)")
-    ax_acc.set(xlabel="training episode", ylabel="val accuracy (%)", title="validation accuracy")
-    ax_acc.legend(fontsize=8, loc="best")
-    ax_lr.plot([r["episode"] for r in trained], [r["lr"] for r in trained], color="tab:purple")
-    ax_lr.set(xlabel="training episode", ylabel="learning rate", title="learning rate")
-    if trained and min(r["lr"] for r in trained) > 0:
-        ax_lr.set(yscale="log", title="learning rate (log scale)")
-    for ax in (ax_loss, ax_acc, ax_lr):
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(run_dir / "curves.png", dpi=80)
-    plt.close(fig)

@@ -66,3 +66,39 @@ def last_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def quiet_allocator(monkeypatch: pytest.MonkeyPatch) -> None:
     """The commands keep freed memory for speed; not in the long-lived test process."""
     monkeypatch.setattr("runtime.memory.keep_freed_memory", lambda: False)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A folder on a 256 KiB tmpfs, mounted when the test may (and unmounted after); without the
+    right to mount, a folder where fsync of a file over 256 KiB fails with ENOSPC (injected: a
+    full disk reported at fsync, as delayed allocation reports it)."""
+    import shutil
+    import subprocess
+
+    folder = tmp_path / "small"
+    folder.mkdir()
+    mount = shutil.which("mount")
+    command = [mount or "mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(folder)]
+    mounted = mount is not None and subprocess.run(command, capture_output=True).returncode == 0
+    if not mounted:
+        _fsync_fails_when_full(monkeypatch, folder, 256 << 10)
+    try:
+        yield folder
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(folder)], check=True)
+
+
+def _fsync_fails_when_full(monkeypatch: pytest.MonkeyPatch, folder: Path, capacity: int) -> None:
+    import errno
+
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        name = os.readlink(f"/proc/self/fd/{fd}")
+        if name.startswith(str(folder)) and os.fstat(fd).st_size > capacity:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
