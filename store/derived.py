@@ -131,6 +131,7 @@ def write_store(
             dataset=first.dataset,
             split_source=str(first.attrs.get("split_source", "")),
             written_here=False,  # rows from elsewhere: reads keep checking checksums
+            temp_name=False,  # `folder` is the temp name already
         )
         with dest:
             updates = _failed_updates(rows) + _copy_rows(dest, folder, rows, progress)

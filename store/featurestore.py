@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,13 +38,15 @@ def create_store(
     dataset: str,
     split_source: str,
     written_here: bool = True,
+    temp_name: bool = True,
 ) -> FeatureStore:
     """Create a store with every row `pending` and arrays pre-sized; returns it open for writing.
 
     `videos` needs columns `video_id`, `relpath`, `class_name`, `split` (optionally `status`/`error`
     for rows known to have failed already, e.g. `missing`). `written_here` records this machine and
     path in the root attributes, so that reads here skip checksums (merge and subset pass False:
-    their rows come from elsewhere).
+    their rows come from elsewhere). The store is built under a temp name beside `path` unless
+    `temp_name` is False (merge and subset build their whole folder under one already).
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
@@ -55,7 +58,8 @@ def create_store(
     if len(videos) == 0:
         raise StoreError("no videos to store")
     mark = os.path.realpath(path) if written_here else None
-    with building(path, "creating the store") as folder:  # nothing half-made on failure
+    building_it = building(path, "creating the store") if temp_name else nullcontext(path)
+    with building_it as folder:
         lock = create_layout(
             folder,
             spec,

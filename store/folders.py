@@ -63,9 +63,9 @@ def building(target: Path, what: str) -> Iterator[Path]:
         if target.is_dir() and not target.is_symlink():
             target.rmdir()  # empty (checked by the caller): the rename takes its place
         os.rename(tmp, target)
-    except OSError as exc:
+    except (OSError, DiskFullError) as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if is_disk_full(exc):
+        if is_disk_full(exc) or isinstance(exc, DiskFullError):  # named after `target`, not tmp
             raise disk_full(target, what) from None
         raise
     except BaseException:
