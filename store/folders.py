@@ -6,6 +6,7 @@ line (`DiskFullError`). Store-side until `runtime/files.py` offers the same gate
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import shutil
@@ -19,6 +20,7 @@ from .errors import DiskFullError, StoreError
 
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 _MARK = ".building-"
+SETTLE_S = 60.0  # the longest wait for writes a failed batch left in flight
 
 
 def is_disk_full(exc: BaseException) -> bool:
@@ -48,6 +50,23 @@ def _remove_stale(target: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
+async def _in_flight() -> None:
+    me = asyncio.current_task()
+    others = [t for t in asyncio.all_tasks() if t is not me]
+    if others:
+        await asyncio.wait(others, timeout=SETTLE_S)
+
+
+def _discard(tmp: Path) -> None:
+    """Remove a temp folder once the writes zarr still has in flight are done: when one write of a
+    batch fails (zarr gathers an array's and its parents' zarr.json), its siblings keep running and
+    would create their folders again after the removal (seen on a full tmpfs)."""
+    from zarr.core.sync import sync
+
+    sync(_in_flight())
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 @contextmanager
 def building(target: Path, what: str) -> Iterator[Path]:
     """Yield a fresh folder beside `target`; rename it to `target` when the block succeeds, remove
@@ -64,12 +83,12 @@ def building(target: Path, what: str) -> Iterator[Path]:
             target.rmdir()  # empty (checked by the caller): the rename takes its place
         os.rename(tmp, target)
     except (OSError, DiskFullError) as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _discard(tmp)
         if is_disk_full(exc) or isinstance(exc, DiskFullError):  # named after `target`, not tmp
             raise disk_full(target, what) from None
         raise
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _discard(tmp)
         raise
 
 

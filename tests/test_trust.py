@@ -478,3 +478,42 @@ def test_an_injected_full_disk_is_one_line_and_leaves_nothing(
     code, text = _cli(cli.store_app, "unpack", str(packed), str(out / "u"))
     _one_line_error(code, text, "no space left on the device")
     assert list(out.iterdir()) == []
+
+
+def test_writes_a_failed_batch_left_in_flight_never_leave_a_folder(
+    good: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """zarr writes an array's zarr.json and its parents' together; when the array's fails (a full
+    disk), the parents' writes are still running: the command waits for them before it removes
+    its temp folder, or they would create it again (seen on a 32 KB tmpfs)."""
+    import asyncio
+    import errno
+
+    import zarr.storage
+
+    real_set, real_parent = zarr.storage.LocalStore.set, zarr.storage.LocalStore.set_if_not_exists
+
+    async def array_document_fails(self, key, value):  # type: ignore[no-untyped-def]
+        if key == "cls/layer08/zarr.json":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        await real_set(self, key, value)
+
+    async def slow_parent(self, key, value):  # type: ignore[no-untyped-def]
+        await asyncio.sleep(0.5)  # still writing when the failure reaches the command
+        await real_parent(self, key, value)
+
+    monkeypatch.setattr(zarr.storage.LocalStore, "set", array_document_fails)
+    monkeypatch.setattr(zarr.storage.LocalStore, "set_if_not_exists", slow_parent)
+    out = tmp_path / "out"
+    out.mkdir()
+    code, text = _cli(cli.store_app, "subset", str(good), "--out", str(out / "s"))
+    _one_line_error(code, text, f"{out / 's'}: no space left on the device")
+
+    async def writes_done() -> None:  # whatever the command left running has finished
+        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        await asyncio.wait(others) if others else None
+
+    from zarr.core.sync import sync
+
+    sync(writes_done())
+    assert list(out.iterdir()) == []
