@@ -138,6 +138,7 @@ class Result:
     figures: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
+    module: str = ""  # the module run as `python -m bench.<module>`, when not `name`
 
     def add(
         self,
@@ -168,7 +169,8 @@ class Result:
             "schema": SCHEMA,
             "quick": self.quick,
             "command": " ".join(
-                shlex.quote(a) for a in ["python", "-m", f"bench.{self.name}", *sys.argv[1:]]
+                shlex.quote(a)
+                for a in ["python", "-m", f"bench.{self.module or self.name}", *sys.argv[1:]]
             ),
             "machine": machine_info(self.device),
             "config": self.config,

@@ -19,6 +19,7 @@ import argparse
 import ast
 import json
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -26,18 +27,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench.common import REPO_ROOT, RESULTS_DIR, format_value, markdown_table
+from bench.learning_map import map_lines
 
 BENCHMARKS = (
-    "extraction",
-    "training",
-    "evaluation",
-    "store",
-    "memory",
-    "learning",
-    "study",
-    "side_init",
-    "tsfsar",
-)
+    "extraction", "training", "evaluation", "store", "memory", "learning", "learning_map", "study",
+    "side_init", "tsfsar",
+)  # fmt: skip
+# how run_all starts a benchmark whose command is not `python -m bench.<name>`
+COMMANDS = {"learning_map": ["bench.learning", "--map"]}
+# benchmarks whose sections go to docs/learning.md (between markers) instead of performance.md
+LEARNING = ("learning_map", "learning")
+LEARNING_DOC = REPO_ROOT / "docs" / "learning.md"
 DOC = REPO_ROOT / "docs" / "performance.md"
 README = REPO_ROOT / "README.md"
 HEADLINE_BEGIN = "<!-- performance headline: written by python -m bench.run_all --report -->"
@@ -210,17 +210,16 @@ def headline_rows(results: list[dict], headlines: list | None = None) -> list[st
     return rows
 
 
-def section(res: dict) -> list[str]:
+def section(res: dict, heading: bool = True) -> list[str]:
     name = res["name"]
     mode = " (quick mode: tiny sizes, figures meaningless)" if res["quick"] else ""
     lines = [
-        f"### {name}",
-        "",
+        *([f"### {name}", ""] if heading else []),
         f"How to read it: {how_to_read(name)}",
         "",
         f"Command: `{res['command'].replace(str(REPO_ROOT) + '/', '')}`{mode}, {res['seconds'] / 60:.0f} min. {machine_line([res])}",
         "",
-        markdown_table([res]),
+        *(map_lines(res) if name == "learning_map" else [markdown_table([res])]),
     ]
     if res["notes"]:
         lines += [""] + [f"- {note}" for note in res["notes"]]
@@ -262,8 +261,15 @@ def performance_doc(out: Path, gpu_out: Path, previous: str = "") -> str:
         "## CPU",
         "",
     ]
+    lines += [
+        "What each head learns (`python -m bench.learning --map` and `python -m bench.learning`, both",
+        "in `make bench`): [learning.md](learning.md), generated from the same results.",
+        "",
+    ]
     measured = {res["name"]: res for res in cpu}
     for name in BENCHMARKS:
+        if name in LEARNING:  # their sections live in docs/learning.md
+            continue
         if name in measured:
             lines += section(measured[name])
         elif name in kept:
@@ -289,8 +295,37 @@ def readme_headline(out: Path, previous: str = "") -> str:
     )  # fmt: skip
 
 
-def write_docs(out: Path, gpu_out: Path, doc: Path = DOC, readme: Path | None = README) -> None:
+def learning_blocks(text: str, out: Path, figures: Path | None = None) -> str:
+    """`text` with each learning result's block (between its markers) rewritten from `out`; a
+    result's plot (`out/<name>.png`) is copied into `figures` and shown at the block's end."""
+    for res in load(out, LEARNING):
+        begin, end = (
+            f"<!-- {res['name']}: written by python -m bench.run_all --report -->",
+            (f"<!-- end of {res['name']} -->"),
+        )
+        plot, lines = out / f"{res['name']}.png", section(res, heading=False)
+        if figures is not None and plot.exists():
+            figures.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(plot, figures / plot.name)
+            lines += [f"![{res['name']}]({figures.name}/{plot.name})", ""]
+        body = "\n".join([begin, *lines, end])
+        pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
+        text = pattern.sub(lambda _, body=body: body, text)
+    return text
+
+
+def write_docs(
+    out: Path,
+    gpu_out: Path,
+    doc: Path = DOC,
+    readme: Path | None = README,
+    learning: Path | None = None,
+) -> None:
+    """Write performance.md, the README's headline block and (`learning`) docs/learning.md's blocks."""
     doc.write_text(performance_doc(out, gpu_out, doc.read_text() if doc.exists() else ""))
+    if learning is not None and learning.exists():
+        figures = learning.parent / "img"
+        learning.write_text(learning_blocks(learning.read_text(), out, figures))
     if readme is not None and readme.exists():
         text = readme.read_text()
         pattern = re.compile(re.escape(HEADLINE_BEGIN) + ".*?" + re.escape(HEADLINE_END), re.S)
@@ -319,7 +354,8 @@ def update_doc(text: str, results: list[dict], gpu_part: list[str] | None = None
 
 def run_benchmark(name: str, device: str, out: Path, quick: bool) -> int:
     """`python -m bench.<name>` in its own process; its exit code."""
-    cmd = [sys.executable, "-m", f"bench.{name}", "--device", device, "--out", str(out)]
+    module = COMMANDS.get(name, [f"bench.{name}"])
+    cmd = [sys.executable, "-m", *module, "--device", device, "--out", str(out)]
     if quick:
         cmd.append("--quick")
     print(f"== {' '.join(cmd[1:])}", flush=True)
@@ -375,8 +411,9 @@ def main(argv: list[str] | None = None) -> int:
             DOC.write_text(update_doc(DOC.read_text(), load(out, names), placeholder))
             print(f"updated the {', '.join(names)} sections of {DOC.relative_to(REPO_ROOT)}")
         else:
-            write_docs(out, out / "gpu")
-            print(f"wrote {DOC.relative_to(REPO_ROOT)} and the headline block of README.md")
+            write_docs(out, out / "gpu", learning=LEARNING_DOC)
+            print(f"wrote {DOC.relative_to(REPO_ROOT)}, the blocks of docs/learning.md and the "
+                  "headline block of README.md")  # fmt: skip
     print(f"\n{table}")
     if failed:
         print(f"\nfailed: {', '.join(failed)}", file=sys.stderr)

@@ -20,7 +20,8 @@ Dropout as released (nn.Dropout, 0.2 after attention, 0.05 in the FFN); attentio
 F.scaled_dot_product_attention, the released softmax(q k^T / sqrt(d)) v.
 
 Paper-text options (off by default, the released code has neither): `layer_weights` learns the
-weights of the skip-fusion sums, `score_weights` learns the weights that combine the scores.
+weights of the skip-fusion sums (starting from `layer_weight_init`), `score_weights` learns the
+weights that combine the scores.
 `released_5shot_text` reproduces a quirk of the released code (off by default): the class texts
 of the text-visual scores come from the first five (shuffled) supports only, see `released_text_ids`.
 """
@@ -219,6 +220,7 @@ class EMPNet(FewShotHead):
         text_temperature: float = 0.07,
         learn_temperature: bool = True,
         layer_weights: bool = False,
+        layer_weight_init: float = 1.0,
         score_weights: bool = False,
         released_5shot_text: bool = False,
     ) -> None:
@@ -245,6 +247,8 @@ class EMPNet(FewShotHead):
             learn_temperature=learn_temperature, layer_weights=layer_weights,
             score_weights=score_weights,
         )  # fmt: skip
+        if layer_weight_init != 1.0:
+            self._config["layer_weight_init"] = layer_weight_init
         if released_5shot_text:
             self._config["released_5shot_text"] = True
         block_args = (dim, heads, head_dim, ffn_dim, attn_dropout, ffn_dropout)
@@ -257,7 +261,9 @@ class EMPNet(FewShotHead):
             {lv: TransformerLayer(*block_args) for lv in self.levels} if self.use_text else {}
         )
         self.layer_weights = (
-            nn.Parameter(torch.ones(2)) if layer_weights and self.skip_fusion else None
+            nn.Parameter(torch.full((2,), float(layer_weight_init)))
+            if layer_weights and self.skip_fusion
+            else None
         )
         n_scores = len(self.levels) * (2 if self.use_text else 1)
         self.score_weights = nn.Parameter(torch.zeros(n_scores)) if score_weights else None

@@ -171,6 +171,44 @@ def test_report_writes_the_performance_doc_and_the_readme_headline(tmp_path: Pat
     )
 
 
+def test_report_writes_the_learning_map_into_its_doc(tmp_path: Path) -> None:
+    """docs/learning.md: the map (stores x heads) and a reading per row replace the block between
+    its markers; the text around it stays; performance.md points there instead."""
+    from bench.learning_map import COLUMNS, TRAINED
+    from bench.run_all import write_docs
+
+    out = tmp_path / "results"
+    out.mkdir()
+    machine = {"cores": 2, "cpu_model": "x", "memory_gib": 1, "torch": "t", "torch_threads": 2}
+    machine |= {"device": "cpu", "load_average_at_start": [1.0, 1.0, 1.0]}
+    accuracy = {c: 20.0 for c in COLUMNS} | {"probe": 99.0, "zeroshot": 60.0}
+    runs = {c: {"untrained": 20.0, "base_accuracy": 20.0} for c in TRAINED}
+    runs["emp"]["base_accuracy"] = 95.0  # fits the base classes, transfers nothing
+    rows = {"base": {"accuracy": accuracy, "runs": runs}}
+    res = {
+        "name": "learning_map", "quick": False, "command": "python -m bench.learning --map",
+        "machine": machine, "seconds": 60.0, "notes": ["a note"], "config": {"rows": rows},
+        "figures": [],
+    }  # fmt: skip
+    (out / "learning_map.json").write_text(json.dumps(res))
+    begin = "<!-- learning_map: written by python -m bench.run_all --report -->"
+    learning = tmp_path / "learning.md"
+    learning.write_text(f"# x\n\nbefore\n\n{begin}\nold\n<!-- end of learning_map -->\n\nafter\n")
+    doc = tmp_path / "performance.md"
+    write_docs(out, out / "gpu", doc, None, learning)
+    text = learning.read_text()
+    assert text.startswith("# x\n\nbefore\n\n" + begin) and text.endswith("\n\nafter\n")
+    assert "old" not in text and "Command: `python -m bench.learning --map`" in text
+    assert "| store | zeroshot | proto | otam | emp untrained | probe |" in text
+    assert "| base | 60.0 | 20.0 | 20.0 | 20.0 | 99.0 |" in text
+    assert "- **base**: training-free best zeroshot 60; training lifts probe 20 -> 99;" in text
+    assert (
+        "above every training-free head: probe; fit the base classes without transferring: emp (base 95, test 20)."
+        in text
+    )
+    assert "[learning.md](learning.md)" in doc.read_text() and "learning_map" not in doc.read_text()
+
+
 def test_tsfsar_episode_bytes_follow_the_store_layout() -> None:
     """A 5-way 1-shot 5-query ViT-B/16 episode at T = 8 reads 30 videos x (13 taps of 197 x 768
     float16 per frame + the projected CLS): 0.94 GB; 4 taps read under a third of it."""
