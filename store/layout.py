@@ -44,6 +44,7 @@ LASTBLOCK_RESBLOCK_KEYS = (
     "mlp.c_proj.weight",
     "mlp.c_proj.bias",
 )
+LASTBLOCK_KEYS = (*LASTBLOCK_RESBLOCK_KEYS, "ln_post.weight", "ln_post.bias", "proj")
 LASTBLOCK_LAYER_SCALE_KEYS = ("ls_1.gamma", "ls_2.gamma")
 # TS-FSAR's side-network initialisation (PCA of CLIP's block weights, computed at extraction).
 TSFSAR_INIT_NAME = "tsfsar_init.safetensors"

@@ -15,10 +15,9 @@ from typing import Any
 import numpy as np
 
 from .form import json_depth
-from .layout import LASTBLOCK_LAYER_SCALE_KEYS, LASTBLOCK_RESBLOCK_KEYS
+from .layout import LASTBLOCK_KEYS, LASTBLOCK_LAYER_SCALE_KEYS
 
 MAX_MLP_RATIO = 16.0
-POST_KEYS = ("ln_post.weight", "ln_post.bias", "proj")  # after the resblock
 MAX_CONFIG_DEPTH = 4  # fsar writes numbers, flags, names and one level of groups
 
 
@@ -84,8 +83,7 @@ def lastblock_shapes(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
         "mlp.c_proj.weight": (width, hidden),
         "proj": (width, dim),
     }
-    keys = (*LASTBLOCK_RESBLOCK_KEYS, *POST_KEYS)
-    keys += LASTBLOCK_LAYER_SCALE_KEYS if layer_scale else ()
+    keys = LASTBLOCK_KEYS + (LASTBLOCK_LAYER_SCALE_KEYS if layer_scale else ())
     return {key: shapes.get(key, (width,)) for key in keys}
 
 
