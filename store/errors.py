@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from runtime.errors import FsarError
 
-class StoreError(Exception):
+
+class StoreError(FsarError):
     """Base class: something about a store the user can fix."""
 
 
