@@ -25,6 +25,7 @@ from heads.clip_block import LastBlock, load_last_block
 from heads.config import ConfigError
 from heads.curves import metric_records, plot_curves
 from heads.train import RUN_FILES, TrainConfig, build_head, train
+from store.errors import CorruptStoreError
 
 runner = CliRunner()
 pytestmark = pytest.mark.usefixtures("quiet_allocator")
@@ -171,7 +172,7 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing(
         "--store", pair_store, "--out", out, *TRAIN, "--option", "dim=3", crash=True
     )
     assert code != 0
-    assert not out.exists() and not [p for p in out.parent.iterdir() if p.name != "latest"], text
+    assert not out.parent.exists() or list(out.parent.iterdir()) == [], text
     code, text = cli_train("--store", pair_store, "--out", out, *TRAIN)
     assert code == 0, text
     assert (out / "best.safetensors").is_file() and (out.parent / "latest").resolve() == out
@@ -229,10 +230,10 @@ def test_a_last_block_config_claiming_width_8192_is_refused_before_building(
         init(self, *args, **kwargs)
 
     monkeypatch.setattr(LastBlock, "__init__", spy)
-    with pytest.raises(ValueError, match="has shape .*expected"):
+    with pytest.raises((ValueError, CorruptStoreError), match="has shape .*expected"):
         load_last_block(small_block.state_tensors(), config)
     assert built_on == ["meta"]
-    with pytest.raises(ValueError, match="beyond any CLIP's"):
+    with pytest.raises((ValueError, CorruptStoreError), match="beyond any CLIP's"):
         load_last_block(small_block.state_tensors(), {**config, "width": 65536})
 
 
