@@ -243,3 +243,25 @@ def test_a_spec_with_a_huge_dim_is_refused_before_the_head_is_allocated() -> Non
     with pytest.raises(ConfigError, match=r"probe.*dim 32768.*4.3 GB of weights"):
         build_head("probe", {}, store, torch.device("cpu"))
     assert heads.registry.factory("probe")  # (the head itself is fine at CLIP's shapes)
+
+
+def test_study_files_go_through_the_gate(tmp_path: Path) -> None:
+    """A study folder is shared like a run: a FIFO is refused (it blocked for ever), deeply nested
+    episode metadata is dropped (it was a RecursionError), a cell.json link is not followed."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from heads.study.folder import EPISODES_KEY, StudyError, read_json, read_per_episode
+
+    os.mkfifo(tmp_path / "fifo.parquet")
+    with pytest.raises(StudyError, match="not a regular file"):
+        read_per_episode(tmp_path / "fifo.parquet")
+    table = pa.table({"episode": np.arange(3), "accuracy": np.array([1.0, 0.0, 1.0])})
+    deep = ("[" * 100_000 + "]" * 100_000).encode()
+    pq.write_table(table.replace_schema_metadata({EPISODES_KEY: deep}), tmp_path / "e.parquet")
+    episode, accuracy, meta = read_per_episode(tmp_path / "e.parquet")
+    assert list(episode) == [0, 1, 2] and accuracy.tolist() == [1.0, 0.0, 1.0] and meta is None
+    (tmp_path / "outside.json").write_text('{"status": "ok"}')
+    (tmp_path / "cell.json").symlink_to(tmp_path / "outside.json")
+    assert read_json(tmp_path / "cell.json") is None
