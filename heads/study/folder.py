@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from runtime import files
+
 from .cell import CellOutcome
 from .plans import Cell
 
@@ -27,6 +29,8 @@ PER_EPISODE_FILE = "per_episode.parquet"
 EPISODES_KEY = b"fsar.episodes"
 MAX_EPISODES = 10_000_000
 MAX_JSON_BYTES = 16 << 20
+# MAX_EPISODES rows of two 8-byte columns, and room for Parquet's own
+MAX_PER_EPISODE_BYTES = 1 << 30
 
 
 class StudyError(ValueError):
@@ -34,18 +38,15 @@ class StudyError(ValueError):
 
 
 def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    files.write_file(path, text)
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
-    """A JSON object from a study file, or None when absent, too large or unreadable."""
+    """A JSON object from a study file, or None when absent, not a regular file (a link), too
+    large, too deeply nested or unreadable."""
     try:
-        if path.stat().st_size > MAX_JSON_BYTES:
-            return None
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError):
+        data = files.read_json(path, "study file", MAX_JSON_BYTES)
+    except files.FileRefused:
         return None
     return data if isinstance(data, dict) else None
 
@@ -58,9 +59,7 @@ def write_per_episode(path: Path, accuracy: np.ndarray, meta: dict[str, Any]) ->
         {"episode": np.arange(len(accuracy)), "accuracy": np.asarray(accuracy, np.float64)}
     )
     table = table.replace_schema_metadata({EPISODES_KEY: json.dumps(meta, sort_keys=True).encode()})
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    files.write_file(path, lambda f: pq.write_table(table, f))
 
 
 def read_per_episode(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any] | None]:
@@ -69,8 +68,12 @@ def read_per_episode(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict[str
 
     path = Path(path)
     try:
+        files.regular_file(path, MAX_PER_EPISODE_BYTES, "per-episode file")
+    except files.FileRefused as error:
+        raise StudyError(str(error)) from None
+    try:
         parquet = pq.ParquetFile(path)
-    except (OSError, ValueError) as error:  # missing, not Parquet, truncated
+    except (OSError, ValueError) as error:  # not Parquet, truncated
         raise StudyError(f"{path}: not a readable per-episode Parquet file ({error})") from None
     names = set(parquet.schema_arrow.names)
     if not {"episode", "accuracy"} <= names:
@@ -94,9 +97,9 @@ def read_per_episode(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict[str
     raw = (parquet.schema_arrow.metadata or {}).get(EPISODES_KEY)
     if raw is not None and len(raw) < MAX_JSON_BYTES:
         try:
-            loaded = json.loads(raw)
+            loaded = files.parse_json(raw, f"{path}: episode metadata")
             meta = loaded if isinstance(loaded, dict) else None
-        except ValueError:
+        except files.FileRefused:
             meta = None
     order = np.argsort(episode, kind="stable")
     return episode[order], accuracy[order], meta
@@ -195,7 +198,7 @@ class StudyFolder:
     def write_failure(self, cell: Cell, error: str, details: str, seconds: float) -> None:
         directory = self.cell_dir(cell)
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / "error.log").write_text(details)
+        files.write_file(directory / "error.log", details)
         self._write_record(cell, {"status": "failed", "error": error, "seconds": seconds})
 
     def _write_record(self, cell: Cell, fields: dict[str, Any]) -> None:
