@@ -160,7 +160,11 @@ def store_merge(
     b: str = typer.Argument(..., help="Second store (B)."),
     out: str = typer.Option(..., "--out", help="New store directory to write."),
     prefer: str = typer.Option(
-        None, "--prefer", metavar="A|B", help="Take differing videos from this store."
+        None,
+        "--prefer",
+        metavar="A|B",
+        help="Resolve conflicts (a video, class text or weights file both stores hold with "
+        "different values) by taking A's copies or B's.",
     ),
     cache: str = typer.Option(None, "--cache", metavar="DIR", help=CACHE_HELP),
 ) -> None:

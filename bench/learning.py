@@ -6,8 +6,9 @@
 Each variant trains emp from seed 0 with the learning map's short recipe (300 episodes at lr 3e-3,
 everything else fsar-train's default) and changes one thing: the loss, the text branch, the levels,
 the skip fusion, the learning rate, the regularisation, the length of the run. On the row where emp
-fits the base classes and transfers nothing (`independent`) every variant runs; on rows where emp
-learns, the variants that change its structure run too (does the change hurt there?). Every variant
+fits the base classes and transfers nothing (`independent`) every variant runs; on a row where emp
+learns through its skip fusion (`signal in layers 1-4 only`; any row with `--rows`), the variants
+that change its structure run too: does the change hurt there? Every variant
 is scored on the row's novel test classes (500 episodes) and on its base classes (200 episodes
 drawn from the train split), its validation accuracy is recorded every 50 episodes (the curves
 plot), and the collapse of its matching features is measured: the mean cosine between the frame
@@ -18,18 +19,23 @@ built at `store.learning_family.SMALL` sizes (a tenth of the cost; the failure r
 
 from __future__ import annotations
 
+import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
 from bench.common import Result, Scratch, parser
-from bench.learning_map import BASE_EPISODES, TEST, curve, train_head
+from bench.learning_map import BASE_EPISODES, LR, TEST, curve, train_head
 
 # `python -m bench.run_all --report` puts this above the figures in docs/performance.md
 HOW_TO_READ = """
-emp on the learning map's row where it fits the base classes and transfers nothing, one change at a
-time: test accuracy on novel classes (chance 20), accuracy on base classes, and how collapsed the
-matching features are (mean cosine between different videos; the untrained head is the yardstick).
+emp on the learning map's row where it fits the base classes and transfers nothing (`independent`),
+one change at a time, and the structural changes again on a row where it learns through its skip
+fusion (`signal in layers 1-4 only`), both at `SMALL` sizes: test accuracy on novel classes (chance
+20), accuracy on base classes, and how collapsed the matching features are (mean cosine between
+different videos; the untrained head is the yardstick). The plot shows the independent row's
+training loss against its val accuracy.
 """
 
 ROW = "independent"
@@ -65,7 +71,7 @@ CHECKS = (
     "emp, without skip fusion or text",
     "emp, skip-fusion weights learned from 0",
 )
-ROWS = {ROW: tuple(VARIANTS), "signal in layers 1-4 only": CHECKS, "base": CHECKS}
+ROWS = {ROW: tuple(VARIANTS), "signal in layers 1-4 only": CHECKS}
 
 
 def between_video_cosine(head: Any, store: Any, videos: int = 60) -> float:
@@ -92,6 +98,24 @@ def between_video_cosine(head: Any, store: Any, videos: int = 60) -> float:
         cos = torch.einsum("atd,bsd->ab", x, x) / x.shape[1] ** 2
         values.append(float(cos[~torch.eye(len(rows), dtype=torch.bool)].mean()))
     return float(np.mean(values))
+
+
+def finished(run: Path, head: str, options: dict, episodes: int, training: dict) -> bool:
+    """Whether `run` is a finished run of this variant (its config says so, its last val record
+    is at its last episode)."""
+    try:
+        cfg = json.loads((run / "config.json").read_text())["config"]
+        last = curve(run)["val"][-1][0]
+    except (OSError, ValueError, KeyError, IndexError):
+        return False
+    chosen = {k: v for k, v in cfg["head_options"].items() if k != "dim"}  # dim: the store's
+    wanted = {"lr": LR, **training}
+    return (
+        cfg["head"] == head
+        and chosen == options
+        and cfg["episodes"] == episodes == last
+        and all(cfg.get(k) == v for k, v in wanted.items())
+    )
 
 
 def score_variants(
@@ -128,7 +152,10 @@ def score_variants(
         n = training.get("episodes", episodes) if episodes >= 100 else episodes
         others = {k: v for k, v in training.items() if k != "episodes"}
         val, every = (100, 50) if n >= 100 else (10, 0)
-        run = train_head(store_path, work / f"v{i}", head, options, n, val, every, **others)
+        run = work / f"v{i}"
+        if not finished(run, head, options, n, others):  # a finished run in --work is reused
+            shutil.rmtree(run, ignore_errors=True)
+            run = train_head(store_path, run, head, options, n, val, every, **others)
         score(f"v{i}", label, load_run(run, store))
         c = curve(run)
         curves[label] = {"loss": c["loss"], "val": c["val"]}
@@ -137,6 +164,26 @@ def score_variants(
             "accuracy " + ", ".join(f"{acc:.0f} at {ep}" for ep, acc in c["val"])
         )
     return curves
+
+
+def table_lines(res: dict) -> list[str]:
+    """The figures as one markdown table: a line per variant, test / base accuracy and the cosine
+    between videos per row."""
+    rows = res["config"]["rows"]
+    cells: dict[str, dict[str, str]] = {}
+    for fig in res["figures"]:
+        row, label, kind = fig["label"].rsplit(": ", 2)
+        kind = {"test classes": "test", "base classes": "base", "cosine between videos": "cos"}[
+            kind
+        ]
+        value = f"{fig['value']:.2f}" if kind == "cos" else f"{fig['value']:.1f}"
+        cells.setdefault(label, {})[f"{row} {kind}"] = value
+    columns = [f"{row} {kind}" for row in rows for kind in ("test", "base", "cos")]
+    head = [f"{row}: {kind}" for row in rows for kind in ("test %", "base %", "cosine")]
+    lines = ["| variant | " + " | ".join(head) + " |", "|---|" + "---:|" * len(columns)]
+    for label, values in cells.items():
+        lines.append(f"| {label} | " + " | ".join(values.get(c, "") for c in columns) + " |")
+    return lines
 
 
 def plot_curves(curves: dict[str, dict], path: Path, chance: float = 20.0) -> None:
@@ -164,7 +211,7 @@ def plot_curves(curves: dict[str, dict], path: Path, chance: float = 20.0) -> No
                title=f"accuracy on novel val classes (chance {chance:.0f}, dotted)")  # fmt: skip
     ax_val.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=90, bbox_inches="tight")  # the legend sits outside the axes
     plt.close(fig)
 
 
@@ -204,6 +251,7 @@ def main(argv: list[str] | None = None) -> None:
         for i, row in enumerate(rows):
             factors = replace(FAMILY[row], **sizes)
             res.config["factors"][row] = asdict(factors)
+            shutil.rmtree(work / f"store{i}", ignore_errors=True)  # seeded: the same store again
             write_learning_store(work / f"store{i}", factors, ts=False).close()
             variants = list(ROWS.get(row, CHECKS)) if i else list(VARIANTS)
             variants = variants[:3] if args.quick else variants  # quick: the code path

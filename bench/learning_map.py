@@ -138,6 +138,7 @@ def reading(row: dict) -> str:
     best = max(FREE, key=lambda h: acc[h])
     lifted = [c for c in TRAINED if acc[c] >= runs[c]["untrained"] + LEARNS]
     above = [c for c in lifted if acc[c] >= acc[best] + LEARNS]
+    lowered = [c for c in TRAINED if acc[c] <= runs[c]["untrained"] - LEARNS]
     fits = [c for c in TRAINED if c not in lifted and runs[c]["base_accuracy"] >= acc[c] + LEARNS]
     parts = [f"training-free best {best} {acc[best]:.0f}"]
     if lifted:
@@ -147,6 +148,9 @@ def reading(row: dict) -> str:
             parts.append(f"above every training-free head: {', '.join(above)}")
     else:
         parts.append("training lifts no head")
+    if lowered:
+        moves = [f"{c} {runs[c]['untrained']:.0f} -> {acc[c]:.0f}" for c in lowered]
+        parts.append(f"training lowers {', '.join(moves)}")
     if fits:
         fitted = [f"{c} (base {runs[c]['base_accuracy']:.0f}, test {acc[c]:.0f})" for c in fits]
         parts.append(f"fit the base classes without transferring: {', '.join(fitted)}")
@@ -181,7 +185,7 @@ def plot_map(res: dict, path: Path) -> None:
     ax.imshow(values, cmap="RdBu", norm=norm, aspect="auto")
     for (i, j), value in np.ndenumerate(values):
         ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=8,
-                color="white" if abs(value - 50) > 35 else "black")  # fmt: skip
+                color="white" if value > 75 else "black")  # fmt: skip
     ax.set_xticks(range(len(COLUMNS)), [c.replace(", ", ",\n") for c in COLUMNS], fontsize=8)
     ax.set_yticks(range(len(rows)), list(rows), fontsize=8)
     ax.xaxis.tick_top()

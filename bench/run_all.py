@@ -27,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench.common import REPO_ROOT, RESULTS_DIR, format_value, markdown_table
+from bench.learning import table_lines
 from bench.learning_map import map_lines
 
 BENCHMARKS = (
@@ -219,7 +220,13 @@ def section(res: dict, heading: bool = True) -> list[str]:
         "",
         f"Command: `{res['command'].replace(str(REPO_ROOT) + '/', '')}`{mode}, {res['seconds'] / 60:.0f} min. {machine_line([res])}",
         "",
-        *(map_lines(res) if name == "learning_map" else [markdown_table([res])]),
+        *(
+            map_lines(res)
+            if name == "learning_map"
+            else table_lines(res)
+            if name == "learning"
+            else [markdown_table([res])]
+        ),
     ]
     if res["notes"]:
         lines += [""] + [f"- {note}" for note in res["notes"]]

@@ -229,7 +229,9 @@ def new_folder(path: str | Path, keep_files: bool = False) -> Path:
     Refused when `path` is a link or a file, or a folder that is not empty (unless `keep_files`:
     then what it holds stays, beside what is built)."""
     path = Path(path)
-    if path.is_symlink() or (path.exists() and not path.is_dir()):
+    if path.is_symlink():
+        raise FileRefused(f"{path} is a link; fsar builds folders only where it names them")
+    if path.exists() and not path.is_dir():
         raise FileRefused(f"{path} exists and is not a folder: choose another")
     if path.is_dir() and not keep_files and any(path.iterdir()):
         raise FileRefused(f"{path} is a folder that is not empty: choose another")

@@ -15,10 +15,10 @@ import pandas as pd
 
 from runtime.progress import progress_bar
 
-from .errors import CorruptStoreError, StoreError
+from .errors import CorruptStoreError, NonFiniteError, StoreError
 from .featurestore import FeatureStore, create_store, open_store
+from .folders import building
 from .layout import checksum_column, row_bytes
-from .location import remove_partial
 from .writing import ChunkWriter
 
 SPLIT_ORDER = ("train", "val", "test")
@@ -118,33 +118,30 @@ def write_store(
     extra_attrs: dict[str, Any],
     progress: bool,
 ) -> FeatureStore:
-    """Create `out` holding `rows` (ok rows' chunks copied and re-hashed), texts and weights."""
+    """Create `out` holding `rows` (ok rows' chunks copied and re-hashed), texts and weights;
+    built under a temp name beside `out`, so a failure (a full disk too) leaves nothing."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise StoreError(f"{out} exists and is not empty: choose another --out")
-    created = not out.exists()
-    dest = create_store(
-        out,
-        spec,
-        classes,
-        _videos_table(rows),
-        dataset=first.dataset,
-        split_source=str(first.attrs.get("split_source", "")),
-        written_here=False,  # rows from elsewhere: reads keep checking checksums
-    )
-    try:
-        updates = _failed_updates(rows) + _copy_rows(dest, out, rows, progress)
-        dest.commit(sorted(updates, key=lambda u: u["row"]))
-        for name, (array, templates) in texts.items():
-            dest.write_text(name, array, templates)
-        for name, data_bytes in weights.items():
-            dest.write_weights_file(name, data_bytes)
-        if extra_attrs:
-            dest.set_attrs(**extra_attrs)
-        dest.close()
-    except BaseException:
-        dest.close()
-        remove_partial(out, created)
-        raise
+    with building(out, "writing the new store") as folder:
+        dest = create_store(
+            folder,
+            spec,
+            classes,
+            _videos_table(rows),
+            dataset=first.dataset,
+            split_source=str(first.attrs.get("split_source", "")),
+            written_here=False,  # rows from elsewhere: reads keep checking checksums
+            temp_name=False,  # `folder` is the temp name already
+        )
+        with dest:
+            updates = _failed_updates(rows) + _copy_rows(dest, folder, rows, progress)
+            dest.commit(sorted(updates, key=lambda u: u["row"]))
+            for name, (array, templates) in texts.items():
+                dest.write_text(name, array, templates)
+            for name, data_bytes in weights.items():
+                dest.write_weights_file(name, data_bytes)
+            if extra_attrs:
+                dest.set_attrs(**extra_attrs)
     return open_store(out)
 
 
@@ -207,7 +204,14 @@ def _copy_batch(
     data = store.read([src.row for _, src in batch], names, verify=False)
     updates = []
     for i, (out_row, src) in enumerate(batch):
-        sums = writer.write_row(out_row, {n: data[n][i] for n in names})
+        try:
+            sums = writer.write_row(out_row, {n: data[n][i] for n in names})
+        except NonFiniteError:
+            where = store.location.describe()
+            raise NonFiniteError(
+                f"{where}: row {src.row} ({src.record['video_id']}) holds NaN or inf values; "
+                f"it is not copied (run fsar-store verify {where})"
+            ) from None
         _check_copied(store, src, sums, names)
         fields = _copied_fields(src.record, [k for k in _COPIED_COLUMNS if k != "error"])
         updates.append({"row": out_row, "status": "ok", "error": None, **fields, **sums})

@@ -39,3 +39,11 @@ class UnsafeStoreError(CorruptStoreError):
 
 class MissingChunkError(CorruptStoreError):
     """A chunk the manifest says exists is absent on the server (HTTP 404)."""
+
+
+class NonFiniteError(StoreError):
+    """A row holds NaN or inf values: never written, never read into a result."""
+
+
+class DiskFullError(StoreError):
+    """The disk filled up while a store, packed file or manifest was written; nothing was kept."""

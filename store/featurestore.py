@@ -7,13 +7,16 @@ for a directory store written on this machine at its current path (`root.written
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Literal
 
 import pandas as pd
 
 from .errors import StoreError
+from .folders import building
 from .layout import LOCK_FILE
 from .location import resolve
 from .lock import StoreLock
@@ -35,24 +38,44 @@ def create_store(
     dataset: str,
     split_source: str,
     written_here: bool = True,
+    temp_name: bool = True,
 ) -> FeatureStore:
     """Create a store with every row `pending` and arrays pre-sized; returns it open for writing.
 
     `videos` needs columns `video_id`, `relpath`, `class_name`, `split` (optionally `status`/`error`
     for rows known to have failed already, e.g. `missing`). `written_here` records this machine and
     path in the root attributes, so that reads here skip checksums (merge and subset pass False:
-    their rows come from elsewhere).
+    their rows come from elsewhere). The store is built under a temp name beside `path` unless
+    `temp_name` is False (merge and subset build their whole folder under one already).
     """
-    location, group, lock = create_layout(
-        path,
-        spec,
-        classes,
-        videos,
-        dataset=dataset,
-        split_source=split_source,
-        written_here=written_here,
-    )
-    return FeatureStore(location, group, "a", lock)
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise StoreError(f"{path} is a file, not a store directory: choose another path")
+    if path.exists() and any(path.iterdir()):
+        raise StoreError(
+            f"{path} exists and is not empty: open it to resume, or choose another path"
+        )
+    if len(videos) == 0:
+        raise StoreError("no videos to store")
+    mark = os.path.realpath(path) if written_here else None
+    building_it = building(path, "creating the store") if temp_name else nullcontext(path)
+    with building_it as folder:
+        lock = create_layout(
+            folder,
+            spec,
+            classes,
+            videos,
+            dataset=dataset,
+            split_source=split_source,
+            written_on=mark,
+        )
+    lock.path = path / LOCK_FILE  # the lock file moved with the folder
+    try:
+        location = resolve(path, mode="a")
+        return FeatureStore(location, open_group(location, "r+"), "a", lock)
+    except BaseException:
+        lock.release()
+        raise
 
 
 def open_store(

@@ -71,7 +71,7 @@ MANIFEST_BASE_COLUMNS = (
     "frame_indices",
     "decoder",
 )
-MANIFEST_TAIL_COLUMNS = ("extracted_at",)
+MANIFEST_TAIL_COLUMNS = ("finite", "extracted_at")
 
 # Fields that decide whether two stores hold the same features (merge, resume, checkpoints).
 SPEC_IDENTITY_FIELDS = (
@@ -144,6 +144,13 @@ def cls_source(name: str) -> str | None:
     """The `tokens/` array a `cls/` array is token 0 of; None for any other name."""
     match = _CLS.match(name)
     return token_name(int(match.group(1))) if match else None
+
+
+def dimension_names(name: str) -> list[str]:
+    """Axis names of a per-row array, as written in its zarr.json."""
+    if cls_source(name) is not None:
+        return ["video", "view", "frame", "channel"]
+    return ["video", "view", "frame", "token", "channel"]
 
 
 def recipe_parts(recipe: str) -> frozenset[str]:

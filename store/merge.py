@@ -30,6 +30,7 @@ from .featurestore import FeatureStore, open_store
 from .layout import checksum_column, spec_differences, text_name, weights_file
 
 COSINE_SAME = 0.999  # below this, two copies of a video are different features, not fp16 rounding
+SCALE_SAME = 0.01  # norms further apart than 1% are different features too
 _STATUS_RANK = {"ok": 2, "failed": 1, "pending": 0}
 
 
@@ -133,63 +134,86 @@ def subset(
 # ---------------------------------------------------------------------- merge
 @dataclass
 class Conflict:
-    video_id: str
+    """Two copies of one thing (a video's tensor, a class's text) that are not the same."""
+
+    what: str  # `video <id>` or `class <name>`
     tensor: str
-    cosine: float
+    reason: str  # `cosine 0.41`, `scale x8.00`, `B's copy holds NaN or inf`
+
+    def __str__(self) -> str:
+        return f"{self.what} {self.tensor}: {self.reason}"
 
 
-def min_cosine(x: np.ndarray, y: np.ndarray) -> float:
-    """Smallest cosine between matching feature vectors (last axis) of two copies of a row."""
+def difference(x: np.ndarray, y: np.ndarray) -> str | None:
+    """Why copies A (`x`) and B (`y`) of the same features differ beyond fp16 rounding (direction,
+    scale or NaN/inf), compared vector by vector on the last axis; None when they do not."""
     a = np.asarray(x, dtype=np.float32).reshape(-1, x.shape[-1])
     b = np.asarray(y, dtype=np.float32).reshape(-1, y.shape[-1])
+    for side, v in (("A", a), ("B", b)):
+        if not np.isfinite(v).all():
+            return f"{side}'s copy holds NaN or inf"
     na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
     both_zero = (na == 0) & (nb == 0)
     cos = (a * b).sum(axis=1) / np.maximum(na * nb, 1e-30)
     cos[both_zero] = 1.0
-    return float(cos.min()) if cos.size else 1.0
+    if cos.size and cos.min() < COSINE_SAME:
+        return f"cosine {cos.min():.4f}"
+    ratio = np.maximum(na, nb) / np.maximum(np.minimum(na, nb), 1e-30)
+    ratio[both_zero] = 1.0
+    if ratio.size and ratio.max() > 1 + SCALE_SAME:
+        return f"scale x{ratio.max():.2f}"
+    return None
 
 
 def _compare(
     a: FeatureStore, b: FeatureStore, pairs: list[tuple[int, int, str]], names: Sequence[str]
 ) -> list[Conflict]:
-    """Both-ok overlapping rows whose checksums differ: compare their values."""
+    """Both-ok overlapping rows whose checksums differ: compare their values (read as stored,
+    NaN included: a copy the user will not take does not stop the merge)."""
     conflicts: list[Conflict] = []
     step = batch_rows(a, names)
     for start in range(0, len(pairs), step):
         batch = pairs[start : start + step]
-        da = a.read([p[0] for p in batch], names, verify=True)
-        db = b.read([p[1] for p in batch], names, verify=True)
-        for i, (_, _, vid) in enumerate(batch):
-            for n in names:
-                c = min_cosine(da[n][i], db[n][i])
-                if c < COSINE_SAME:
-                    conflicts.append(Conflict(vid, n, c))
-                    break
+        for n in names:
+            da = a.array(n).oindex[np.asarray([p[0] for p in batch])]
+            db = b.array(n).oindex[np.asarray([p[1] for p in batch])]
+            for i, (_, _, vid) in enumerate(batch):
+                reason = difference(da[i], db[i])
+                if reason and not any(c.what == f"video {vid}" for c in conflicts):
+                    conflicts.append(Conflict(f"video {vid}", n, reason))
     return conflicts
 
 
 def _merge_texts(
-    stores: Sequence[FeatureStore], classes: list[str], notes: list[str]
-) -> dict[str, tuple[np.ndarray, list[str]]]:
-    """Text arrays rebuilt class by class, from the first store (in preference order) that has it."""
+    a: FeatureStore, b: FeatureStore, prefer: str | None, classes: list[str], notes: list[str]
+) -> tuple[dict[str, tuple[np.ndarray, list[str]]], list[Conflict]]:
+    """Text arrays rebuilt class by class from the preferred store (A unless `prefer` is B); a
+    class both stores embed differently is a conflict."""
+    first, second = (b, a) if prefer == "B" else (a, b)
     out: dict[str, tuple[np.ndarray, list[str]]] = {}
-    names = sorted({n for s in stores for n in s.text_names})
-    for name in names:
-        have = [(s, *s.text(name)) for s in stores if name in s.text_names]
-        templates = have[0][2]
-        if any(t != templates for _, _, t in have):
+    conflicts: list[Conflict] = []
+    for name in sorted(set(a.text_names) | set(b.text_names)):
+        have = {side: s.text(name) for side, s in (("A", a), ("B", b)) if name in s.text_names}
+        templates = next(iter(have.values()))[1]
+        if any(t != templates for _, t in have.values()):
             raise SpecMismatchError(f"{text_name(name)} uses different templates in the two stores")
-        rows: list[np.ndarray] = []
-        for c in classes:
-            row = next((arr[s.classes.index(c)] for s, arr, _ in have if c in s.classes), None)
-            if row is None:
-                break
-            rows.append(row)
-        if len(rows) != len(classes):
+        if len(have) == 2:
+            for c in set(a.classes) & set(b.classes):
+                reason = difference(
+                    have["A"][0][a.classes.index(c)], have["B"][0][b.classes.index(c)]
+                )
+                if reason:
+                    conflicts.append(Conflict(f"class {c!r}", text_name(name), reason))
+        rows = [
+            next((s.text(name)[0][s.classes.index(c)] for s in (first, second)
+                  if name in s.text_names and c in s.classes), None)
+            for c in classes
+        ]  # fmt: skip
+        if any(r is None for r in rows):
             notes.append(f"{text_name(name)} dropped: it does not cover every merged class")
             continue
         out[name] = (np.stack(rows).astype(np.float32), templates)
-    return out
+    return out, conflicts
 
 
 @dataclass
@@ -213,8 +237,10 @@ def merge(
 ) -> ShareReport:
     """Combine two stores of the same spec into `out` (de-duplicated by video_id).
 
-    An ok copy wins over a failed one, a failed over a pending one. Two ok copies that differ beyond
-    fp16 rounding (min cosine < 0.999) are refused unless `prefer` names the store to take them from.
+    An ok copy wins over a failed one, a failed over a pending one. Two ok copies of one video (or
+    two embeddings of one class text, or two weights files) that differ beyond fp16 rounding in
+    direction, scale or NaN/inf are a conflict: refused unless `prefer` names the store whose
+    copies to take. Nothing non-finite is ever copied.
     """
     if prefer not in (None, "A", "B"):
         raise StoreError(f"--prefer must be A or B, not {prefer!r}")
@@ -222,15 +248,17 @@ def merge(
     _check_mergeable(a, b)
     classes = union_classes(a, b)
     choice = _choose_rows(a, b, prefer)
-    conflicts = _compare(a, b, choice.to_compare, a.row_tensors) if choice.to_compare else []
+    notes: list[str] = []
+    texts, text_conflicts = _merge_texts(a, b, prefer, classes, notes)
+    conflicts = _compare(a, b, choice.to_compare, a.row_tensors) + text_conflicts
     if conflicts and prefer is None:
-        c = conflicts[0]
         raise StoreError(
-            f"{len(conflicts)} video(s) differ between {a.location.describe()} and "
-            f"{b.location.describe()} beyond fp16 rounding (e.g. {c.video_id} {c.tensor}: cosine "
-            f"{c.cosine:.4f}); choose with --prefer A or --prefer B"
+            f"{len(conflicts)} conflict(s): {a.location.describe()} (A) and "
+            f"{b.location.describe()} (B) hold copies that differ beyond fp16 rounding (e.g. "
+            f"{conflicts[0]}); take A's copies with --prefer A, or B's with --prefer B"
         )
-    notes = [f"{len(conflicts)} differing video(s) taken from {prefer}"] if conflicts else []
+    if conflicts:
+        notes.append(f"{len(conflicts)} conflict(s) resolved with {prefer}'s copies")
     first, second = (b, a) if prefer == "B" else (a, b)
     dest = write_store(
         Path(out),
@@ -238,7 +266,7 @@ def merge(
         classes=classes,
         rows=_in_store_order(choice, classes),
         first=first,
-        texts=_merge_texts([first, second], classes, notes),
+        texts=texts,
         weights=_merge_weights(a, b, prefer),
         extra_attrs=extra_attrs(second) | extra_attrs(first),
         progress=progress,

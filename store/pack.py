@@ -14,15 +14,9 @@ from pathlib import Path
 
 from .errors import CorruptStoreError, NotAStoreError, StoreError
 from .featurestore import FeatureStore, open_store
+from .folders import building, check_new_folder, writing_file
 from .layout import LOCK_FILE
-from .location import (
-    ZIP_DAMAGE,
-    ZIP_FORMAT_DAMAGE,
-    check_zip_members,
-    one_line,
-    remove_partial,
-    resolve,
-)
+from .location import ZIP_DAMAGE, ZIP_FORMAT_DAMAGE, check_zip_members, one_line, resolve
 from .lock import StoreLock
 
 
@@ -45,7 +39,11 @@ def pack(src: str | Path, out: str | Path) -> int:
     root = location.local
     StoreLock(root / LOCK_FILE).check_free()  # a lock left by a killed run does not count
     with open_store(root) as s:  # validates the store before anything is written
-        s.verify([])  # text and weights checksums only; rows are checked by `fsar-store verify`
+        problems = s.verify([])  # text and weights only; rows are checked by `fsar-store verify`
+    if problems:
+        raise CorruptStoreError(
+            f"{location.describe()}: {problems[0]}; nothing was packed (run fsar-store verify)"
+        )
     out = Path(out)
     if out.exists():
         raise StoreError(f"{out} exists: remove it or choose another name")
@@ -64,14 +62,10 @@ def pack(src: str | Path, out: str | Path) -> int:
                 continue
             members.append((here / name, rel))
     members.sort(key=lambda m: (m[1] != "zarr.json", m[1]))
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
+    with writing_file(out, "packing the store") as tmp:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
             for path, rel in members:
                 zf.write(path, rel)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return out.stat().st_size
 
 
@@ -88,8 +82,7 @@ def unpack(file: str | Path, dest: str | Path) -> FeatureStore:
         raise NotAStoreError(f"store not found: {file}")
     if not zipfile.is_zipfile(file):
         raise NotAStoreError(f"not a packed store: {file} (fsar-store pack writes one)")
-    if dest.is_symlink() or (dest.exists() and (not dest.is_dir() or any(dest.iterdir()))):
-        raise StoreError(f"{dest} exists and is not an empty directory: choose another")
+    check_new_folder(dest)
     try:
         archive = zipfile.ZipFile(file)
     except ZIP_DAMAGE as exc:
@@ -98,40 +91,38 @@ def unpack(file: str | Path, dest: str | Path) -> FeatureStore:
         check_zip_members(zf, str(file))
         if "zarr.json" not in zf.namelist():
             raise NotAStoreError(f"not a packed store: {file} (no zarr.json inside)")
-        created = not dest.exists()
-        dest.mkdir(parents=True, exist_ok=True)
-        root_real = os.path.realpath(dest)
-        try:
-            for info in zf.infolist():
-                target = dest / info.filename
-                if info.is_dir():
-                    target.mkdir(parents=True, exist_ok=True)
-                    continue
-                target.parent.mkdir(parents=True, exist_ok=True)
-                parent_real = os.path.realpath(target.parent)
-                if parent_real != root_real and not parent_real.startswith(root_real + os.sep):
-                    raise StoreError(f"{file}: member {info.filename!r} would land outside {dest}")
-                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-                fd = os.open(
-                    target, flags, stat.S_IRUSR | stat.S_IWUSR | stat.S_IRGRP | stat.S_IROTH
-                )
-                with os.fdopen(fd, "wb") as fh, zf.open(info) as src:
-                    shutil.copyfileobj(src, fh, 1 << 20)
-        except ZIP_FORMAT_DAMAGE as exc:
-            remove_partial(dest, created)
-            raise CorruptStoreError(f"{file} is damaged ({one_line(exc)})") from exc
-        except BaseException:
-            remove_partial(dest, created)
-            raise
-    try:  # every row, text array and weights file against its checksum before anyone uses it
-        restored = open_store(dest, verify=True)
+        with building(dest, "unpacking the store") as folder:
+            _extract(zf, folder, file)
+            _verify_restored(folder, file)
+    return open_store(dest, verify=True)
+
+
+def _extract(zf: zipfile.ZipFile, folder: Path, file: Path) -> None:
+    """Every member into `folder`, created exclusively, never through a link."""
+    root_real = os.path.realpath(folder)
+    try:
+        for info in zf.infolist():
+            target = folder / info.filename
+            if info.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            parent_real = os.path.realpath(target.parent)
+            if parent_real != root_real and not parent_real.startswith(root_real + os.sep):
+                raise StoreError(f"{file}: member {info.filename!r} would land outside the store")
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+            fd = os.open(target, flags, stat.S_IRUSR | stat.S_IWUSR | stat.S_IRGRP | stat.S_IROTH)
+            with os.fdopen(fd, "wb") as fh, zf.open(info) as src:
+                shutil.copyfileobj(src, fh, 1 << 20)
+    except ZIP_FORMAT_DAMAGE as exc:
+        raise CorruptStoreError(f"{file} is damaged ({one_line(exc)})") from exc
+
+
+def _verify_restored(folder: Path, file: Path) -> None:
+    """Every row, text array and weights file against its checksum before anyone uses it."""
+    with open_store(folder, verify=True) as restored:
         problems = restored.verify()
-    except BaseException:
-        remove_partial(dest, created)
-        raise
     if problems:
-        remove_partial(dest, created)
         raise CorruptStoreError(
             f"{file}: {problems[0]} ({len(problems)} problem(s)); nothing was unpacked"
         )
-    return restored

@@ -25,6 +25,7 @@ from .layout import (
     tsfsar_side_width,
     written_tensors,
 )
+from .weights_format import lastblock_shapes
 from .writing import ChunkWriter, done_update
 
 TokenFn = Callable[[int, np.random.Generator], dict[str, np.ndarray]]
@@ -89,6 +90,28 @@ def random_tsfsar_init(
         "model": spec["model"],
         "pretrained": spec["pretrained"],
         "pca": {"method": "random"},
+    }
+    return tensors, config
+
+
+def random_lastblock(
+    spec: Mapping[str, Any], seed: int = 0, heads: int = 2
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """A last block of the spec's width and dim (every tensor its config implies, N(0, 0.02)),
+    with the config `fsar-extract` writes."""
+    config = {
+        "width": int(spec["width"]),
+        "heads": heads,
+        "mlp_ratio": 4.0,
+        "act": "gelu",
+        "ln_eps": 1e-5,
+        "layer_scale": False,
+        "dim": int(spec["dim"]),
+    }
+    rng = np.random.default_rng(seed)
+    tensors = {
+        key: (0.02 * rng.standard_normal(shape)).astype(np.float32)
+        for key, shape in lastblock_shapes(config).items()
     }
     return tensors, config
 

@@ -7,6 +7,7 @@ a chunk that is missing is always an error, never zeros.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterable, Sequence
 from typing import Any, TypeVar
 
@@ -15,8 +16,9 @@ import pandas as pd
 import zarr
 
 from .errors import CorruptStoreError, RemoteStoreError, StoreError, UnsafeStoreError
+from .form import ArrayForm, check_array_document, parse_json, row_forms, text_form
 from .layout import (
-    ALLOWED_DTYPES,
+    LASTBLOCK_FILE,
     LASTBLOCK_NAME,
     MANIFEST_FILE,
     MAX_ROWS,
@@ -25,6 +27,7 @@ from .layout import (
     TSFSAR_INIT_NAME,
     check_tsfsar_init,
     checksum_column,
+    dimension_names,
     text_name,
     weights_file,
 )
@@ -32,8 +35,8 @@ from .location import Location, one_line
 from .lock import StoreLock
 from .manifest import read_manifest
 from .root import validate_attrs, verify_by_default
-from .safety import check_array, check_spec
-from .weights_format import weights_from_bytes
+from .safety import check_spec
+from .weights_format import check_lastblock, weights_from_bytes
 
 
 def checksum(array: np.ndarray) -> str:
@@ -112,7 +115,12 @@ class StoreReader:
             raise CorruptStoreError(
                 f"{self.location.describe()} has no {MANIFEST_FILE}; the store is incomplete"
             ) from None
-        manifest = read_manifest(data, self.location.describe(), self.row_tensors)
+        manifest = read_manifest(
+            data,
+            self.location.describe(),
+            self.row_tensors,
+            indices_per_row=int(self.spec["views"]) * int(self.spec["frames"]),
+        )
         labels = manifest["label"].to_numpy()
         if len(labels) and (labels.min() < 0 or labels.max() >= len(self.classes)):
             raise CorruptStoreError(
@@ -125,48 +133,69 @@ class StoreReader:
             )
         return manifest
 
+    def array_forms(self) -> dict[str, ArrayForm]:
+        """What fsar writes for every array this store's spec and texts imply."""
+        forms = row_forms(
+            self.spec["tensors"], self.n_rows, self.spec.get("codec", {}), dimension_names
+        )
+        out = {f.name: f for f in forms}
+        for name, meta in self.attrs.get("text", {}).items():
+            path = text_name(name)
+            out[path] = text_form(path, len(self.classes), len(meta["templates"]), self.spec["dim"])
+        return out
+
     def array(self, name: str) -> zarr.Array:
-        if name not in self.attrs["tensors"]:
+        """The array `name`, opened once its document is exactly what fsar writes for it."""
+        form = self.array_forms().get(name)
+        if form is None or name not in self.attrs["tensors"]:
             raise StoreError(
                 f"{self.location.describe()} has no tensor {name!r} (it has: {', '.join(self.tensors)})"
             )
         if name not in self._arrays:
-            try:
-                self._arrays[name] = zarr.open_array(
-                    self.location.zarr_store,
-                    path=name,
-                    mode="r" if self.mode == "r" else "r+",
-                    zarr_format=3,
-                )
-            except StoreError:
-                raise
-            except Exception as exc:  # absent, or metadata zarr cannot parse
-                raise CorruptStoreError(
-                    f"{self.location.describe()}: array {name} is missing or unreadable "
-                    f"({one_line(exc)})"
-                ) from exc
-            check_array(self._arrays[name], name, self.location.describe())
-            self.location.limits.register(name, self._arrays[name])
+            self._arrays[name] = self._open_array(form)
         return self._arrays[name]
 
+    def _open_array(self, form: ArrayForm) -> zarr.Array:
+        where, name = self.location.describe(), form.name
+        data = self.location.read_metadata(f"{name}/zarr.json")
+        if data is None:
+            raise CorruptStoreError(f"{where}: array {name} is missing (no {name}/zarr.json)")
+        codec = check_array_document(parse_json(data, f"{where}: {name}/zarr.json"), form, where)
+        try:
+            arr = zarr.open_array(
+                self.location.zarr_store,
+                path=name,
+                mode="r" if self.mode == "r" else "r+",
+                zarr_format=3,
+            )
+        except StoreError:
+            raise
+        except Exception as exc:  # changed since it was checked, or metadata zarr cannot parse
+            raise CorruptStoreError(
+                f"{where}: array {name} is unreadable ({one_line(exc)})"
+            ) from exc
+        parsed = json.loads(json.dumps(arr.metadata.to_dict(), default=str))
+        check_array_document(parsed, form, where)  # what zarr parsed, in case the file changed
+        self.location.limits.register(name, form.chunk_bytes, codec)
+        return arr
+
     def _check_arrays(self) -> None:
-        """Shapes and dtypes must match the spec: refuse absurd or executable metadata early."""
+        """Every array the root attributes list must be one the spec and texts imply, in the form
+        fsar writes: refuse absurd or executable metadata before anything is read."""
         n = len(self.manifest)
         if n > MAX_ROWS:
             raise CorruptStoreError(f"{self.location.describe()}: {n} rows is beyond any dataset")
-        for entry in self.spec["tensors"]:
-            arr = self.array(entry["name"])
-            want = (n, *entry["shape_per_row"])
-            dtype = str(arr.dtype)
-            if dtype not in ALLOWED_DTYPES:
-                raise CorruptStoreError(
-                    f"{self.location.describe()}: {entry['name']} has dtype {dtype}, expected float16/float32"
-                )
-            if tuple(arr.shape) != want or tuple(arr.chunks) != (1, *entry["shape_per_row"]):
-                raise CorruptStoreError(
-                    f"{self.location.describe()}: {entry['name']} has shape {arr.shape} chunks "
-                    f"{arr.chunks}, the spec says {want} with one row per chunk"
-                )
+        forms = self.array_forms()
+        listed = set(self.tensors)
+        for name in sorted(listed ^ set(forms)):
+            why = (
+                f"lists {name!r}, which neither its spec nor its texts imply"
+                if name in listed
+                else f"does not list {name!r}, which its spec or texts imply"
+            )
+            raise CorruptStoreError(f"{self.location.describe()}: root attribute tensors {why}")
+        for name in self.tensors:
+            self.array(name)
 
     # ------------------------------------------------------------------ selection
     def select(
@@ -215,6 +244,8 @@ class StoreReader:
                 data = self._read_view_verified(arr, name, uniq, view)
             else:
                 data = self._read_unique(arr, name, uniq, view)
+                if name in self.row_tensors:
+                    self._check_finite(name, uniq, data)
             data = data[inverse] if not (len(uniq) == len(idx) and (uniq == idx).all()) else data
             if as_torch:
                 import torch
@@ -262,40 +293,46 @@ class StoreReader:
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def _read_verified(self, arr: zarr.Array, name: str, rows: np.ndarray) -> np.ndarray:
-        """Whole rows, each checked against its checksum. Rows that fail and whose chunks came
-        from a local cache are dropped from it and fetched once more; what fails then is an error
-        (and is not kept in the cache)."""
+        """Whole rows, each checked against its checksum and for NaN/inf. Rows that fail and whose
+        chunks came from a local cache are dropped from it and fetched once more; what fails then
+        is an error (and is not kept in the cache)."""
         data = self._read_unique(arr, name, rows, None)
         bad = self._bad_rows(name, rows, data)
-        if bad and self.location.forget(_chunk_keys(arr, rows[bad])):
+        if bad and self.location.forget(_chunk_keys(arr, rows[[pos for pos, _ in bad]])):
             data = self._read_unique(arr, name, rows, None)
             bad = self._bad_rows(name, rows, data)
-            self.location.forget(_chunk_keys(arr, rows[bad]))
+            self.location.forget(_chunk_keys(arr, rows[[pos for pos, _ in bad]]))
         if bad:
-            r = int(rows[bad[0]])
-            status = self.manifest["status"].iat[r]
-            problem = (
-                "fails its checksum"
-                if status == "ok"
-                else f"has no recorded checksum (status {status})"
-            )
-            vid = self.manifest["video_id"].iat[r]
-            raise CorruptStoreError(
-                f"{self.location.describe()}: row {r} ({vid}) {name} {problem}; run fsar-store verify"
-            )
+            self._refuse_row(name, int(rows[bad[0][0]]), bad[0][1])
         return data
 
-    def _bad_rows(self, name: str, rows: np.ndarray, data: np.ndarray) -> list[int]:
-        """Positions in `rows` whose data fails its recorded checksum (or has none)."""
+    def _bad_rows(self, name: str, rows: np.ndarray, data: np.ndarray) -> list[tuple[int, str]]:
+        """(position in `rows`, problem) of every row that fails its recorded checksum, has none,
+        or holds NaN or inf values."""
         sums = self.manifest[checksum_column(name)].to_numpy()
         status = self.manifest["status"].to_numpy()
-        return [
-            pos
-            for pos, r in enumerate(rows)
-            if status[int(r)] != "ok"
-            or not isinstance(sums[int(r)], str)
-            or checksum(data[pos]) != sums[int(r)]
-        ]
+        bad = []
+        for pos, r in enumerate(rows):
+            if status[int(r)] != "ok" or not isinstance(sums[int(r)], str):
+                bad.append((pos, f"has no recorded checksum (status {status[int(r)]})"))
+            elif checksum(data[pos]) != sums[int(r)]:
+                bad.append((pos, "fails its checksum"))
+            elif not np.isfinite(data[pos]).all():
+                bad.append((pos, "holds NaN or inf values"))
+        return bad
+
+    def _check_finite(self, name: str, rows: np.ndarray, data: np.ndarray) -> None:
+        """Unverified reads: rows not recorded finite when written (schema 1) are checked here."""
+        recorded = self.manifest["finite"].to_numpy(dtype=bool, na_value=False)[rows]
+        for pos in np.flatnonzero(~recorded):
+            if not np.isfinite(data[pos]).all():
+                self._refuse_row(name, int(rows[pos]), "holds NaN or inf values")
+
+    def _refuse_row(self, name: str, row: int, problem: str) -> None:
+        vid = self.manifest["video_id"].iat[row]
+        raise CorruptStoreError(
+            f"{self.location.describe()}: row {row} ({vid}) {name} {problem}; run fsar-store verify"
+        )
 
     def text(
         self, name: str = TEXT_DEFAULT, verify: bool | None = None
@@ -308,13 +345,7 @@ class StoreReader:
                 f"{self.location.describe()} has no {text_name(name)} (it has: {have})"
             )
         templates = list(meta[name]["templates"])
-        arr = self.array(text_name(name))
-        want = (len(self.classes), len(templates), int(self.spec["dim"]))
-        if tuple(arr.shape) != want or tuple(arr.chunks) != want:
-            raise CorruptStoreError(
-                f"{self.location.describe()}: {text_name(name)} has shape {arr.shape} chunks {arr.chunks}, "
-                f"expected {want} (classes, templates, dim) in one chunk"
-            )
+        arr = self.array(text_name(name))  # its form was checked: (classes, templates, dim)
         try:
             data = np.asarray(arr[...])
         except (RemoteStoreError, UnsafeStoreError, CorruptStoreError):
@@ -323,11 +354,16 @@ class StoreReader:
             raise CorruptStoreError(
                 f"{self.location.describe()}: {text_name(name)} is unreadable ({one_line(exc)})"
             ) from exc
+        problem = None
         if (self.verify_reads if verify is None else verify) and checksum(data) != meta[name][
             "checksum"
         ]:
+            problem = "fails its checksum"
+        elif not np.isfinite(data).all():
+            problem = "holds NaN or inf values"
+        if problem:
             raise CorruptStoreError(
-                f"{self.location.describe()}: {text_name(name)} fails its checksum; run fsar-store verify"
+                f"{self.location.describe()}: {text_name(name)} {problem}; run fsar-store verify"
             )
         return data, templates
 
@@ -354,8 +390,16 @@ class StoreReader:
             ) from exc
 
     def read_lastblock(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        """Weights and config of the last ViT block (recipe `emp+last`), parsed without pickle."""
-        return self.read_weights(LASTBLOCK_NAME, ": extract with --recipe emp+last")
+        """Weights and config of the last ViT block (recipe `emp+last`), parsed without pickle,
+        refused unless they are the spec's block with every tensor its config implies."""
+        tensors, config = self.read_weights(LASTBLOCK_NAME, ": extract with --recipe emp+last")
+        try:
+            check_lastblock(tensors, config, self.spec)
+        except ValueError as exc:
+            raise CorruptStoreError(
+                f"{self.location.describe()}: {LASTBLOCK_FILE}: {exc}"
+            ) from None
+        return tensors, config
 
     def read_tsfsar_init(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """TS-FSAR's side-network init (recipes with `ts`): tensors of `tsfsar_init_shapes` and

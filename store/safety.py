@@ -1,85 +1,35 @@
-"""Checks that keep a store received from someone else inert: metadata is data, never code.
+"""Bounds that keep a store received from someone else inert: sizes are checked before anything is read.
 
-Every array is checked before any of its chunks is decoded: numeric dtype only (no object/string
-dtypes), the codec chains fsar writes (bytes, then zstd, blosc or nothing: no pickling filters, no
-codec whose output size is unknown), and chunk sizes a real store can have. `ChunkLimits` then bounds
-every read: a chunk larger than its array's chunk could be, or whose compressed header declares another
-size, is refused before it is read whole or decompressed. The spec's tensor list must follow from its
-own fields.
+`check_spec` bounds every size the spec declares; `ChunkLimits` bounds every read (a chunk larger than
+its array's chunk could be, or whose compressed header declares another size, is refused before it is
+read whole or decompressed). Array documents themselves are checked by `store.form`.
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-import zarr
 
 from .errors import CorruptStoreError, MissingChunkError, UnsafeStoreError
 from .layout import ALLOWED_DTYPES, row_tensors
 
-# Codec chains fsar writes: numeric bytes, then zstd, blosc or nothing. Both compressors record the
-# uncompressed size in their header, so a chunk's size is known before it is decompressed.
-ALLOWED_CODECS = frozenset({"bytes", "zstd", "blosc"})
-CODEC_CHAINS = {("bytes",): "none", ("bytes", "zstd"): "zstd", ("bytes", "blosc"): "blosc"}
 MAX_CHUNK_BYTES = 1 << 30  # one video's tensor is a few MB; 1 GiB is beyond any real store
 MAX_METADATA_BYTES = 16 << 20  # a zarr.json (root attributes list classes and templates)
 MAX_FILE_BYTES = 1 << 30  # manifest, last-block weights
-MAX_NDIM = 8
+# What a spec may declare (open_clip's largest ViTs are well inside): checked before anything is built.
+SPEC_BOUNDS = {
+    "frames": 512,
+    "views": 64,
+    "tokens": 4096,
+    "dim": 4096,
+    "width": 8192,
+    "image_size": 4096,
+}
+MAX_LAYERS = 128
 _ZSTD_MAGIC = 0xFD2FB528
-
-
-def _codec_names(codecs: Iterable[Any]) -> list[str]:
-    names: list[str] = []
-    for codec in codecs:
-        if isinstance(codec, Mapping):
-            names.append(str(codec.get("name")))
-            config = codec.get("configuration") or {}
-            if isinstance(config, Mapping):
-                names += _codec_names(config.get("codecs", []))
-                names += _codec_names(config.get("index_codecs", []))
-        else:
-            names.append(repr(codec))
-    return names
-
-
-def check_array(arr: zarr.Array, name: str, where: str) -> None:
-    """Refuse an array whose metadata could run code or allocate absurd memory."""
-    meta = arr.metadata.to_dict()
-    if meta.get("zarr_format") != 3:
-        raise UnsafeStoreError(f"{where}: {name} is not a zarr v3 array; refusing it")
-    dtype = str(arr.dtype)
-    if dtype not in ALLOWED_DTYPES:
-        raise UnsafeStoreError(
-            f"{where}: {name} has dtype {dtype}, only float16/float32 are allowed (no object arrays)"
-        )
-    names = _codec_names(meta.get("codecs", []))
-    bad = [c for c in names if c not in ALLOWED_CODECS]
-    if bad:
-        raise UnsafeStoreError(
-            f"{where}: {name} uses codec {bad[0]}, not one of {', '.join(sorted(ALLOWED_CODECS))}"
-        )
-    if tuple(names) not in CODEC_CHAINS:
-        raise UnsafeStoreError(
-            f"{where}: {name} uses codecs {' + '.join(names)}; fsar stores use bytes, then zstd, "
-            "blosc or nothing"
-        )
-    if arr.ndim > MAX_NDIM or any(int(s) < 0 for s in arr.shape):
-        raise CorruptStoreError(f"{where}: {name} has an impossible shape {arr.shape}")
-    if arr.ndim != len(arr.chunks) or any(int(c) < 1 for c in arr.chunks):
-        raise CorruptStoreError(f"{where}: {name} has impossible chunks {arr.chunks}")
-    chunk_bytes = int(np.prod(arr.chunks, dtype=object)) * np.dtype(dtype).itemsize
-    if chunk_bytes > MAX_CHUNK_BYTES:
-        raise CorruptStoreError(
-            f"{where}: {name} has chunks of {chunk_bytes} bytes ({arr.chunks}); refusing absurd shapes"
-        )
-
-
-def chunk_codec(arr: zarr.Array) -> str:
-    """`none`, `zstd` or `blosc`: the compressor of an array that passed `check_array`."""
-    return CODEC_CHAINS[tuple(_codec_names(arr.metadata.to_dict().get("codecs", [])))]
 
 
 def _zstd_content_size(data: bytes) -> int | None:
@@ -116,13 +66,21 @@ class ChunkLimits:
         self.where = where
         self._arrays: dict[str, tuple[int, str]] = {}  # array path -> (raw chunk bytes, codec)
 
-    def register(self, name: str, arr: zarr.Array) -> None:
-        raw = int(np.prod(arr.chunks, dtype=object)) * np.dtype(str(arr.dtype)).itemsize
-        self._arrays[name] = (raw, chunk_codec(arr))
+    def register(self, name: str, chunk_bytes: int, codec: str) -> None:
+        """Array `name` (checked by `store.form`) has chunks of `chunk_bytes` under `codec`."""
+        self._arrays[name] = (chunk_bytes, codec)
 
     def _array_of(self, key: str) -> str | None:
-        head, sep, _ = key.partition("/c/")
-        return head if sep and head in self._arrays else None
+        """The registered array whose chunk `key` is (any key under its folder but its zarr.json),
+        whatever the chunk key encoding."""
+        if key.endswith("zarr.json"):
+            return None
+        head = key
+        while "/" in head:
+            head = head.rsplit("/", 1)[0]
+            if head in self._arrays:
+                return head
+        return None
 
     def cap(self, key: str) -> int:
         """Most bytes a read of `key` may return (compression never grows data by more than this)."""
@@ -157,6 +115,11 @@ class ChunkLimits:
             declared = _zstd_content_size(data)
         elif codec == "blosc":
             declared = _blosc_size(data)
+        if declared is None:
+            raise CorruptStoreError(
+                f"{self.where}: chunk {key} is not a {codec} frame (an error page, or damaged); "
+                "refusing to decompress it"
+            )
         if declared != raw:
             raise CorruptStoreError(
                 f"{self.where}: chunk {key} declares {declared} uncompressed bytes, its array's "
@@ -165,12 +128,18 @@ class ChunkLimits:
 
 
 def check_spec(spec: Mapping[str, Any], where: str) -> None:
-    """The spec's `tensors` must be what its fields imply, with per-row sizes a store can hold."""
+    """The spec's `tensors` must be what its fields imply, with per-row sizes a store can hold, and
+    every size it declares inside `SPEC_BOUNDS`."""
     try:
         implied = {t["name"]: t for t in row_tensors(spec)}
         listed = {t["name"]: t for t in spec["tensors"]}
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise CorruptStoreError(f"{where}: root attribute spec is malformed ({exc!r})") from exc
+    missing = sorted(set(implied) - set(listed))
+    if missing:
+        raise CorruptStoreError(
+            f"{where}: spec does not list tensor {missing[0]!r} its fields imply"
+        )
     for name, entry in listed.items():
         want = implied.get(name)
         if want is None:
@@ -193,3 +162,21 @@ def check_spec(spec: Mapping[str, Any], where: str) -> None:
             raise CorruptStoreError(
                 f"{where}: {name} would be {nbytes} bytes per video ({shape}); refusing absurd shapes"
             )
+    _check_spec_bounds(spec, where)
+
+
+def _check_spec_bounds(spec: Mapping[str, Any], where: str) -> None:
+    for field, most in SPEC_BOUNDS.items():
+        value = spec.get(field)
+        if type(value) is not int or not 1 <= value <= most:
+            raise CorruptStoreError(
+                f"{where}: spec {field}={value!r} is outside 1..{most}; refusing absurd sizes"
+            )
+    layers = spec.get("layers")
+    if (
+        not isinstance(layers, list)
+        or len(layers) > MAX_LAYERS  # empty for recipes without emp
+        or any(type(k) is not int or not 1 <= k <= MAX_LAYERS for k in layers)
+        or len(set(layers)) != len(layers)
+    ):
+        raise CorruptStoreError(f"{where}: spec layers={layers!r} is not a list of distinct layers")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,11 +17,9 @@ import pandas as pd
 from .errors import RemoteStoreError, StoreError, UnsafeStoreError
 from .layout import (
     LASTBLOCK_NAME,
-    SPEC_IDENTITY_FIELDS,
     TSFSAR_INIT_NAME,
     checksum_column,
     row_bytes,
-    spec_field,
     text_name,
     weights_file,
 )
@@ -81,14 +79,16 @@ class StoreChecks(StoreReader):
                     )
                     continue
                 try:
-                    got = checksum(arrays[name][r])
+                    value = arrays[name][r]
                 except (RemoteStoreError, UnsafeStoreError):
                     raise
                 except Exception as exc:
                     problems.append(Problem(r, vid, name, f"unreadable chunk ({one_line(exc)})"))
                     continue
-                if got != want:
+                if checksum(value) != want:
                     problems.append(Problem(r, vid, name, "checksum mismatch"))
+                elif not np.isfinite(value).all():
+                    problems.append(Problem(r, vid, name, "holds NaN or inf values"))
         return problems
 
     def verify(self, rows: Sequence[int] | None = None, progress: bool = False) -> list[Problem]:
@@ -121,18 +121,20 @@ class StoreChecks(StoreReader):
         return problems
 
     def fingerprint(self) -> str:
-        """Hash of the identity spec, classes and every ok row's checksums (order and codec free)."""
-        m = self.manifest
-        ok = m[m["status"] == "ok"].sort_values("video_id")
-        cols = [checksum_column(t) for t in self.row_tensors]
+        """Hash of everything that changes a result: the spec (bar versions, codec and device),
+        classes, every row's video id, split, label, class name, status, frame indices and
+        checksums, the texts (templates and checksums) and the weights files. Free of row order,
+        codec and location."""
         h = hashlib.sha256()
-        ident = {f: spec_field(self.spec, f) for f in SPEC_IDENTITY_FIELDS}
-        h.update(json.dumps(ident, sort_keys=True).encode())
+        h.update(json.dumps(_result_spec(self.spec), sort_keys=True).encode())
         h.update(json.dumps(self.classes).encode())
-        for vid, *sums in ok[["video_id", *cols]].itertuples(index=False):
-            h.update(f"{vid}\t{chr(9).join(map(str, sums))}\n".encode())
-        for name in sorted(self.attrs.get("text", {})):
-            h.update(f"{text_name(name)}:{self.attrs['text'][name]['checksum']}\n".encode())
+        m = self.manifest.sort_values("video_id")
+        sums = [checksum_column(t) for t in self.row_tensors]
+        columns = ["video_id", "split", "label", "class_name", "status", "frame_indices", *sums]
+        for row in m[columns].itertuples(index=False):
+            h.update(json.dumps([_plain(v) for v in row]).encode() + b"\n")
+        for name, meta in sorted(self.attrs.get("text", {}).items()):
+            h.update(json.dumps([text_name(name), meta["templates"], meta["checksum"]]).encode())
         for name, digest in sorted(self.attrs.get("weights", {}).items()):
             h.update(f"{weights_file(name)}:{digest}\n".encode())
         return h.hexdigest()[:16]
@@ -166,3 +168,20 @@ class StoreChecks(StoreReader):
             "raw_bytes_per_video": row_bytes(self.spec),
             "fingerprint": self.fingerprint(),
         }
+
+
+def _result_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The spec without what cannot change a feature: library versions, codec, device."""
+    out = {k: v for k, v in spec.items() if k not in ("versions", "codec")}
+    if isinstance(out.get("compute"), Mapping):
+        out["compute"] = {k: v for k, v in out["compute"].items() if k != "device"}
+    return out
+
+
+def _plain(value: Any) -> Any:
+    """A manifest cell as JSON: missing values as null, arrays as lists of ints."""
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_plain(v) for v in value]
+    if value is None or (np.isscalar(value) and pd.isna(value)):
+        return None
+    return value.item() if isinstance(value, np.generic) else value

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import socket
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
@@ -20,7 +19,7 @@ import pandas as pd
 import zarr
 import zarr.codecs
 
-from .errors import StoreError
+from .errors import NonFiniteError, StoreError
 from .layout import (
     CHECKSUM_ALGORITHM,
     LASTBLOCK_NAME,
@@ -30,6 +29,7 @@ from .layout import (
     check_tsfsar_init,
     checksum_column,
     cls_source,
+    dimension_names,
     manifest_columns,
     row_tensors,
     schema_version_for,
@@ -67,37 +67,22 @@ def _now() -> pd.Timestamp:
     return pd.Timestamp(datetime.now(timezone.utc))
 
 
-def _dimension_names(name: str) -> list[str]:
-    if cls_source(name) is not None:
-        return ["video", "view", "frame", "channel"]
-    return ["video", "view", "frame", "token", "channel"]
-
-
 def create_layout(
-    path: str | Path,
+    folder: Path,
     spec: Mapping[str, Any],
     classes: Sequence[str],
     videos: pd.DataFrame,
     *,
     dataset: str,
     split_source: str,
-    written_here: bool,
-) -> tuple[DirLocation, zarr.Group, StoreLock]:
-    """Create the store's folder, arrays, manifest and root attributes; returns it locked."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise StoreError(f"{path} is a file, not a store directory: choose another path")
-    if path.exists() and any(path.iterdir()):
-        raise StoreError(
-            f"{path} exists and is not empty: open it to resume, or choose another path"
-        )
-    if len(videos) == 0:
-        raise StoreError("no videos to store")
+    written_on: str | None,
+) -> StoreLock:
+    """Write a new store's arrays, manifest and root attributes into the empty `folder`; returns
+    its lock, held. `written_on` is the store's final real path when it records this machine."""
     spec = _complete_spec(spec)
-    path.mkdir(parents=True, exist_ok=True)
-    location = resolve(path, mode="w")
+    location = resolve(folder, mode="w")
     assert isinstance(location, DirLocation)
-    lock = StoreLock(path / LOCK_FILE)
+    lock = StoreLock(folder / LOCK_FILE)
     lock.acquire()
     try:
         group = zarr.open_group(location.zarr_store, mode="a", zarr_format=3)  # only the lock
@@ -105,10 +90,10 @@ def create_layout(
         names = [t["name"] for t in spec["tensors"]]
         manifest = new_manifest(videos, classes, names)
         location.write_file(MANIFEST_FILE, manifest_to_bytes(manifest, names))
-        mark = {"host": socket.gethostname(), "path": os.path.realpath(path)}
+        mark = {"host": socket.gethostname(), "path": written_on}
         group.attrs.update(
             {
-                **({"written_on": mark} if written_here else {}),
+                **({"written_on": mark} if written_on is not None else {}),
                 "schema_version": schema_version_for(spec),
                 "spec": json.loads(json.dumps(spec)),
                 "classes": list(classes),
@@ -120,7 +105,7 @@ def create_layout(
                 "weights": {},
             }
         )
-        return location, group, lock
+        return lock
     except BaseException:
         lock.release()
         raise
@@ -148,7 +133,7 @@ def _create_arrays(group: zarr.Group, spec: Mapping[str, Any], n_rows: int) -> N
             dtype=entry["dtype"],
             fill_value=0,
             compressors=compressors,
-            dimension_names=_dimension_names(entry["name"]),
+            dimension_names=dimension_names(entry["name"]),
         )
 
 
@@ -160,27 +145,40 @@ class StoreWriter(StoreReader):
             raise StoreError(f"{self.location.describe()} is open read-only")
 
     def commit(self, updates: Sequence[Mapping[str, Any]]) -> None:
-        """Apply manifest updates (each names its `row`) and rewrite the manifest atomically."""
+        """Apply manifest updates (each names its `row`) and rewrite the manifest atomically.
+
+        A row may be `ok` only with every checksum and `finite` recorded (what
+        `ChunkWriter.write_row` returns); nothing changes when an update is refused.
+        """
         self._require_writer()
         allowed = set(manifest_columns(self.row_tensors)) - {"video_id", "row"}
-        m = self.manifest
+        m = self.manifest.copy()
         for upd in updates:
             r = int(upd["row"])
-            if upd.get("status") == "ok":
-                missing = [t for t in self.row_tensors if not upd.get(checksum_column(t))]
-                if missing:
-                    raise ValueError(f"row {r} committed ok without checksums for {missing}")
+            unknown = sorted(set(upd) - allowed - {"row"})
+            if unknown:
+                raise ValueError(f"unknown manifest column {unknown[0]!r}")
+            if upd.get("status", "ok") != "ok" and "finite" not in upd:
+                m.at[r, "finite"] = None  # a row that is not ok claims nothing
             for key, value in upd.items():
-                if key == "row":
-                    continue
-                if key not in allowed:
-                    raise ValueError(f"unknown manifest column {key!r}")
                 if key == "frame_indices" and value is not None:
                     value = [list(map(int, v)) for v in value]
                 if key == "extracted_at" and value is not None:
                     value = pd.Timestamp(value)
-                m.at[r, key] = value
+                if key != "row":
+                    m.at[r, key] = value
+            record = [m.at[r, checksum_column(t)] for t in self.row_tensors]
+            if m.at[r, "status"] == "ok" and (
+                not all(isinstance(v, str) for v in record)
+                or not isinstance(m.at[r, "finite"], (bool, np.bool_))
+                or not m.at[r, "finite"]
+            ):
+                raise ValueError(
+                    f"row {r} committed ok without checksums and finiteness (what "
+                    "ChunkWriter.write_row returns)"
+                )
         self._writer().write_file(MANIFEST_FILE, manifest_to_bytes(m, self.row_tensors))
+        self.manifest = m
 
     def _writer(self) -> DirLocation:
         if not isinstance(self.location, DirLocation):
@@ -197,6 +195,8 @@ class StoreWriter(StoreReader):
         """Add or replace `text/<name>`: (C, M, D) embeddings of every class under M templates."""
         self._require_writer()
         emb = np.asarray(embeddings, dtype=np.float32)
+        if not np.isfinite(emb).all():
+            raise NonFiniteError(f"{text_name(name)}: NaN or inf embeddings are not written")
         if emb.ndim != 3 or emb.shape[0] != len(self.classes) or emb.shape[1] != len(templates):
             raise ValueError(
                 f"{text_name(name)} must be (classes={len(self.classes)}, templates={len(templates)}, D), "
@@ -260,7 +260,8 @@ class ChunkWriter:
 
     def write_row(self, row: int, tensors: Mapping[str, np.ndarray]) -> dict[str, str]:
         """Write one video's tensors (shape without the row axis); `cls/` arrays are derived from
-        their `tokens/` arrays when not given. Returns the manifest checksum columns written.
+        their `tokens/` arrays when not given. Nothing is written unless every value is finite.
+        Returns the manifest fields that record what was written (checksums, `finite`).
         """
         data = dict(tensors)
         for name in self._entries:
@@ -270,19 +271,30 @@ class ChunkWriter:
         missing = set(self._entries) - set(data)
         if missing:
             raise ValueError(f"row {row}: missing tensors {sorted(missing)}")
-        sums = {}
-        for name, value in data.items():
-            entry = self._entries.get(name)
-            if entry is None:
-                raise ValueError(f"the store has no per-row tensor {name!r}")
-            value = np.ascontiguousarray(value, dtype=entry["dtype"])
-            if list(value.shape) != entry["shape_per_row"]:
-                raise ValueError(
-                    f"{name}: shape {value.shape}, the spec says {entry['shape_per_row']}"
-                )
+        values = {name: self._as_stored(row, name, value) for name, value in data.items()}
+        sums: dict[str, Any] = {}
+        for name, value in values.items():
             self._arrays[name][row] = value
             sums[checksum_column(name)] = checksum(value)
-        return sums
+        return {**sums, "finite": True}
+
+    def _as_stored(self, row: int, name: str, value: np.ndarray) -> np.ndarray:
+        """The value in the array's dtype; refused when its shape is not the spec's or when it
+        holds NaN or inf (after the cast: float16 overflows past 65504)."""
+        entry = self._entries.get(name)
+        if entry is None:
+            raise ValueError(f"the store has no per-row tensor {name!r}")
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below
+            value = np.ascontiguousarray(value, dtype=entry["dtype"])
+        if list(value.shape) != entry["shape_per_row"]:
+            raise ValueError(f"{name}: shape {value.shape}, the spec says {entry['shape_per_row']}")
+        bad = int(value.size - np.count_nonzero(np.isfinite(value)))
+        if bad:
+            raise NonFiniteError(
+                f"row {row} {name}: {bad} NaN or inf value(s) ({entry['dtype']} overflow?); "
+                "the row is not written"
+            )
+        return value
 
 
 def done_update(row: int, sums: Mapping[str, str], **fields: Any) -> dict[str, Any]:

@@ -9,7 +9,7 @@ import numpy as np
 
 from bench.common import tiny_spec
 from store import FeatureStore, checksum_column, open_store
-from store.random_store import write_random_store
+from store.random_store import random_lastblock, write_random_store
 
 SPLITS = {"train": 2, "val": 1, "test": 2}
 PER_CLASS = 2  # 10 rows
@@ -36,12 +36,7 @@ def make_store(path: Path, changed: dict[int, float] | None = None, **spec_kw: o
     spec = tiny_spec(
         **({"recipe": "emp+last", "frames": 2, "dim": 8, "width": 12, "patches": 4} | spec_kw)
     )
-    w = spec["width"]
-    rng = np.random.default_rng(7)
-    block = (
-        {"ln_post.weight": rng.standard_normal(w), "proj": rng.standard_normal((w, spec["dim"]))},
-        {"width": w, "heads": 2, "mlp_ratio": 4.0, "act": "gelu", "ln_eps": 1e-5},
-    )
+    block = random_lastblock(spec, seed=7)
     tokens = row_tensors_fn(spec, changed)
     write_random_store(path, spec, SPLITS, PER_CLASS, tokens_fn=tokens, lastblock=block).close()
     return path

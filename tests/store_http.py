@@ -16,9 +16,11 @@ from pathlib import Path
 class Faults:
     """Per-path misbehaviour: `404`, `500`, `truncate` (half the body, then close), `flood`
     (1 MiB blocks, no length, until the client hangs up or FLOOD_LIMIT bytes: `sent` counts them),
-    `html` (a 200 answer holding an HTML error page) or `html-once` (that, then the real file)."""
+    `html` (a 200 answer holding an HTML error page) or `html-once` (that, then the real file);
+    `bodies` answers a path with given bytes and headers."""
 
     by_path: dict[str, str] = field(default_factory=dict)
+    bodies: dict[str, tuple[bytes, dict[str, str]]] = field(default_factory=dict)  # path -> answer
     requests: Counter = field(default_factory=Counter)
     sent: Counter = field(default_factory=Counter)
 
@@ -40,6 +42,15 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         self.faults.requests[path] += 1
         mode = self.faults.by_path.get(path)
+        if path in self.faults.bodies:  # a given answer: bytes and headers
+            body, headers = self.faults.bodies[path]
+            self.send_response(200)
+            for key, value in {"Content-Length": str(len(body)), **headers}.items():
+                self.send_header(key, value)
+            self.end_headers()
+            self.wfile.write(body)
+            self.faults.sent[path] += len(body)
+            return
         if mode == "404":
             self.send_error(404)
             return

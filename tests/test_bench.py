@@ -209,6 +209,38 @@ def test_report_writes_the_learning_map_into_its_doc(tmp_path: Path) -> None:
     assert "[learning.md](learning.md)" in doc.read_text() and "learning_map" not in doc.read_text()
 
 
+def test_learning_variants_become_one_table_and_the_curves_plot_reaches_the_doc(
+    tmp_path: Path,
+) -> None:
+    """docs/learning.md: bench.learning's figures become one line per variant with test / base /
+    cosine per row, and its plot is copied into the doc's img/ folder and shown."""
+    from bench.run_all import learning_blocks
+
+    out = tmp_path / "results"
+    out.mkdir()
+    figures = [
+        {"label": "independent: emp, fsar default: test classes", "value": 20.2, "unit": "%"},
+        {"label": "independent: emp, fsar default: base classes", "value": 93.3, "unit": "%"},
+        {"label": "independent: emp, fsar default: cosine between videos", "value": 0.27, "unit": "cos"},
+        {"label": "shallow: emp, fsar default: test classes", "value": 63.0, "unit": "%"},
+        {"label": "independent: probe (reference): test classes", "value": 84.2, "unit": "%"},
+    ]  # fmt: skip
+    machine = {"cores": 2, "cpu_model": "x", "memory_gib": 1.0, "torch": "t", "torch_threads": 1,
+               "device": "cpu", "load_average_at_start": [0.0, 0.0, 0.0]}  # fmt: skip
+    res = {"name": "learning", "quick": False, "command": "python -m bench.learning",
+           "machine": machine, "seconds": 60.0, "notes": [], "figures": figures,
+           "config": {"rows": ["independent", "shallow"]}}  # fmt: skip
+    (out / "learning.json").write_text(json.dumps(res))
+    (out / "learning.png").write_bytes(b"png")
+    begin = "<!-- learning: written by python -m bench.run_all --report -->"
+    text = learning_blocks(f"{begin}\nold\n<!-- end of learning -->\n", out, tmp_path / "img")
+    assert "| variant | independent: test % | independent: base % | independent: cosine |" in text
+    assert "| emp, fsar default | 20.2 | 93.3 | 0.27 | 63.0 |  |  |" in text
+    assert "| probe (reference) | 84.2 |  |  |  |  |  |" in text
+    assert "![learning](img/learning.png)" in text and "old" not in text
+    assert (tmp_path / "img" / "learning.png").read_bytes() == b"png"
+
+
 def test_tsfsar_episode_bytes_follow_the_store_layout() -> None:
     """A 5-way 1-shot 5-query ViT-B/16 episode at T = 8 reads 30 videos x (13 taps of 197 x 768
     float16 per frame + the projected CLS): 0.94 GB; 4 taps read under a third of it."""

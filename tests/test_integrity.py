@@ -201,9 +201,10 @@ def test_huge_declared_text_shape_is_refused_before_allocating(good: Path, tmp_p
     meta["chunk_grid"]["configuration"]["chunk_shape"] = [5, 16, 8]
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(CorruptStoreError, match=r"text/emp16 has shape \(100000, 16, 10000\)"):
-        open_store(evil).text("emp16")
-    code, out = _store_cli("verify", str(evil))
-    assert code == 1 and "BAD store text/emp16" in out
+        open_store(evil)
+    code, out = _store_cli("verify", str(evil))  # the store does not open: one line, exit 2
+    assert code == 2 and "text/emp16 has shape (100000, 16, 10000)" in out
+    assert len(out.strip().splitlines()) == 1
 
 
 def test_chunk_declaring_another_size_is_never_decompressed(good: Path, tmp_path: Path) -> None:

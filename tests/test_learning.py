@@ -30,7 +30,7 @@ def stores(tmp_path_factory) -> dict[str, Path]:
     paths = {}
     for row in set(ROWS.values()):
         paths[row] = root / row.replace(" ", "_")
-        write_learning_store(paths[row], replace(FAMILY[row], **SMALL)).close()
+        write_learning_store(paths[row], replace(FAMILY[row], **SMALL), ts=False).close()
     return paths
 
 

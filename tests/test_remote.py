@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import sys
@@ -158,7 +159,7 @@ def test_an_error_page_answer_never_poisons_the_cache(
         )
         faults.by_path[f"/stores/tiny/{key}"] = "html"  # always: an error, and nothing kept
         shutil.rmtree(cache)
-        with pytest.raises(CorruptStoreError, match=rf"chunk {key} declares None uncompressed"):
+        with pytest.raises(CorruptStoreError, match=rf"chunk {key} is not a zstd frame"):
             open_store(url, cache=cache).read([4], ["cls/layer12"])
         assert _cached_bodies(cache) == set()
     finally:
@@ -249,3 +250,35 @@ def test_subset_downloads_a_remote_store(served: tuple[str, Faults, Path], tmp_p
         copy.read(copy.select(), ["tokens/layer12"])["tokens/layer12"],
         src.read(rows, ["tokens/layer12"])["tokens/layer12"],
     )
+
+
+@pytest.mark.slow
+def test_refused_and_timed_out_reads_say_one_line_in_a_fresh_process(
+    served: tuple[str, Faults, Path],
+) -> None:
+    """No asyncio noise ("Task was destroyed ...") after the one line, in a process of its own."""
+    import subprocess
+
+    url, faults, local = served
+    row = int(open_store(local).select(split="test")[0])
+    env = {**os.environ, "FSAR_REMOTE_RETRIES": "1", "FSAR_REMOTE_TIMEOUT": "1"}
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    faults.by_path[_chunk_path("cls/layer12", row, 4)] = "flood"
+    try:
+        runs = [
+            ["store", "info", f"http://127.0.0.1:{silent.getsockname()[1]}/s"],
+            ["eval", "--store", url, "--head", "proto", "--episodes", "20", "--way", "2",
+             "--no-progress"],
+        ]  # fmt: skip
+        for args in runs:
+            r = subprocess.run(
+                [sys.executable, "-m", "cli", *args], capture_output=True, text=True, env=env,
+                cwd=Path(cli.__file__).parent, timeout=300,
+            )  # fmt: skip
+            assert r.returncode == 2, r.stderr
+            assert len((r.stdout + r.stderr).strip().splitlines()) == 1, r.stdout + r.stderr
+    finally:
+        faults.by_path.clear()
+        silent.close()

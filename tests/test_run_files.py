@@ -177,7 +177,7 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing(
         patch.setattr("heads.train._loop", loop_fails)
         code, text = cli_train("--store", pair_store, "--out", out, *TRAIN, crash=True)
     assert code != 0
-    assert not out.exists() and not [p for p in out.parent.iterdir() if p.name != "latest"], text
+    assert not out.parent.exists() or list(out.parent.iterdir()) == [], text
     code, text = cli_train("--store", pair_store, "--out", out, *TRAIN)
     assert code == 0, text
     assert (out / "best.safetensors").is_file() and (out.parent / "latest").resolve() == out
@@ -249,3 +249,25 @@ def test_a_spec_with_a_huge_dim_is_refused_before_the_head_is_allocated() -> Non
     with pytest.raises(ConfigError, match=r"probe.*dim 32768.*4.3 GB of weights"):
         build_head("probe", {}, store, torch.device("cpu"))
     assert heads.registry.factory("probe")  # (the head itself is fine at CLIP's shapes)
+
+
+def test_study_files_go_through_the_gate(tmp_path: Path) -> None:
+    """A study folder is shared like a run: a FIFO is refused (it blocked for ever), deeply nested
+    episode metadata is dropped (it was a RecursionError), a cell.json link is not followed."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from heads.study.folder import EPISODES_KEY, StudyError, read_json, read_per_episode
+
+    os.mkfifo(tmp_path / "fifo.parquet")
+    with pytest.raises(StudyError, match="not a regular file"):
+        read_per_episode(tmp_path / "fifo.parquet")
+    table = pa.table({"episode": np.arange(3), "accuracy": np.array([1.0, 0.0, 1.0])})
+    deep = ("[" * 100_000 + "]" * 100_000).encode()
+    pq.write_table(table.replace_schema_metadata({EPISODES_KEY: deep}), tmp_path / "e.parquet")
+    episode, accuracy, meta = read_per_episode(tmp_path / "e.parquet")
+    assert list(episode) == [0, 1, 2] and accuracy.tolist() == [1.0, 0.0, 1.0] and meta is None
+    (tmp_path / "outside.json").write_text('{"status": "ok"}')
+    (tmp_path / "cell.json").symlink_to(tmp_path / "outside.json")
+    assert read_json(tmp_path / "cell.json") is None

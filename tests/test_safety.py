@@ -63,9 +63,8 @@ def test_string_array_in_place_of_text_is_refused(good: Path, tmp_path: Path) ->
     evil = copy_store(good, tmp_path / "evil")
     g = zarr.open_group(evil, mode="r+")
     g.create_array("text/emp16", shape=(5,), dtype=str, overwrite=True)[...] = np.array(["x"] * 5)
-    s = open_store(evil)
     with pytest.raises(UnsafeStoreError, match="text/emp16 has dtype .*only float16/float32"):
-        s.text("emp16")
+        open_store(evil)  # every array's form is checked when the store opens
     code, out = _cli("verify", str(evil))
     assert code == 2 and "only float16/float32 are allowed (no object arrays)" in out
 
@@ -289,8 +288,8 @@ def test_absurd_text_chunks_are_refused(good: Path, tmp_path: Path) -> None:
         meta["chunk_grid"]["configuration"]["chunk_shape"] = [10**6, 10**4, 10**4]
 
     _edit_json(evil / "text" / "emp16" / "zarr.json", huge)
-    with pytest.raises(CorruptStoreError, match="text/emp16 has chunks of .*absurd"):
-        open_store(evil).text("emp16")
+    with pytest.raises(CorruptStoreError, match=r"text/emp16 has shape \(1000000, 10000, 10000\)"):
+        open_store(evil)
 
 
 def test_tensor_names_leaving_the_store_are_refused(good: Path, tmp_path: Path) -> None:

@@ -189,7 +189,7 @@ def test_merge_differing_copies_needs_prefer(base: Path, tmp_path: Path) -> None
     different = make_store(tmp_path / "different", changed={4: 3.0})
     code, out = _cli("merge", str(base), str(different), "--out", str(tmp_path / "m"))
     assert code == 2
-    assert "1 video(s) differ" in out and "beyond fp16 rounding" in out and "--prefer" in out
+    assert "1 conflict(s)" in out and "beyond fp16 rounding" in out and "--prefer A" in out
     assert not (tmp_path / "m").exists()
 
     code, out = _cli(

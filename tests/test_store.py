@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 import cli
 from store import (
+    SCHEMA_VERSION,
     ChunkWriter,
     CorruptStoreError,
     StoreLockedError,
@@ -26,7 +27,7 @@ from store import (
     open_store,
     spec_differences,
 )
-from store.random_store import random_spec, write_random_store
+from store.random_store import random_lastblock, random_spec, write_random_store
 
 runner = CliRunner()
 CLASSES = ["brush hair", "catch", "chew", "climb", "dive", "golf"]
@@ -297,22 +298,21 @@ def test_commit_refuses_ok_without_checksums(store_path: Path) -> None:
 def test_text_and_lastblock_round_trip(store_path: Path) -> None:
     emb = np.random.default_rng(0).standard_normal((len(CLASSES), 16, 16)).astype(np.float32)
     templates = [f"t{i} {{}}" for i in range(16)]
-    weights = {
-        "proj": np.arange(24 * 16, dtype=np.float32).reshape(24, 16),
-        "ln_post.weight": np.ones(24, np.float32),
-    }
     with open_store(store_path, mode="a") as s:
+        weights, config = random_lastblock(s.spec)
         s.write_text("emp16", emb, templates)
-        s.write_lastblock(weights, {"width": 24, "heads": 2, "act": "gelu"})
+        s.write_lastblock(weights, config)
+        wide = dict(config, width=config["width"] * 341)  # a config the file does not back
+        s.write_lastblock({k: v[..., :1] for k, v in weights.items()}, wide)
     s = open_store(store_path)
     got, tmpl = s.text("emp16")
     assert np.array_equal(got, emb) and tmpl == templates
-    w, cfg = s.read_lastblock()
-    assert np.array_equal(w["proj"], weights["proj"]) and cfg == {
-        "width": 24,
-        "heads": 2,
-        "act": "gelu",
-    }
+    with pytest.raises(CorruptStoreError, match="lastblock.safetensors: its config says width"):
+        s.read_lastblock()
+    with open_store(store_path, mode="a") as w:
+        w.write_lastblock(weights, config)
+    got_weights, cfg = open_store(store_path).read_lastblock()
+    assert cfg == config and all(np.array_equal(got_weights[k], v) for k, v in weights.items())
     assert "text/emp16" in s.tensors
     (store_path / "weights" / "lastblock.safetensors").write_bytes(b"\0" * 64)
     assert [p.tensor for p in open_store(store_path).verify()] == ["weights/lastblock.safetensors"]
@@ -332,7 +332,11 @@ def test_fingerprint_ignores_row_order_and_codec(tmp_path: Path, spec: dict) -> 
     with open_store(b, mode="a") as s:
         s.commit(
             [
-                done_update(n - 1 - r, wb.write_row(n - 1 - r, _row_tokens(spec, r)))
+                done_update(
+                    n - 1 - r,
+                    wb.write_row(n - 1 - r, _row_tokens(spec, r)),
+                    frame_indices=[[1, 2, 3, 4]] * spec["views"],  # the frames a head sees
+                )
                 for r in range(n)
             ]
         )
@@ -405,7 +409,7 @@ def test_newer_schema_is_refused_in_one_line(tmp_path: Path) -> None:
     result = runner.invoke(cli.store_app, ["info", str(tmp_path / "s")])
     assert result.exit_code == 2
     assert result.output.strip() == (
-        f"error: {tmp_path / 's'} has store schema 99, this fsar reads up to 2: upgrade fsar"
+        f"error: {tmp_path / 's'} has store schema 99, this fsar reads up to {SCHEMA_VERSION}: upgrade fsar"
     )
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import stat
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from heads.config import MAX_COUNT
+from runtime import files
 from runtime.errors import FsarError
 
 from .cell import CellOutcome
@@ -31,6 +31,8 @@ PER_EPISODE_FILE = "per_episode.parquet"
 EPISODES_KEY = b"fsar.episodes"
 MAX_EPISODES = MAX_COUNT  # a per-episode file holds at most this many
 MAX_JSON_BYTES = 16 << 20
+# MAX_EPISODES rows of two 8-byte columns, and room for Parquet's own
+MAX_PER_EPISODE_BYTES = 1 << 30
 
 
 class StudyError(FsarError, ValueError):
@@ -38,18 +40,15 @@ class StudyError(FsarError, ValueError):
 
 
 def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    files.write_file(path, text)
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
-    """A JSON object from a study file, or None when absent, too large or unreadable."""
+    """A JSON object from a study file, or None when absent, not a regular file (a link), too
+    large, too deeply nested or unreadable."""
     try:
-        if path.stat().st_size > MAX_JSON_BYTES:
-            return None
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError):
+        data = files.read_json(path, "study file", MAX_JSON_BYTES)
+    except files.FileRefused:
         return None
     return data if isinstance(data, dict) else None
 
@@ -62,9 +61,7 @@ def write_per_episode(path: Path, accuracy: np.ndarray, meta: dict[str, Any]) ->
         {"episode": np.arange(len(accuracy)), "accuracy": np.asarray(accuracy, np.float64)}
     )
     table = table.replace_schema_metadata({EPISODES_KEY: json.dumps(meta, sort_keys=True).encode()})
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    files.write_file(path, lambda f: pq.write_table(table, f))
 
 
 def read_per_episode(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any] | None]:
@@ -72,11 +69,13 @@ def read_per_episode(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict[str
     import pyarrow.parquet as pq
 
     path = Path(path)
-    if path.exists() and not stat.S_ISREG(path.stat().st_mode):  # a FIFO would block for ever
-        raise StudyError(f"{path}: not a regular file; give a per-episode Parquet file")
+    try:
+        files.regular_file(path, MAX_PER_EPISODE_BYTES, "per-episode file")
+    except files.FileRefused as error:
+        raise StudyError(str(error)) from None
     try:
         parquet = pq.ParquetFile(path)
-    except (OSError, ValueError) as error:  # missing, not Parquet, truncated
+    except (OSError, ValueError) as error:  # not Parquet, truncated
         raise StudyError(f"{path}: not a readable per-episode Parquet file ({error})") from None
     names = set(parquet.schema_arrow.names)
     if not {"episode", "accuracy"} <= names:
@@ -100,9 +99,9 @@ def read_per_episode(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict[str
     raw = (parquet.schema_arrow.metadata or {}).get(EPISODES_KEY)
     if raw is not None and len(raw) < MAX_JSON_BYTES:
         try:
-            loaded = json.loads(raw)
+            loaded = files.parse_json(raw, f"{path}: episode metadata")
             meta = loaded if isinstance(loaded, dict) else None
-        except ValueError:
+        except files.FileRefused:
             meta = None
     order = np.argsort(episode, kind="stable")
     return episode[order], accuracy[order], meta
@@ -221,7 +220,7 @@ class StudyFolder:
     def write_failure(self, cell: Cell, error: str, details: str, seconds: float) -> None:
         directory = self.cell_dir(cell)
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / "error.log").write_text(details)
+        files.write_file(directory / "error.log", details)
         self._write_record(cell, {"status": "failed", "error": error, "seconds": seconds})
 
     def _write_record(self, cell: Cell, fields: dict[str, Any]) -> None:

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 from ..errors import NotAStoreError, StoreError
 from ..safety import ChunkLimits
 from ._common import HINT, Location, is_url, one_line, safe_member
-from ._local import DirLocation, SafeLocalStore, remove_partial
+from ._local import DirLocation, SafeLocalStore
 from ._remote import CACHE_ENV, RemoteLocation, RemoteStore, redact
 from ._zip import ZIP_DAMAGE, ZIP_FORMAT_DAMAGE, SafeZipStore, ZipLocation, check_zip_members
 
@@ -33,7 +33,6 @@ __all__ = [
     "check_zip_members",
     "is_url",
     "one_line",
-    "remove_partial",
     "resolve",
     "safe_member",
 ]

@@ -13,6 +13,8 @@ from pathlib import Path, PurePosixPath
 from typing import Literal
 
 from zarr.abc.store import Store
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
 
 from ..safety import ChunkLimits
 
@@ -62,6 +64,13 @@ class Location(ABC):
         self.local = local  # the directory, when the store is a local directory
         self.writable = writable
         self.limits = limits  # shared with zarr_store: what each key may hold
+
+    def read_metadata(self, key: str) -> bytes | None:
+        """A metadata document's bytes through the store (bounded by `limits`); None when absent."""
+        if not self.zarr_store._is_open:  # as zarr itself does before a first read
+            sync(self.zarr_store._open())
+        data = sync(self.zarr_store.get(key, default_buffer_prototype()))
+        return None if data is None else data.to_bytes()
 
     @abstractmethod
     def read_file(self, rel: str) -> bytes:

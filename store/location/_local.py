@@ -6,8 +6,8 @@ missing chunk is an error; writes go through a temp file and a rename, never thr
 
 from __future__ import annotations
 
+import errno
 import os
-import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -15,7 +15,7 @@ import zarr.storage
 from zarr.abc.store import ByteRequest
 from zarr.core.buffer import Buffer, BufferPrototype
 
-from ..errors import CorruptStoreError, UnsafeStoreError
+from ..errors import CorruptStoreError, DiskFullError, UnsafeStoreError
 from ..safety import MAX_FILE_BYTES, ChunkLimits
 from ._common import Location, inside, safe_member
 
@@ -130,8 +130,13 @@ class DirLocation(Location):
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as exc:
             tmp.unlink(missing_ok=True)
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFullError(
+                    f"{self.uri}: no space left on the device while writing {rel}; it keeps "
+                    "its previous content (free some space and run it again)"
+                ) from None
             raise
         try:  # make the rename itself durable
             dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -157,13 +162,3 @@ def _dir_size(path: Path) -> int:
             except OSError:
                 pass
     return total
-
-
-def remove_partial(dest: Path, created: bool) -> None:
-    """Undo a store half written into `dest`: remove it if this run `created` it, else empty it
-    (links inside are removed, never followed)."""
-    if created:
-        shutil.rmtree(dest, ignore_errors=True)
-    else:
-        for child in dest.iterdir():
-            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import atexit
 import hashlib
-import json
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from ..errors import (
     RemoteStoreError,
     StoreError,
 )
+from ..form import check_root_document, parse_json
 from ..safety import MAX_FILE_BYTES, ChunkLimits
 from ._common import Location, one_line
 from ._http import BoundedHTTPFileSystem, TooLargeError
@@ -273,11 +273,8 @@ class RemoteLocation(Location):
     def __init__(self, url: str, cache: str | Path | None) -> None:
         limits = ChunkLimits(redact(url.rstrip("/")))
         store = RemoteStore(url, limits)
-        root = sync(store.fs.loop, store.fetch, "zarr.json")
-        if root is None:
-            raise NotAStoreError(f"not a store: {store.shown} (no zarr.json there)")
         if cache:
-            store.use_cache(_cache_folder(Path(cache).expanduser(), store, root))
+            store.use_cache(_cache_folder(Path(cache).expanduser(), store))
         self.remote = store
         super().__init__(store.shown, store, None, False, limits)
 
@@ -291,15 +288,14 @@ class RemoteLocation(Location):
         return self.remote.drop_cached(keys)
 
 
-def _cache_folder(cache: Path, store: RemoteStore, root: bytes) -> Path:
-    """One cache folder per store instance: a store re-created at the same URL starts afresh."""
-    try:
-        attrs = json.loads(root).get("attributes", {})
-        created = attrs.get("created_at", "") if isinstance(attrs, dict) else ""
-    except (ValueError, AttributeError, RecursionError):
-        raise NotAStoreError(
-            f"not a store: {store.shown} (zarr.json is not a JSON object)"
-        ) from None
+def _cache_folder(cache: Path, store: RemoteStore) -> Path:
+    """One cache folder per store instance (URL and creation time): a store re-created at the
+    same URL starts afresh."""
+    root = sync(store.fs.loop, store.fetch, "zarr.json")
+    if root is None:
+        raise NotAStoreError(f"not a store: {store.shown} (no zarr.json there)")
+    what = f"{store.shown}: zarr.json"
+    created = check_root_document(parse_json(root, what), store.shown).get("created_at", "")
     tag = hashlib.sha256(f"{store.url}\n{created}".encode()).hexdigest()[:16]
     folder = cache / tag
     folder.mkdir(parents=True, exist_ok=True)

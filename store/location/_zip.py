@@ -32,8 +32,9 @@ ZIP_DAMAGE = (*ZIP_FORMAT_DAMAGE, OSError)
 
 
 def check_zip_members(zf: zipfile.ZipFile, where: str) -> None:
-    """Refuse members that would land outside a directory when unpacked, links, compressed members
-    (a few MB could inflate to gigabytes) and a name used both as a file and as a directory."""
+    """Refuse members that would land outside a directory when unpacked, names that are not plain
+    (`./x`, `a//b`: two members could name one file), links, compressed members (a few MB could
+    inflate to gigabytes) and a name used both as a file and as a directory."""
     seen: set[str] = set()
     files: set[str] = set()
     dirs: set[str] = set()
@@ -41,6 +42,11 @@ def check_zip_members(zf: zipfile.ZipFile, where: str) -> None:
         name = info.filename
         if not safe_member(name.rstrip("/") or name):
             raise UnsafeStoreError(f"{where}: member {name!r} would land outside the store")
+        if any(part in ("", ".") for part in name.rstrip("/").split("/")):
+            raise UnsafeStoreError(
+                f"{where}: member {name!r} is not a plain relative path (fsar-store pack writes "
+                "names like tokens/layer04/zarr.json)"
+            )
         mode = info.external_attr >> 16
         if stat.S_ISLNK(mode):
             raise UnsafeStoreError(f"{where}: member {name!r} is a symbolic link; refusing it")
