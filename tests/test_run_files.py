@@ -211,6 +211,25 @@ def test_overwrite_replaces_the_old_run_only_at_the_new_ones_first_checkpoint(
 
 
 # ---------------------------------------------------------------------- bounded before built
+@pytest.mark.parametrize(
+    ("option", "value"), [("val_episodes", 10**12), ("episodes", 10**12), ("seed", -1)]
+)
+def test_run_config_numbers_are_bounded_before_anything_is_built(
+    finished: Path, tmp_path: Path, option: str, value: int
+) -> None:
+    """A run's config.json is untrusted: val_episodes 10**12 used to reach the validation's
+    allocation (a traceback); now --resume refuses it in one line, naming the file and option."""
+    run = copy_run(finished, tmp_path)
+    saved = json.loads((run / "config.json").read_text())
+    saved["config"][option] = value
+    (run / "config.json").write_text(json.dumps(saved))
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    code, out = cli_train("--resume", "--out", run, "--episodes", "8")
+    assert code == 2 and len(out.strip().splitlines()) == 1, out
+    assert f"{run / 'config.json'}" in out and option.replace("_", "-") in out
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+
 def test_checkpoint_metadata_nested_deeply_is_one_line(tmp_path: Path) -> None:
     path = tmp_path / "best.safetensors"
     deep = "[" * 50_000 + "]" * 50_000
