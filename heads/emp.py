@@ -239,6 +239,10 @@ class EMPNet(FewShotHead):
         self.temperature = temperature
         head_dim = head_dim or dim // 8
         ffn_dim = ffn_dim or dim // 4
+        if min(heads, head_dim, ffn_dim) < 1:
+            raise ConfigError(
+                f"heads, head_dim and ffn_dim must be at least 1 (got {heads}, {head_dim}, {ffn_dim})"
+            )
         self._config: dict[str, Any] = dict(
             dim=dim, heads=heads, head_dim=head_dim, ffn_dim=ffn_dim, attn_dropout=attn_dropout,
             ffn_dropout=ffn_dropout, levels=",".join(self.levels), no_text=no_text,

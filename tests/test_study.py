@@ -47,8 +47,8 @@ ROWS = [
 FAILING = {
     "id": "broken",
     "head": "emp",
-    "options": {"heads": 0},
-}  # builds, fails in its first step
+    "train": {"group_lr": {"side": 0.001}},
+}  # passes the plan's checks, fails when the cell builds its optimizer (emp has no group "side")
 
 
 def plan_data(rows: list[dict], name: str = "tiny") -> dict:
@@ -317,7 +317,7 @@ def test_study_on_a_local_cluster(store: Path, by_hand: dict, tmp_path: Path) ->
     )
     assert (summary.cells, summary.kept, summary.ok) == (4, 0, 3)
     assert len(summary.failed) == 1 and summary.failed[0].startswith(
-        "broken.1shot.seed0: RuntimeError"
+        "broken.1shot.seed0: ConfigError"
     )
     assert_matches_by_hand(out, by_hand)
     results = pd.read_parquet(out / "results.parquet")
@@ -328,7 +328,7 @@ def test_study_on_a_local_cluster(store: Path, by_hand: dict, tmp_path: Path) ->
         "broken.1shot.seed0",
     ]
     broken = results.set_index("row").loc["broken"]
-    assert broken["status"] == "failed" and "RuntimeError" in broken["error"]
+    assert broken["status"] == "failed" and "ConfigError" in broken["error"]
     assert math.isnan(broken["accuracy"])
     assert (
         out / "cells" / f"broken.1shot.seed0-{broken['config_hash'][:8]}" / "error.log"
@@ -345,7 +345,7 @@ def test_study_on_a_local_cluster(store: Path, by_hand: dict, tmp_path: Path) ->
     assert "Reported: as published, not measured here; source: a worked example." in report
     assert f"| emp | {paired.mean:+.2f} | [{paired.low:+.2f}, {paired.high:+.2f}] |" in report
     assert "| emp token level only" not in report and "emp, token level only" in report
-    assert "`broken.1shot.seed0`: RuntimeError" in report
+    assert "`broken.1shot.seed0`: ConfigError" in report
     for name in ("accuracy.png", "paired.png", "curves.png"):
         image = matplotlib.image.imread(out / name)
         assert image.shape[0] > 200 and image.shape[1] > 600 and image.std() > 0.01, name

@@ -65,6 +65,8 @@ CASES = [
     (cli.train_app, ["--store", STORE, "--out", OUT, "--val-episodes", HUGE], "--val-episodes"),
     (cli.train_app, ["--store", STORE, "--out", OUT, "--option", "dim=3"], "--option dim=3"),
     (cli.train_app, ["--store", STORE, "--out", OUT, "--option", "dim=-1"], "--option dim=-1"),
+    (cli.train_app, ["--store", STORE, "--out", OUT, "--option", "heads=0"], "heads, head_dim and ffn_dim must be at least 1"),
+    (cli.eval_app, ["--store", STORE, "--head", "emp", "--option", "heads=0"], "head 'emp': heads, head_dim and ffn_dim"),
     # fsar-extract: refused before the dataset, the model or the store is touched
     (cli.extract_app, [*EXTRACT, "--frames", "0"], "--frames 0"),
     (cli.extract_app, [*EXTRACT, "--frames", HUGE], "--frames"),
